@@ -1,0 +1,38 @@
+"""Run-time data shipped inside the package (made by scripts/make_bundled_data.py from ../shared/data).
+
+- `admin1()`: Natural Earth 10m admin-1 polygons (public domain), simplified as a coverage.
+- `driving_side()`: which side of the road each country drives on (Wikidata, CC0).
+- `cities()`: GeoNames places with at least 1000 people (CC BY 4.0, credit GeoNames).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+import pandas as pd
+
+
+def data_path(name: str):
+    """Path of a bundled data file."""
+    return resources.files("geocells") / "data" / name
+
+
+@lru_cache(maxsize=1)
+def admin1():
+    """Admin-1 polygons as a GeoDataFrame: adm0_a3, iso_a2, country, admin1, geometry (EPSG:4326)."""
+    import geopandas as gpd
+
+    return gpd.read_parquet(str(data_path("admin1.parquet")))
+
+
+@lru_cache(maxsize=1)
+def driving_side() -> pd.DataFrame:
+    """adm0_a3, iso_a2, country, driving_side ('left' | 'right' | 'unknown')."""
+    return pd.read_csv(str(data_path("driving_side.csv")), keep_default_na=False)
+
+
+@lru_cache(maxsize=1)
+def cities() -> pd.DataFrame:
+    """GeoNames cities: lat, lon (float32), name, admin1, cc (ISO a2)."""
+    return pd.read_parquet(str(data_path("cities.parquet")))

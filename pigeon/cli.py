@@ -1,0 +1,47 @@
+"""The `pigeon` command line: thin typer commands over plain functions.
+
+Each command lives in a `pigeon.commands.<name>` module with a `register(app)` function, so that
+`pigeon build-cells` does not pay for importing torch. User errors (`UserError`) print one line
+and exit with code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="pigeon",
+    help="Tell where on Earth a photo was taken, from its pixels alone (after PIGEON/PIGEOTTO, CVPR 2024).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Command modules, in the order `pigeon --help` lists them.
+COMMANDS = [
+    "pigeon.commands.cells",
+]
+
+for _mod in COMMANDS:
+    importlib.import_module(_mod).register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning `UserError` into one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="pigeon")
+    except UserError as e:
+        print(f"pigeon: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("pigeon: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
