@@ -1,0 +1,450 @@
+"""Build geocells (PIGEON): admin polygons with points -> merge small -> split large (OPTICS + Voronoi).
+
+Guarantees, each checked by the tests: every point lands in exactly one cell; the cells tile the
+boundaries' land (empty polygons join a neighbour, Voronoi pieces are clipped to their parent, so no
+gap and no overlap appears); every cell holds between min_size and max_size points, except where no
+split can exist (one location holding more than max_size photos, or fewer than min_size points in
+all). Distances are on the sphere (unit vectors); the antimeridian needs no special case.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import shapely
+from scipy.spatial import cKDTree
+from shapely import STRtree
+from tqdm.auto import tqdm
+
+from . import bundled
+from .cells import GeoCells
+from .errors import UserError
+from .geometry import adjacency, assign_points, from_local, local_points, nearest_polygon, polygonal, to_local
+from .optics import optics_xi_labels
+from .sphere import from_xyz, to_xyz
+
+log = logging.getLogger(__name__)
+
+# PIGEON (30/60 images per cell) and PIGEOTTO (1000/2000) OPTICS rounds of (min_samples, xi).
+PIGEON_ROUNDS = [(8, 0.05), (10, 0.025), (15, 0.015)]
+PIGEOTTO_ROUNDS = [(300, 0.05), (400, 0.005), (1000, 0.0001)]
+
+
+def default_optics_rounds(min_size: int) -> list[tuple[int, float]]:
+    """The paper's rounds, scaled with min_size: exactly PIGEON's at 30 and PIGEOTTO's at 1000."""
+    base, ref = (PIGEON_ROUNDS, 30) if min_size < 300 else (PIGEOTTO_ROUNDS, 1000)
+    return [(max(2, int(round(ms * min_size / ref))), xi) for ms, xi in base]
+
+
+@dataclass
+class BuildStats:
+    points: int = 0
+    at_sea: int = 0
+    unique_locations: int = 0
+    admin_polygons: int = 0
+    polygons_with_points: int = 0
+    merges: int = 0
+    split_units: int = 0
+    optics_splits: int = 0
+    fallback_splits: int = 0
+    unsplittable: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+
+def build_cells(
+    lat: Sequence[float] | np.ndarray,
+    lon: Sequence[float] | np.ndarray,
+    boundaries=None,
+    min_size: int = 30,
+    max_size: int = 60,
+    optics_rounds: Sequence[tuple[int, float]] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> GeoCells:
+    """Geocells for training points. `boundaries`: a normalised GeoDataFrame (see `load_boundaries`) or None for the bundled admin-1.
+
+    Returns a `GeoCells` whose `labels_` gives each input point's cell and `stats_` what happened.
+    """
+    from .boundaries import load_boundaries
+
+    t_all = time.perf_counter()
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = (np.asarray(lon, dtype=np.float64) + 180.0) % 360.0 - 180.0
+    if lat.shape != lon.shape or lat.ndim != 1:
+        raise UserError("lat and lon must be 1-D arrays of the same length")
+    if len(lat) == 0:
+        raise UserError("no points to build cells from; give at least one point")
+    if not (np.isfinite(lat).all() and np.isfinite(lon).all() and (np.abs(lat) <= 90).all()):
+        raise UserError("points must have finite latitudes in [-90, 90]; load them with geocells.load_points to skip bad rows")
+    if min_size < 1 or max_size < 2 * min_size:
+        raise UserError(f"cell sizes min={min_size}, max={max_size}: need min >= 1 and max >= 2*min so that any oversized cell can be split into two legal ones")
+    rounds = list(optics_rounds) if optics_rounds is not None else default_optics_rounds(min_size)
+    b = load_boundaries("bundled") if boundaries is None else boundaries
+    if len(b) == 0:
+        raise UserError("boundaries hold no polygons")
+    st = BuildStats(points=len(lat), admin_polygons=len(b))
+    geoms = np.asarray(b.geometry.values, dtype=object)
+    tree = STRtree(geoms)
+
+    # 1. points -> admin polygon (sea points: nearest polygon, snapped onto it)
+    t = time.perf_counter()
+    pidx, slat, slon, sea = assign_points(lat, lon, geoms, tree, snap=True)
+    st.at_sea = int(sea.sum())
+    st.seconds["assign"] = time.perf_counter() - t
+
+    # unique locations (after snapping) carry integer weights: duplicates cost nothing below
+    t = time.perf_counter()
+    key = np.column_stack([slat, slon])
+    ukey, uinv, w = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    uinv = uinv.ravel()
+    upoly = np.empty(len(ukey), dtype=np.int64)
+    upoly[uinv] = pidx
+    uxyz = to_xyz(ukey[:, 0], ukey[:, 1])
+    st.unique_locations = len(ukey)
+    pw = np.bincount(pidx, minlength=len(b))
+    st.polygons_with_points = int((pw > 0).sum())
+
+    # 2. adjacency, and empty polygons join a neighbour (same country first) so cells tile the land
+    ai, aj = adjacency(geoms, tree)
+    owner = _fill_empty(b, geoms, pw, ai, aj)
+    st.seconds["adjacency"] = time.perf_counter() - t
+
+    # 3. merge small units into neighbours: same admin-1, then same country, then any
+    t = time.perf_counter()
+    unit_of_poly, merges = _merge_small(b, pw, owner, ai, aj, upoly, uxyz, w, min_size)
+    st.merges = merges
+    st.seconds["merge"] = time.perf_counter() - t
+
+    # 4. unit geometry, then split oversized units
+    t = time.perf_counter()
+    units = np.unique(unit_of_poly)
+    unit_geom = _dissolve(geoms, unit_of_poly, units)
+    uunit = unit_of_poly[upoly]  # unit of each unique location
+    st.seconds["dissolve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cell_geoms: list = []
+    ucell = np.full(len(ukey), -1, dtype=np.int64)
+    order = np.argsort(uunit, kind="stable")
+    bounds = np.searchsorted(uunit[order], units, side="left")
+    bounds = np.r_[bounds, len(order)]
+    big = [k for k, u in enumerate(units) if w[order[bounds[k]:bounds[k + 1]]].sum() > max_size]
+    bigset = set(big)
+    for k, u in enumerate(units):
+        if k in bigset:
+            continue
+        ucell[order[bounds[k]:bounds[k + 1]]] = len(cell_geoms)
+        cell_geoms.append(unit_geom[k])
+    st.split_units = len(big)
+    rng = np.random.default_rng(seed)
+    for k in tqdm(big, desc="splitting cells", unit="cell", disable=not progress or not big):
+        members = order[bounds[k]:bounds[k + 1]]
+        labels, info = _split_unit(uxyz[members], w[members], min_size, max_size, rounds, rng)
+        st.optics_splits += info["optics"]
+        st.fallback_splits += info["fallback"]
+        st.unsplittable.extend(info["unsplittable"])
+        pieces = _voronoi_pieces(ukey[members], labels, unit_geom[k])
+        for g in range(labels.max() + 1):
+            ucell[members[labels == g]] = len(cell_geoms)
+            cell_geoms.append(pieces[g])
+    st.seconds["split"] = time.perf_counter() - t
+
+    # 5. cells with metadata, ids in a stable order
+    t = time.perf_counter()
+    labels = ucell[uinv]
+    cells = _assemble(b, cell_geoms, labels, pidx, lat, lon)
+    st.seconds["assemble"] = time.perf_counter() - t
+    st.seconds["total"] = time.perf_counter() - t_all
+    cells.stats_ = st
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+def _fill_empty(b, geoms, pw, ai, aj) -> np.ndarray:
+    """owner[p] = a polygon with points that empty polygon p joins (itself if it has points)."""
+    n = len(b)
+    owner = np.where(pw > 0, np.arange(n), -1)
+    if (owner >= 0).all():
+        return owner
+    a3 = b["adm0_a3"].to_numpy()
+    src = np.r_[ai, aj]
+    dst = np.r_[aj, ai]
+    while True:
+        todo = (owner[src] < 0) & (owner[dst] >= 0)
+        if not todo.any():
+            break
+        s, d = src[todo], dst[todo]
+        other = (a3[s] != a3[d]).astype(np.int8)  # same country first
+        o = np.lexsort((d, other, s))
+        s, d = s[o], d[o]
+        first = np.r_[True, s[1:] != s[:-1]]
+        owner[s[first]] = owner[d[first]]
+    left = np.flatnonzero(owner < 0)
+    if len(left):
+        have = np.flatnonzero(owner >= 0)
+        rp = shapely.point_on_surface(geoms[left])
+        xy = shapely.get_coordinates(rp)
+        j, _, _ = nearest_polygon(xy[:, 1], xy[:, 0], geoms[have], STRtree(geoms[have]))
+        owner[left] = owner[have[j]]
+    return owner
+
+
+def _merge_small(b, pw, owner, ai, aj, upoly, uxyz, w, min_size):
+    """Union small units into a neighbour until all hold >= min_size points (or one unit is left)."""
+    n = len(b)
+    a3 = b["adm0_a3"].to_numpy()
+    a1 = b["admin1"].to_numpy()
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        r = x
+        while parent[r] != r:
+            r = parent[r]
+        while parent[x] != r:
+            parent[x], x = r, parent[x]
+        return r
+
+    roots = np.flatnonzero(owner == np.arange(n))
+    weight = {int(r): int(pw[r]) for r in roots}
+    vec = np.zeros((n, 3))
+    np.add.at(vec, upoly, uxyz * w[:, None])
+    vsum = {int(r): vec[r].copy() for r in roots}
+    # empty polygons' contacts count as their owner's contacts
+    oi, oj = owner[ai], owner[aj]
+    keep = oi != oj
+    nbr: dict[int, set[int]] = {int(r): set() for r in roots}
+    for x, y in zip(oi[keep].tolist(), oj[keep].tolist()):
+        nbr[x].add(y)
+        nbr[y].add(x)
+    country = {int(r): a3[r] for r in roots}
+    admin1 = {int(r): (a3[r], a1[r]) for r in roots}
+
+    heap = [(weight[r], r) for r in weight if weight[r] < min_size]
+    heapq.heapify(heap)
+    merges = 0
+    kd_roots = np.array(sorted(weight), dtype=np.int64)
+    kd = cKDTree(_unit(np.array([vsum[r] for r in kd_roots]))) if len(kd_roots) else None
+    while heap and len(weight) > 1:
+        wu, u = heapq.heappop(heap)
+        if u not in weight or weight[u] != wu or wu >= min_size:
+            continue
+        cu = _unit(vsum[u][None])[0]
+        cand = [v for v in nbr[u] if v in weight]
+        if not cand:
+            # an island: nearest units by centre (roots found through the initial tree, resolved)
+            k = min(len(kd_roots), 16)
+            while True:
+                _, ii = kd.query(cu, k=k)
+                cand = sorted({find(int(kd_roots[i])) for i in np.atleast_1d(ii)} - {u})
+                if cand or k >= len(kd_roots):
+                    break
+                k = min(len(kd_roots), k * 4)
+            if not cand:
+                break
+        cv = _unit(np.array([vsum[v] for v in cand]))
+        dist = np.linalg.norm(cv - cu, axis=1)
+        pref = np.array([0 if admin1[v] == admin1[u] else 1 if country[v] == country[u] else 2 for v in cand])
+        if not nbr[u]:
+            # islands: same country only when it is not much farther than the nearest unit
+            pref = np.where((pref < 2) & (dist <= 1.5 * dist.min() + 1e-12), pref, 2)
+        v = cand[int(np.lexsort((dist, pref))[0])]
+        # merge u into v
+        parent[u] = v
+        if weight[u] > weight[v]:
+            country[v], admin1[v] = country[u], admin1[u]
+        weight[v] += weight.pop(u)
+        vsum[v] = vsum[v] + vsum.pop(u)
+        for x in nbr.pop(u):
+            if x != v and x in nbr:
+                nbr[x].discard(u)
+                nbr[x].add(v)
+                nbr[v].add(x)
+        nbr[v].discard(u)
+        merges += 1
+        if weight[v] < min_size:
+            heapq.heappush(heap, (weight[v], v))
+    unit_of_poly = np.array([find(int(owner[p])) for p in range(n)], dtype=np.int64)
+    return unit_of_poly, merges
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    nrm = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(nrm > 0, nrm, 1.0)
+
+
+def _dissolve(geoms, unit_of_poly, units) -> list:
+    """Union of the member polygons of each unit."""
+    order = np.argsort(unit_of_poly, kind="stable")
+    starts = np.searchsorted(unit_of_poly[order], units)
+    ends = np.r_[starts[1:], len(order)]
+    out = []
+    for s, e in zip(starts, ends):
+        members = geoms[order[s:e]]
+        g = members[0] if len(members) == 1 else shapely.union_all(members)
+        out.append(polygonal(g))
+    return out
+
+
+def _split_unit(xyz, w, min_size, max_size, rounds, rng):
+    """Labels 0..k-1 for the unique locations of one oversized unit: OPTICS rounds, then bisection."""
+    n = len(xyz)
+    labels = np.full(n, -1, dtype=np.int64)
+    info = {"optics": 0, "fallback": 0, "unsplittable": []}
+    stack = [(np.arange(n), 0)]
+    nxt = 0
+    while stack:
+        idx, r0 = stack.pop()
+        W = int(w[idx].sum())
+        if W <= max_size:
+            labels[idx] = nxt
+            nxt += 1
+            continue
+        parts, r_used = None, len(rounds)
+        for r in range(r0, len(rounds)):
+            ms, xi = rounds[r]
+            if len(idx) <= 2:
+                break
+            lab = optics_xi_labels(xyz[idx], w[idx], ms, xi, seed=int(rng.integers(1 << 31)))
+            parts = _groups_from_labels(xyz[idx], w[idx], lab, min_size)
+            if parts is not None:
+                r_used = r + 1
+                info["optics"] += 1
+                break
+        if parts is None:
+            parts = _bisect(xyz[idx], w[idx], min_size)
+            if parts is None:
+                labels[idx] = nxt
+                nxt += 1
+                c = from_xyz(xyz[idx].mean(axis=0)[None])
+                info["unsplittable"].append({"points": W, "lat": float(c[0][0]), "lon": float(c[1][0])})
+                continue
+            info["fallback"] += 1
+        for p in parts:
+            stack.append((idx[p], r_used))
+    return labels, info
+
+
+def _groups_from_labels(xyz, w, lab, min_size):
+    """Big OPTICS clusters become groups; the rest joins the nearest big cluster (or, with one big cluster, forms the second group)."""
+    ids = np.unique(lab[lab >= 0])
+    if len(ids) == 0:
+        return None
+    cw = np.array([w[lab == c].sum() for c in ids])
+    big = ids[cw >= min_size]
+    if len(big) == 0:
+        return None
+    in_big = np.isin(lab, big)
+    rest = np.flatnonzero(~in_big)
+    if len(big) == 1:
+        if w[rest].sum() >= min_size:
+            return [np.flatnonzero(in_big), rest]
+        return None
+    group = np.where(in_big, lab, -1)
+    if len(rest):
+        bi = np.flatnonzero(in_big)
+        _, nn = cKDTree(xyz[bi]).query(xyz[rest], k=1)
+        group[rest] = lab[bi[nn]]
+    return [np.flatnonzero(group == c) for c in big]
+
+
+def _bisect(xyz, w, min_size):
+    """Two groups, both >= min_size: a weighted-median cut along the principal axis of the points, else
+    along the other axes, else by distance from the heaviest location (a ball around it vs the rest).
+    None only when no legal split exists (one location holds more than W - min_size points)."""
+    W = w.sum()
+    mean = (xyz * w[:, None]).sum(0) / W
+    c = xyz - mean
+    cov = (c * w[:, None]).T @ c
+    axes = np.linalg.eigh(cov)[1][:, ::-1].T
+    keys = [c @ a for a in axes] + [np.linalg.norm(xyz - xyz[np.argmax(w)], axis=1)]
+    for proj in keys:
+        o = np.argsort(proj, kind="stable")
+        cum = np.cumsum(w[o])
+        # cut between distinct projections only, both sides legal, closest to the middle
+        legal = (cum >= min_size) & (W - cum >= min_size)
+        legal[:-1] &= proj[o][1:] > proj[o][:-1]
+        legal[-1] = False
+        if legal.any():
+            cand = np.flatnonzero(legal)
+            cut = cand[np.argmin(np.abs(cum[cand] - W / 2))]
+            return [o[: cut + 1], o[cut + 1:]]
+    return None
+
+
+def _voronoi_pieces(latlon: np.ndarray, labels: np.ndarray, unit_geom) -> list:
+    """The unit's polygon cut by the Voronoi tessellation of its locations, one piece per label."""
+    k = int(labels.max()) + 1
+    lat, lon = latlon[:, 0], latlon[:, 1]
+    lat0, lon0 = from_xyz(to_xyz(lat, lon).mean(axis=0)[None])
+    lat0, lon0 = float(lat0[0]), float(lon0[0])
+    parts = shapely.get_parts(unit_geom)
+    pb = shapely.bounds(parts)
+    wrap = bool(((pb[:, 2] - pb[:, 0]) <= 180.0).all())
+    g_local = to_local(unit_geom, lon0, lat0, wrap)
+    xy = local_points(lat, lon, lon0, lat0, wrap)
+    env = shapely.envelope(shapely.union_all([g_local, shapely.multipoints(xy)])).buffer(1.0)
+    regions = shapely.get_parts(shapely.voronoi_polygons(shapely.multipoints(xy), extend_to=env, ordered=True))
+    groups = np.empty(k, dtype=object)
+    for g in range(k):
+        r = regions[labels == g]
+        groups[g] = r[0] if len(r) == 1 else shapely.coverage_union_all(r)
+    pieces_local = shapely.intersection(groups, g_local)
+    out = [polygonal(from_local(p, lon0, lat0)) for p in pieces_local]
+    return out
+
+
+def _assemble(b, cell_geoms, labels, pidx, lat, lon) -> GeoCells:
+    import geopandas as gpd
+
+    ncell = len(cell_geoms)
+    xyz = to_xyz(lat, lon)
+    vs = np.zeros((ncell, 3))
+    np.add.at(vs, labels, xyz)
+    clat, clon = from_xyz(vs)
+    count = np.bincount(labels, minlength=ncell)
+    # dominant country / admin-1 by number of points, and every admin-1 that contributed points
+    df = pd.DataFrame({"cell": labels, "a3": b["adm0_a3"].to_numpy()[pidx], "a1": b["admin1"].to_numpy()[pidx]})
+    a3 = df.groupby(["cell", "a3"]).size().reset_index(name="n").sort_values(["cell", "n", "a3"], ascending=[True, False, True]).drop_duplicates("cell").set_index("cell")["a3"]
+    g1 = df.groupby(["cell", "a1"]).size().reset_index(name="n").sort_values(["cell", "n", "a1"], ascending=[True, False, True])
+    a1_main = g1.drop_duplicates("cell").set_index("cell")["a1"]
+    a1_all = g1.groupby("cell")["a1"].agg(lambda s: "; ".join(s))
+    table = bundled.driving_side().set_index("adm0_a3")
+    meta_b = b.drop_duplicates("adm0_a3").set_index("adm0_a3")
+    idx = np.arange(ncell)
+    a3v = a3.reindex(idx).fillna("").to_numpy()
+    iso = meta_b["iso_a2"].reindex(a3v).fillna("").to_numpy()
+    country = meta_b["country"].reindex(a3v).fillna("").to_numpy()
+    drive = table["driving_side"].reindex(a3v).fillna("unknown").to_numpy()
+    gdf = gpd.GeoDataFrame(
+        {
+            "lat": clat,
+            "lon": clon,
+            "count": count.astype(np.int64),
+            "iso_a2": iso,
+            "adm0_a3": a3v,
+            "country": country,
+            "admin1": a1_main.reindex(idx).fillna("").to_numpy(),
+            "admin1_all": a1_all.reindex(idx).fillna("").to_numpy(),
+            "driving_side": drive,
+            "hemisphere": np.where(clat >= 0, "north", "south"),
+            "old": idx,
+        },
+        geometry=np.asarray(cell_geoms, dtype=object),
+        crs="EPSG:4326",
+    )
+    gdf = gdf.sort_values(["adm0_a3", "admin1", "lat", "lon"], ascending=[True, True, False, True], kind="stable").reset_index(drop=True)
+    remap = np.empty(ncell, dtype=np.int64)
+    remap[gdf["old"].to_numpy()] = np.arange(ncell)
+    gdf = gdf.drop(columns="old")
+    gdf.insert(0, "cell_id", np.arange(ncell, dtype=np.int64))
+    seq = gdf.groupby(["iso_a2", "admin1"]).cumcount().to_numpy()
+    gdf.insert(1, "name", [f"{i or a}-{r}-{s}" for i, a, r, s in zip(gdf["iso_a2"], gdf["adm0_a3"], gdf["admin1"], seq)])
+    cells = GeoCells.from_frame(gdf)
+    cells.labels_ = remap[labels]
+    return cells

@@ -1,0 +1,161 @@
+"""`GeoCells`: the cells as a GeoDataFrame plus fast lookups (which cell holds a point, neighbours)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely import STRtree
+
+from .errors import UserError
+from .geometry import assign_points
+from .io import atomic_path
+
+COLUMNS = ["cell_id", "name", "lat", "lon", "count", "iso_a2", "adm0_a3", "country", "admin1", "admin1_all", "driving_side", "hemisphere"]
+
+
+class GeoCells:
+    """Geocells: one row per cell, row i has cell_id i. Build with `build_cells`, or `load` a saved file."""
+
+    def __init__(self, gdf):
+        self.gdf = gdf
+        self._tree: STRtree | None = None
+        self._nbr: list[np.ndarray] | None = None
+        self._nearest = None
+        self.labels_: np.ndarray | None = None  # set by build_cells: cell of each input point
+        self.stats_: Any = None
+
+    # -- construction and files ----------------------------------------------------------------
+    @classmethod
+    def from_frame(cls, gdf) -> "GeoCells":
+        """From a GeoDataFrame with the columns of `COLUMNS` plus geometry; missing optional columns are filled."""
+        import geopandas as gpd
+
+        if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry is None:
+            raise UserError("cells must be a GeoDataFrame with a geometry column")
+        gdf = gdf.copy()
+        n = len(gdf)
+        if n == 0:
+            raise UserError("cells table is empty; build cells from at least one point")
+        for col, default in (("name", None), ("iso_a2", ""), ("adm0_a3", ""), ("country", ""), ("admin1", ""),
+                             ("admin1_all", None), ("driving_side", "unknown"), ("count", 0)):
+            if col not in gdf.columns:
+                gdf[col] = default if default is not None else (gdf["admin1"] if col == "admin1_all" else [f"cell-{i}" for i in range(n)])
+        if "lat" not in gdf.columns or "lon" not in gdf.columns:
+            rp = shapely.get_coordinates(shapely.point_on_surface(gdf.geometry.values))
+            gdf["lon"], gdf["lat"] = rp[:, 0], rp[:, 1]
+        if "hemisphere" not in gdf.columns:
+            gdf["hemisphere"] = np.where(gdf["lat"] >= 0, "north", "south")
+        gdf["cell_id"] = np.arange(n, dtype=np.int64)
+        gdf = gdf[COLUMNS + ["geometry"]].reset_index(drop=True)
+        if gdf.crs is None:
+            gdf = gdf.set_crs("EPSG:4326")
+        return cls(gdf)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GeoCells":
+        """Read cells written by `save` (GeoParquet)."""
+        import geopandas as gpd
+
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"cells file {path} does not exist; build it with `pigeon build-cells --points FILE --out {path}`")
+        try:
+            gdf = gpd.read_parquet(path)
+        except Exception as e:
+            raise UserError(f"cells file {path} is not a GeoParquet file of cells ({type(e).__name__}: {e}); rebuild it with `pigeon build-cells`") from e
+        missing = [c for c in COLUMNS if c not in gdf.columns]
+        if missing:
+            raise UserError(f"cells file {path} lacks columns {missing}; rebuild it with `pigeon build-cells`")
+        if not np.array_equal(gdf["cell_id"].to_numpy(), np.arange(len(gdf))):
+            raise UserError(f"cells file {path}: cell_id must be 0..n-1 in row order; rebuild it with `pigeon build-cells`")
+        return cls(gdf.reset_index(drop=True))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write GeoParquet atomically (a temp file renamed into place)."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            self.gdf.to_parquet(tmp, index=False, compression="zstd")
+        return path
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 of the cells' content (ids, centres, counts, geometry), independent of file encoding."""
+        h = hashlib.sha256()
+        g = self.gdf
+        h.update(np.ascontiguousarray(g[["lat", "lon"]].to_numpy(np.float64)).tobytes())
+        h.update(np.ascontiguousarray(g["count"].to_numpy(np.int64)).tobytes())
+        h.update("\x1f".join(g["name"].astype(str)).encode())
+        for wkb in shapely.to_wkb(g.geometry.values, output_dimension=2):
+            h.update(wkb)
+        return h.hexdigest()
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.gdf)
+
+    @property
+    def centres(self) -> np.ndarray:
+        """(C, 2) [lat, lon] of each cell's centre (spherical mean of its training points)."""
+        return self.gdf[["lat", "lon"]].to_numpy(np.float64)
+
+    @property
+    def geoms(self) -> np.ndarray:
+        return np.asarray(self.gdf.geometry.values, dtype=object)
+
+    @property
+    def tree(self) -> STRtree:
+        if self._tree is None:
+            self._tree = STRtree(self.geoms)
+        return self._tree
+
+    def cell_of(self, lat, lon) -> np.ndarray:
+        """Cell id of each point (vectorised); a point at sea goes to the nearest cell on the sphere."""
+        lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
+        lon = (np.atleast_1d(np.asarray(lon, dtype=np.float64)) + 180.0) % 360.0 - 180.0
+        if lat.shape != lon.shape:
+            raise UserError("lat and lon must have the same shape")
+        bad = ~np.isfinite(lat) | ~np.isfinite(lon) | (np.abs(lat) > 90)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"point {i} ({lat[i]}, {lon[i]}) is not a valid latitude/longitude")
+        if self._nearest is None:
+            from .geometry import NearestIndex
+
+            self._nearest = NearestIndex(self.geoms)
+        idx, *_ = assign_points(lat, lon, self.geoms, self.tree, self._nearest)
+        return idx
+
+    def neighbours(self, cell_id: int) -> np.ndarray:
+        """Ids of the cells that touch this one."""
+        if self._nbr is None:
+            from .geometry import adjacency
+
+            i, j = adjacency(self.geoms, self.tree)
+            n = len(self)
+            src, dst = np.r_[i, j], np.r_[j, i]
+            o = np.argsort(src, kind="stable")
+            src, dst = src[o], dst[o]
+            cuts = np.searchsorted(src, np.arange(n + 1))
+            self._nbr = [np.unique(dst[cuts[k]:cuts[k + 1]]) for k in range(n)]
+        if not 0 <= int(cell_id) < len(self):
+            raise UserError(f"cell id {cell_id} is not in 0..{len(self) - 1}")
+        return self._nbr[int(cell_id)]
+
+    def to_geojson(self, simplify: float = 0.05) -> dict[str, Any]:
+        """FeatureCollection of the cells (geometry simplified by `simplify` degrees, 0 = exact)."""
+        g = self.gdf
+        geom = g.geometry.values
+        if simplify > 0:
+            geom = shapely.simplify(geom, simplify, preserve_topology=True)
+        props = g.drop(columns="geometry")
+        feats = []
+        for rec, gj in zip(props.to_dict("records"), shapely.to_geojson(geom)):
+            rec = {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
+            feats.append({"type": "Feature", "id": rec["cell_id"], "properties": rec, "geometry": json.loads(gj)})
+        return {"type": "FeatureCollection", "features": feats}

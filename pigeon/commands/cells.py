@@ -1,0 +1,116 @@
+"""`pigeon build-cells`: geocells from training points and admin boundaries."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def build_cells_file(
+    points: Path,
+    out: Path,
+    boundaries: str = "bundled",
+    min_size: int = 30,
+    max_size: int = 60,
+    lat_col: str | None = None,
+    lon_col: str | None = None,
+    columns: dict[str, str] | None = None,
+    plot: Path | None = None,
+    geojson: Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Read points, build cells, write them (atomically) and return a summary dict.
+
+    When `out` is named `cells.parquet`, its folder is treated as a model bundle and the cells are
+    recorded in the bundle's manifest (so later parts can be checked against them).
+    """
+    from geocells import build_cells, load_boundaries, load_points
+    from geocells.errors import UserError
+    from geocells.plot import plot_cells
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        out = out / "cells.parquet"
+    if out.suffix.lower() not in (".parquet", ".geoparquet"):
+        raise UserError(f"--out {out}: cells are written as GeoParquet; give a path ending in .parquet (e.g. BUNDLE/cells.parquet)")
+    pts = load_points(points, lat_col, lon_col)
+    b = load_boundaries(boundaries, columns)
+    cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress)
+    st = cells.stats_
+    meta = {
+        "points_file": str(points),
+        "points": int(len(pts)),
+        "boundaries": str(boundaries),
+        "min_size": int(min_size),
+        "max_size": int(max_size),
+        "seed": int(seed),
+        "content_hash": cells.hash,
+    }
+    if out.name == "cells.parquet":
+        from pigeon.bundle import Bundle
+
+        bundle = Bundle(out.parent, create=True)
+        bundle.write_part("cells", lambda tmp: cells.save(tmp), **meta)
+    else:
+        cells.save(out)
+    if geojson:
+        from geocells.io import atomic_path
+
+        with atomic_path(geojson) as tmp:
+            tmp.write_text(json.dumps(cells.to_geojson()))
+    if plot:
+        plot_cells(cells, plot, pts.lat, pts.lon, title=f"{len(cells)} geocells from {len(pts):,} points ({min_size}-{max_size} per cell)")
+    counts = cells.gdf["count"].to_numpy()
+    return {
+        "out": str(out),
+        "cells": int(len(cells)),
+        "points": int(len(pts)),
+        "skipped_rows": int(pts.skipped),
+        "at_sea": int(st.at_sea),
+        "size_min": int(counts.min()),
+        "size_median": float(sorted(counts)[len(counts) // 2]),
+        "size_max": int(counts.max()),
+        "outside_bounds": int(((counts < min_size) | (counts > max_size)).sum()),
+        "unsplittable": st.unsplittable,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build-cells")
+    def build_cells_cmd(
+        points: Path = typer.Option(..., "--points", help="CSV or Parquet with latitude/longitude columns."),
+        out: Path = typer.Option(..., "--out", help="Output GeoParquet; BUNDLE/cells.parquet also records it in the bundle manifest."),
+        boundaries: str = typer.Option("bundled", "--boundaries", help="'bundled' (Natural Earth admin-1) or a GeoParquet/GeoJSON/GeoPackage/shapefile of admin polygons."),
+        min_size: int = typer.Option(30, "--min-size", help="Fewest training points per cell (PIGEON 30, PIGEOTTO 1000)."),
+        max_size: int = typer.Option(60, "--max-size", help="Most training points per cell (PIGEON 60, PIGEOTTO 2000); at least 2 x min-size."),
+        lat_col: Optional[str] = typer.Option(None, "--lat-col", help="Latitude column (default: detect lat/latitude/LAT...)."),
+        lon_col: Optional[str] = typer.Option(None, "--lon-col", help="Longitude column (default: detect lon/lng/longitude...)."),
+        country_col: Optional[str] = typer.Option(None, "--country-col", help="Boundaries: ISO alpha-3 country code column."),
+        country_name_col: Optional[str] = typer.Option(None, "--country-name-col", help="Boundaries: country name column."),
+        admin1_col: Optional[str] = typer.Option(None, "--admin1-col", help="Boundaries: admin-1 name column."),
+        admin2_col: Optional[str] = typer.Option(None, "--admin2-col", help="Boundaries: admin-2 name column."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a map of the cells and points (PNG)."),
+        geojson: Optional[Path] = typer.Option(None, "--geojson", help="Also export the cells as GeoJSON."),
+        seed: int = typer.Option(0, "--seed", help="Seed for OPTICS subsampling of very large cells."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; only the JSON summary."),
+    ) -> None:
+        """Build geocells: admin regions with photos, small ones merged, big ones split by OPTICS + Voronoi."""
+        columns = {k: v for k, v in {"adm0_a3": country_col, "country": country_name_col, "admin1": admin1_col, "admin2": admin2_col}.items() if v}
+        s = build_cells_file(points, out, boundaries, min_size, max_size, lat_col, lon_col, columns, plot, geojson, seed, progress=not quiet)
+        if not quiet:
+            print(
+                f"{s['cells']} cells from {s['points']:,} points ({s['skipped_rows']} rows skipped, {s['at_sea']} at sea -> nearest land) "
+                f"| size min/median/max {s['size_min']}/{s['size_median']:g}/{s['size_max']} | {s['seconds']} s -> {s['out']}",
+                file=sys.stderr,
+            )
+            if s["unsplittable"]:
+                print(f"note: {len(s['unsplittable'])} cell(s) above --max-size hold one location with too many photos to split: {s['unsplittable']}", file=sys.stderr)
+        print(json.dumps(s))
