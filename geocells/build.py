@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -142,17 +144,25 @@ def build_cells(
         ucell[order[bounds[k]:bounds[k + 1]]] = len(cell_geoms)
         cell_geoms.append(unit_geom[k])
     st.split_units = len(big)
-    rng = np.random.default_rng(seed)
-    for k in tqdm(big, desc="splitting cells", unit="cell", disable=not progress or not big):
+    seeds = np.random.default_rng(seed).integers(1 << 31, size=len(big))
+
+    def split_one(job: tuple[int, int]):
+        k, s = job
         members = order[bounds[k]:bounds[k + 1]]
-        labels, info = _split_unit(uxyz[members], w[members], min_size, max_size, rounds, rng)
-        st.optics_splits += info["optics"]
-        st.fallback_splits += info["fallback"]
-        st.unsplittable.extend(info["unsplittable"])
-        pieces = _voronoi_pieces(ukey[members], labels, unit_geom[k])
-        for g in range(labels.max() + 1):
-            ucell[members[labels == g]] = len(cell_geoms)
-            cell_geoms.append(pieces[g])
+        labels, info = _split_unit(uxyz[members], w[members], min_size, max_size, rounds, np.random.default_rng(s))
+        return members, labels, info, _voronoi_pieces(ukey[members], labels, unit_geom[k])
+
+    # numba's OPTICS and shapely release the GIL: threads use every core; results keep their order
+    workers = max(1, min(len(big), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(split_one, zip(big, seeds.tolist()))
+        for members, labels, info, pieces in tqdm(results, total=len(big), desc="splitting cells", unit="cell", disable=not progress or not big):
+            st.optics_splits += info["optics"]
+            st.fallback_splits += info["fallback"]
+            st.unsplittable.extend(info["unsplittable"])
+            for g in range(labels.max() + 1):
+                ucell[members[labels == g]] = len(cell_geoms)
+                cell_geoms.append(pieces[g])
     st.seconds["split"] = time.perf_counter() - t
 
     # 5. cells with metadata, ids in a stable order
