@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SHARED ?= ../shared
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench data clean
+.PHONY: venv test demo bench data clean browser
 
 venv: $(STAMP)
 
@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest tests
+
+# The web-page test drives Debian's headless Chromium; install it when missing (the test skips, with
+# the reason, when it cannot be installed).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+	    || echo "note: could not install chromium + chromium-driver; the web-page test will be skipped" )
 
 # Rebuild the bundled run-time data (admin-1 polygons, cities, driving side) from ../shared/data.
 data: venv
@@ -29,6 +36,10 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/build_cells.py
+	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/train_eval.py
+	$(BIN)/python bench/index.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) demo out .pytest_cache

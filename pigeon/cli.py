@@ -25,6 +25,12 @@ app = typer.Typer(
 # Command modules, in the order `pigeon --help` lists them.
 COMMANDS = [
     "pigeon.commands.cells",
+    "pigeon.commands.pretrain",
+    "pigeon.commands.train",
+    "pigeon.commands.build_index",
+    "pigeon.commands.locate",
+    "pigeon.commands.evaluate",
+    "pigeon.commands.serve",
 ]
 
 for _mod in COMMANDS:

@@ -1,0 +1,112 @@
+"""Request/response models of the HTTP API (pydantic): what `/docs` and `/openapi.json` show.
+
+The predictor returns plain dicts; these models document them and validate the answer on its
+way out (cheap with pydantic 2). Extra keys the predictor may add later pass through.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorResponse(BaseModel):
+    """Every failure: a short machine-readable `error` code and a human `detail`."""
+
+    error: str = Field(..., examples=["unsupported_media_type"])
+    detail: Any = Field(..., examples=["the upload is a GIF file; send a JPEG, PNG or WebP photo"])
+
+
+class TopCell(_Open):
+    cell_id: int
+    lat: float
+    lon: float
+    country: Optional[str] = None
+    iso_a2: Optional[str] = None
+    admin1: Optional[str] = None
+    probability: float
+
+
+class AreaProbability(_Open):
+    name: Optional[str] = None
+    iso_a2: Optional[str] = None
+    probability: float
+
+
+class Refinement(_Open):
+    mode: Optional[str] = None
+    moved_km: Optional[float] = None
+    neighbours: list[Any] = Field(default_factory=list)
+
+
+class ImageInfo(BaseModel):
+    format: str = Field(..., description="format detected from the bytes: jpeg | png | webp")
+    width: int
+    height: int
+
+
+class CueScore(BaseModel):
+    label: str
+    caption: str
+    cosine: float
+    probability: float
+
+
+class Heatmap(BaseModel):
+    png_base64: str = Field(..., description="PNG of the class-activation map blended over the centre crop the model saw")
+    width: int
+    height: int
+    method: str = Field(..., description="grad-cam | grad-x-input")
+    layer: Optional[str] = None
+    cell_id: int
+
+
+class Explanation(BaseModel):
+    cues: dict[str, list[CueScore]] = Field(..., description="driving_side, hemisphere, country: text-tower captions softmaxed per group")
+    heatmap: Heatmap
+
+
+class Location(_Open):
+    """One photo's answer. `exif_gps_present` only reports the file's EXIF; it is never used for the answer."""
+
+    lat: float
+    lon: float
+    confidence: float
+    radius_km_50: Optional[float] = None
+    radius_km_90: Optional[float] = None
+    top_cells: list[TopCell]
+    countries: list[AreaProbability]
+    admin1: list[AreaProbability] = Field(default_factory=list)
+    refinement: Optional[Refinement] = None
+    exif_gps_present: bool
+    image: ImageInfo
+    timings_ms: dict[str, float]
+    explain: Optional[Explanation] = None
+
+
+class BatchItem(BaseModel):
+    filename: Optional[str] = None
+    result: Location
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    timings_ms: dict[str, float]
+
+
+class Health(BaseModel):
+    status: str = Field(..., examples=["ok"])
+    in_flight: int
+    capacity: int
+    cells: int
+
+
+class Version(BaseModel):
+    pigeon_version: str
+    backbone: Optional[str] = None
+    manifest: dict[str, Any]

@@ -1,0 +1,232 @@
+"""`pigeon build-index`: embed a gallery of located photos with the bundle's backbone, cluster them
+inside their geocells and write `index.faiss`, `gallery.parquet` and `clusters.parquet`.
+
+The three parts are written to a staging folder first and then moved into the bundle with
+`Bundle.write_part` (atomic, hashed, with the cells' and backbone's hashes and one shared
+`build_id` in the manifest): a build interrupted at any point leaves the previous index in place,
+and parts from two different builds are refused on load. `--append` adds photos without
+re-clustering; `remove_gallery_ids` (`--remove-ids FILE`) takes photos out.
+
+`refine_answers` is what the Predictor calls to refine its answers with the gallery.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+GALLERY_PARTS = ("index", "gallery", "clusters")
+
+
+# -- embedding -----------------------------------------------------------------------------------
+def embed_manifest(backbone: Any, df, batch_size: int = 64, workers: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings (n_ok, D) of the manifest's images in batches with DataLoader workers, and the rows
+    they belong to (unreadable images are skipped and reported, not fatal)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .datasets import ImageDataset
+
+    ds = ImageDataset(df, backbone.preprocess)
+    dl = DataLoader(ds, batch_size=int(batch_size), num_workers=int(workers), collate_fn=ImageDataset.collate,
+                    shuffle=False, persistent_workers=False)
+    embs, rows = [], []
+    it = dl
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(dl, desc="embed gallery", unit="batch")
+    model = backbone.model
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in it:
+                if batch is None:
+                    continue
+                x, idx = batch
+                f = backbone.encode_image(x.float(), normalize=True)
+                embs.append(f.float().cpu().numpy())
+                rows.append(idx.numpy())
+    finally:
+        model.train(was)
+    if not embs:
+        raise UserError("no gallery image could be read; check the manifest's `image` column")
+    return np.concatenate(embs).astype(np.float32), np.concatenate(rows).astype(np.int64)
+
+
+# -- bundle I/O ----------------------------------------------------------------------------------
+def load_gallery(bundle: Any, expect_backbone_hash: str | None = None):
+    """The bundle's gallery (index.Gallery), refusing parts built on other cells / another backbone,
+    or left from two different builds."""
+    from index import ClusterTable, Gallery, GeoIndex, read_gallery_frame
+
+    bundle.require("cells", *GALLERY_PARTS)
+    metas = {p: bundle.meta(p) for p in GALLERY_PARTS}
+    builds = {m.get("build_id") for m in metas.values()}
+    if len(builds) != 1:
+        raise UserError(f"bundle {bundle.path}: index.faiss, gallery.parquet and clusters.parquet come from different builds (an interrupted `pigeon build-index`?); rerun `pigeon build-index`")
+    want_b = expect_backbone_hash or bundle.backbone_hash
+    idx = GeoIndex.load(bundle.part_path("index"), expect_backbone_hash=want_b, expect_cells_hash=bundle.cells_hash,
+                        meta=metas["index"])
+    frame = read_gallery_frame(bundle.part_path("gallery"))
+    clusters = ClusterTable.read(bundle.part_path("clusters"))
+    if len(frame) != idx.ntotal:
+        raise UserError(f"bundle {bundle.path}: gallery.parquet lists {len(frame)} images but index.faiss holds {idx.ntotal}; rerun `pigeon build-index`")
+    return Gallery(idx, frame, clusters)
+
+
+def save_gallery(bundle: Any, gallery: Any, backbone_hash: str, **meta: Any) -> str:
+    """Write the three parts atomically (staged, then moved in by `Bundle.write_part`); returns the build id."""
+    from index import write_gallery_frame
+
+    build_id = uuid.uuid4().hex
+    common = dict(cells_hash=bundle.cells_hash, backbone_hash=backbone_hash, build_id=build_id, count=int(gallery.index.ntotal))
+    stage = Path(tempfile.mkdtemp(prefix=".build-index.", dir=bundle.path))
+    try:
+        # everything slow (writing 2 GB of vectors, parquet encoding) happens here, away from the bundle
+        staged = {"index": stage / "index.faiss", "gallery": stage / "gallery.parquet", "clusters": stage / "clusters.parquet"}
+        gallery.index.write(staged["index"])
+        write_gallery_frame(gallery.frame, staged["gallery"])
+        gallery.clusters.write(staged["clusters"])
+        extra = {"index": {"kind": gallery.index.kind, "dim": gallery.index.dim},
+                 "gallery": {}, "clusters": {"n_clusters": len(gallery.clusters)}}
+        for part in ("gallery", "clusters", "index"):
+            bundle.write_part(part, lambda tmp, src=staged[part]: os.replace(src, tmp), **common, **extra[part], **meta)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return build_id
+
+
+# -- the command's functions ---------------------------------------------------------------------
+def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bool = False, kind: str = "flat",
+                batch_size: int = 64, workers: int = 0, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Embed a manifest's photos and build (or, with `append`, extend) the bundle's gallery index."""
+    from geocells import GeoCells
+    from index import KINDS, append_gallery, build_gallery
+
+    from .backbones import backbone_from_bundle
+    from .bundle import Bundle
+    from .datasets import read_manifest
+
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+    b = Bundle(bundle)
+    b.require("cells")
+    df = read_manifest(images)
+    bb = backbone_from_bundle(b, device=device)
+    old = None
+    if append:
+        if not all(b.has(p) for p in GALLERY_PARTS):
+            raise UserError(f"bundle {b.path} has no index to append to; run `pigeon build-index` without --append first")
+        old = load_gallery(b, expect_backbone_hash=bb.hash)
+    cells = GeoCells.load(b.part_path("cells"))
+    emb, rows = embed_manifest(bb, df, batch_size=batch_size, workers=workers, progress=progress)
+    skipped = len(df) - len(rows)
+    df = df.iloc[rows].reset_index(drop=True)
+    lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
+    cell = np.asarray(cells.cell_of(lat, lon), np.int64)
+    if "id" in df.columns:
+        ids = df["id"].to_numpy()
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"manifest {images}: column `id` must hold integers (gallery ids); fix or drop it")
+        ids = ids.astype(np.int64)
+    else:
+        start = int(old.frame["id"].max()) + 1 if old is not None and len(old.frame) else 0
+        ids = np.arange(start, start + len(df), dtype=np.int64)
+    image = df["image"].astype(str).to_numpy()
+    if old is None:
+        g = build_gallery(emb, ids, lat, lon, cell, image, kind=kind, progress=progress)
+    else:
+        g = append_gallery(old, emb, ids, lat, lon, cell, image)
+    build_id = save_gallery(b, g, bb.hash, backbone_spec=bb.spec)
+    return {"images": int(len(df)), "skipped": int(skipped), "total": int(g.index.ntotal), "clusters": len(g.clusters),
+            "cells_used": int(np.unique(g.frame["cell"]).size), "kind": g.index.kind, "appended": bool(append),
+            "build_id": build_id}
+
+
+def read_id_file(path: str | os.PathLike) -> np.ndarray:
+    """Gallery ids from a file: one integer a line, or a CSV/Parquet with an `id` column."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"id file {path} does not exist; give a file with one gallery id a line")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)["id"].to_numpy(np.int64)
+        text = path.read_text().split()
+        if text and text[0].strip().lower() == "id":
+            text = text[1:]
+        return np.array([int(t.strip().strip(",")) for t in text if t.strip()], dtype=np.int64)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"id file {path} is not a list of integer ids ({e}); one id a line, or an `id` column") from e
+
+
+def remove_gallery_ids(bundle: str | os.PathLike, ids: np.ndarray) -> dict[str, Any]:
+    """Take photos out of the bundle's gallery by id (index, gallery and clusters together, atomically)."""
+    from index import remove_from_gallery
+
+    from .bundle import Bundle
+
+    b = Bundle(bundle)
+    g = load_gallery(b)
+    g2, removed = remove_from_gallery(g, np.asarray(ids, np.int64))
+    if removed:
+        save_gallery(b, g2, b.meta("index").get("backbone_hash") or b.backbone_hash or "",
+                     backbone_spec=b.meta("index").get("backbone_spec", b.backbone_spec))
+    return {"removed": int(removed), "total": int(g2.index.ntotal), "clusters": len(g2.clusters)}
+
+
+# -- serving: the Predictor's refinement ---------------------------------------------------------
+def gallery_refiner(bundle: Any, centres: np.ndarray):
+    """An `index.Refiner` over the bundle's gallery, or None when the bundle has no index."""
+    from index import Refiner
+
+    if bundle is None or not all(bundle.has(p) for p in GALLERY_PARTS):
+        return None
+    g = load_gallery(bundle)
+    return Refiner.from_index(centres, g.clusters, g.frame, g.index), g
+
+
+def refine_answers(predictor: Any, emb: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The Predictor's answer points: PIGEON refinement over the bundle's gallery when it has one,
+    else the top cell's centre (reported as mode "cell", as is a refinement that fell back to it). Options are read from the predictor: `refine_mode` ("cluster+nn";
+    also "none", "cluster", "nn"), `refine_temperature` (1.6), `max_refinement_km` (1000),
+    `refine_neighbours` (5), `refine_average` (1)."""
+    cache = getattr(predictor, "_gallery", "unset")
+    if cache == "unset":
+        cache = gallery_refiner(getattr(predictor, "bundle", None), predictor.centres)
+        predictor._gallery = cache
+    mode = getattr(predictor, "refine_mode", "cluster+nn")
+    if cache is None or mode == "none":
+        top = probs.argmax(axis=1)
+        ref = [{"mode": "cell", "moved_km": 0.0, "cluster": -1, "cell": int(c), "neighbours": []} for c in top]
+        return predictor.centres[top, 0].copy(), predictor.centres[top, 1].copy(), ref
+    refiner, g = cache
+    r = refiner.refine(emb, probs, mode=mode, temperature=getattr(predictor, "refine_temperature", 1.6),
+                       max_refinement_km=getattr(predictor, "max_refinement_km", 1000.0),
+                       neighbours=getattr(predictor, "refine_neighbours", 5), average=getattr(predictor, "refine_average", 1))
+    meta = g.frame.set_index("id")
+    ids = r.neighbour_ids
+    valid = ids >= 0
+    found = meta.reindex(ids[valid])
+    nb_lat = np.full(ids.shape, np.nan)
+    nb_lon = np.full(ids.shape, np.nan)
+    nb_img = np.full(ids.shape, "", dtype=object)
+    nb_lat[valid], nb_lon[valid], nb_img[valid] = found["lat"].to_numpy(), found["lon"].to_numpy(), found["image"].to_numpy()
+    out = []
+    for i in range(len(ids)):  # building the JSON-ready answer, not a distance computation
+        nbs = [{"id": int(ids[i, j]), "similarity": float(r.neighbour_sims[i, j]), "lat": float(nb_lat[i, j]),
+                "lon": float(nb_lon[i, j]), "image": str(nb_img[i, j])} for j in np.flatnonzero(valid[i])]
+        out.append({"mode": "cell" if r.mode[i] == "none" else str(r.mode[i]), "moved_km": float(r.moved_km[i]), "cluster": int(r.cluster_id[i]),
+                    "cell": int(r.cell[i]), "neighbours": nbs})
+    return r.lat, r.lon, out

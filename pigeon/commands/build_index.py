@@ -1,0 +1,35 @@
+"""`pigeon build-index`: the gallery index (FAISS), in-cell clusters and their metadata for refinement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build-index")
+    def build_index_cmd(
+        bundle: Path = typer.Option(..., "--bundle", help="bundle folder (cells.parquet and a backbone, e.g. from `pigeon train`)"),
+        images: Optional[Path] = typer.Option(None, "--images", help="gallery manifest (CSV/Parquet: image, lat, lon[, id])"),
+        append: bool = typer.Option(False, "--append", help="add the manifest's photos to the existing index without re-clustering"),
+        kind: str = typer.Option("flat", "--kind", help="flat (exact), hnsw or ivf (approximate, for millions of photos)"),
+        batch_size: int = typer.Option(64, "--batch-size", help="images per backbone forward"),
+        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images"),
+        remove_ids: Optional[Path] = typer.Option(None, "--remove-ids", help="file of gallery ids (one a line, or an `id` column) to take out"),
+        device: str = typer.Option("cpu", help="torch device"),
+    ) -> None:
+        """Embed a gallery of located photos and build the index that refines answers inside cells."""
+        from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
+        from pigeon.errors import UserError
+
+        if images is None and remove_ids is None:
+            raise UserError("`pigeon build-index` needs --images MANIFEST (to build or --append) or --remove-ids FILE")
+        if images is not None:
+            rep = build_index(images, bundle, append=append, kind=kind, batch_size=batch_size, workers=workers, device=device)
+            typer.echo(json.dumps(rep))
+        if remove_ids is not None:
+            rep = remove_gallery_ids(bundle, read_id_file(remove_ids))
+            typer.echo(json.dumps(rep))

@@ -1,0 +1,67 @@
+"""`pigeon locate`: where were these photos taken? Files and folders in, a table or GeoJSON out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu") -> list[dict]:
+    """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix."""
+    from tqdm.auto import tqdm
+
+    from geocells.io import atomic_path
+    from pigeon.errors import UserError
+    from pigeon.predictor import Predictor, collect_images
+
+    if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
+        raise UserError(f"--out {out}: give a .csv or .geojson file")
+    files = collect_images(inputs)
+    pred = Predictor.from_bundle(bundle, device=device)
+    answers: list[dict] = []
+    for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
+        batch = files[s : s + batch_size]
+        for f, a in zip(batch, pred.locate([str(f) for f in batch], top_k=top_k)):
+            a["image"] = str(f)
+            answers.append(a)
+    if out is not None:
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() == ".csv":
+                import pandas as pd
+
+                rows = [{"image": a["image"], "lat": a["lat"], "lon": a["lon"], "confidence": a["confidence"],
+                         "radius_km_50": a["radius_km_50"], "radius_km_90": a["radius_km_90"],
+                         "country": a["countries"][0]["name"] if a["countries"] else "",
+                         "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
+                         "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
+                         "admin1": a["admin1"][0]["name"] if a["admin1"] else ""} for a in answers]
+                pd.DataFrame(rows).to_csv(tmp, index=False)
+            else:
+                feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
+                          "properties": {k: v for k, v in a.items() if k not in ("lat", "lon")}} for a in answers]
+                tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return answers
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("locate")
+    def locate_cmd(
+        images: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
+        bundle: Path = typer.Option(..., "--bundle", help="bundle folder (cells + head)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write results.csv or results.geojson (default: one line per image)"),
+        top_k: int = typer.Option(5, "--top-k", help="cells / countries / regions listed per image"),
+        batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass"),
+        device: str = typer.Option("cpu", help="torch device"),
+    ) -> None:
+        """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
+        answers = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device)
+        if out is None:
+            for a in answers:
+                c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}
+                typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\t{c['name']} ({c['probability']:.0%})\t"
+                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km")
+        else:
+            typer.echo(f"{len(answers)} images located -> {out}")

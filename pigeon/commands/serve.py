@@ -1,0 +1,70 @@
+"""`pigeon serve`: the HTTP service (POST /locate, the web page) over one bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve(
+    bundle: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    max_concurrency: Optional[int] = None,
+    max_upload_mb: Optional[float] = None,
+    log_level: str = "info",
+) -> None:
+    """Load the bundle (refusing a bundle with missing or mismatched parts), then run uvicorn.
+
+    With `workers > 1` each worker process loads its own copy of the bundle (uvicorn's factory
+    mode); the parent checks the bundle first so a broken one fails here, not in every worker.
+    """
+    import logging
+    import os
+
+    import uvicorn
+
+    from api.app import Settings, configure_logging, create_app
+    from pigeon.errors import UserError
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: give 1 or more")
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: give a TCP port between 1 and 65535")
+    overrides = {
+        "max_concurrency": max_concurrency,
+        "max_upload_bytes": int(max_upload_mb * 1024 * 1024) if max_upload_mb is not None else None,
+    }
+    settings = Settings.from_env(**overrides)
+    configure_logging(getattr(logging, log_level.upper(), logging.INFO))
+    if workers == 1:
+        app = create_app(bundle, settings)
+        logging.getLogger("pigeon.api").info(f"serving bundle {bundle} on http://{host}:{port}/ (docs at /docs)")
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        return
+    from pigeon.bundle import Bundle
+
+    Bundle(bundle).require("cells", "head")  # fail here, once, rather than in every worker
+    os.environ["PIGEON_BUNDLE"] = str(bundle)
+    for k, v in overrides.items():
+        if v is not None:
+            os.environ[f"PIGEON_{k.upper()}"] = str(v)
+    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        bundle: Path = typer.Option(..., "--bundle", help="bundle folder (cells, head, optionally index/gallery/clusters)"),
+        host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
+        port: int = typer.Option(8000, help="TCP port"),
+        workers: int = typer.Option(1, help="worker processes (each loads the bundle)"),
+        max_concurrency: Optional[int] = typer.Option(None, help="inferences at once per worker (default 1; env PIGEON_MAX_CONCURRENCY)"),
+        max_upload_mb: Optional[float] = typer.Option(None, help="largest request body in MB (default 20; env PIGEON_MAX_UPLOAD_BYTES)"),
+        log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    ) -> None:
+        """Serve POST /locate and the web page at http://HOST:PORT/ (API key: env PIGEON_API_KEY)."""
+        serve(bundle, host=host, port=port, workers=workers, max_concurrency=max_concurrency, max_upload_mb=max_upload_mb, log_level=log_level)

@@ -1,0 +1,50 @@
+"""`pigeon train`: train the geocell head of a bundle (or write a zero-shot text head)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        bundle: Path = typer.Option(..., "--bundle", help="bundle folder holding cells.parquet (from `pigeon build-cells`)"),
+        data: Optional[Path] = typer.Option(None, "--data", help="manifest (CSV/Parquet: image, lat, lon[, split])"),
+        backbone: Optional[str] = typer.Option(None, "--backbone", help="backbone spec when the bundle names none (default open_clip:ViT-B-16:openai; tiny, lite, ...)"),
+        zero_shot: bool = typer.Option(False, "--zero-shot", help="write a text-prototype head (one caption per cell); needs no data"),
+        epochs: int = typer.Option(30, help="most epochs (early stopping on validation loss)"),
+        lr: float = typer.Option(0.01, help="head learning rate (AdamW)"),
+        batch_size: int = typer.Option(256, "--batch-size", help="embeddings per step"),
+        tau: float = typer.Option(65.0, help="haversine label smoothing temperature in km (PIGEOTTO 65, PIGEON 75)"),
+        balanced: bool = typer.Option(False, "--balanced", help="class-balanced sampling: every cell equally likely"),
+        augment: int = typer.Option(0, "--augment", help="augmented views per training photo (crop, jitter, erasing, noise; no flips)"),
+        unfreeze_last_block: bool = typer.Option(False, "--unfreeze-last-block", help="also train the image tower's last block; writes backbone.safetensors"),
+        init: str = typer.Option("mean", help="prototype init: mean (image means) or text (captions)"),
+        patience: int = typer.Option(5, help="epochs without validation improvement before stopping"),
+        resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same options"),
+        seed: int = typer.Option(0, help="random seed"),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
+        device: str = typer.Option("cpu", help="torch device"),
+    ) -> None:
+        """Train the prototype head on a manifest (cached frozen embeddings, label smoothing, temperature scaling)."""
+        from pigeon.errors import UserError
+        from pigeon.train import TrainConfig, train, train_zero_shot
+
+        if zero_shot:
+            rep = train_zero_shot(bundle, backbone=backbone, device=device)
+            typer.echo(f"zero-shot head written: {rep['n_cells']} cells, backbone {rep['backbone']}")
+            return
+        if data is None:
+            raise UserError("`pigeon train` needs --data MANIFEST (or --zero-shot for a head without training data)")
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, balanced=balanced, augment=augment,
+                          unfreeze_last_block=unfreeze_last_block, init=init, patience=patience, resume=resume, seed=seed,
+                          cache_dir=str(cache_dir) if cache_dir else None)
+        rep = train(data, bundle, backbone=backbone, config=cfg, device=device)
+        last = rep["history"][-1] if rep["history"] else {}
+        summary = {k: rep.get(k) for k in ("n_train", "n_val", "n_cells", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after", "embeddings_per_s")}
+        summary["val_median_km"] = last.get("val_median_km")
+        typer.echo(json.dumps(summary))

@@ -1,0 +1,144 @@
+"""`pigeon evaluate`: how far off a bundle's guesses are on a manifest split.
+
+Writes metrics.json (the field's standard figures), per_country.csv (n, median km, country
+accuracy per true country), predictions.csv, error_cdf.png and world_map.png (guesses vs truths
+over the bundled admin-1 outlines). Country and admin-1 accuracy compare the guess's and the truth's
+admin-1 polygons (bundled Natural Earth), so they do not depend on how the cells were drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geocells.io import atomic_path
+from geocells.sphere import haversine_km
+
+from .errors import UserError
+from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
+
+
+def evaluate(
+    bundle_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str | None = "test",
+    out: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the bundle on the `split` rows of `data` (all rows if None); returns the metrics dict."""
+    from .datasets import read_manifest
+    from .embed_cache import embed_paths
+    from .predictor import Predictor
+
+    pred = Predictor.from_bundle(bundle_dir, device=device)
+    df = read_manifest(data)
+    if split:
+        df = df[df["split"].astype(str).str.lower() == split.lower()].reset_index(drop=True)
+        if len(df) == 0:
+            raise UserError(f"manifest {data} has no rows with split {split!r}; pick another --split or give `--split all`")
+    emb = embed_paths(pred.backbone, df["path"].tolist(), cache_dir=cache_dir, progress=progress)
+    p = pred.predict_embeddings(emb, top_k=1)
+    tlat, tlon = df["lat"].to_numpy(), df["lon"].to_numpy()
+    t_iso, t_country, t_adm = reverse_geocode(tlat, tlon)
+    p_iso, p_country, p_adm = reverse_geocode(p["lat"], p["lon"])
+    m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm)
+    # Baselines that say what the figures are worth on this data.
+    from geocells.sphere import spherical_mean
+
+    clat, clon = spherical_mean(tlat, tlon)
+    m["baseline_centroid_median_km"] = float(np.median(haversine_km(clat, clon, tlat, tlon)))
+    true_cell = pred.cells.cell_of(tlat, tlon)
+    m["oracle_cell_median_km"] = float(np.median(haversine_km(pred.centres[true_cell, 0], pred.centres[true_cell, 1], tlat, tlon)))
+    m["cell_accuracy"] = float(np.mean(p["top_cells"][:, 0] == true_cell))
+    km = haversine_km(p["lat"], p["lon"], tlat, tlon)
+    per = pd.DataFrame({"iso_a2": t_iso, "country": t_country, "km": km, "ok": p_iso == t_iso})
+    table = per.groupby(["iso_a2", "country"]).agg(n=("km", "size"), median_km=("km", "median"), country_accuracy=("ok", "mean")).reset_index()
+    table = table.sort_values("n", ascending=False).reset_index(drop=True)
+    m["split"] = split or "all"
+    m["bundle"] = str(bundle_dir)
+    if out is not None:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        with atomic_path(o / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(m, indent=2))
+        with atomic_path(o / "per_country.csv") as tmp:
+            table.to_csv(tmp, index=False, float_format="%.4g")
+        preds = pd.DataFrame({"image": df["image"], "lat": tlat, "lon": tlon, "pred_lat": p["lat"], "pred_lon": p["lon"],
+                              "km": km, "confidence": p["confidence"], "radius_km_50": p["radius_km_50"],
+                              "radius_km_90": p["radius_km_90"], "true_country": t_iso, "pred_country": p_iso})
+        with atomic_path(o / "predictions.csv") as tmp:
+            preds.to_csv(tmp, index=False, float_format="%.6g")
+        if plots:
+            plot_error_cdf(km, o / "error_cdf.png")
+            plot_world_map(tlat, tlon, p["lat"], p["lon"], o / "world_map.png")
+    m["per_country"] = table.to_dict(orient="records")
+    return m
+
+
+def plot_error_cdf(km: np.ndarray, dest: Path) -> None:
+    """Share of guesses within d km, log x axis, with the standard thresholds marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    xs = np.sort(np.maximum(km, 0.1))
+    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post")
+    for t in THRESHOLDS_KM:
+        ax.axvline(t, color="0.8", lw=0.8, zorder=0)
+        ax.text(t, 1.01, f"{t:g}", ha="center", va="bottom", fontsize=7, color="0.4")
+    ax.set_xscale("log")
+    ax.set_xlim(0.5, 20000)
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("error (km)")
+    ax.set_ylabel("share of photos within")
+    ax.set_title(f"error CDF (n={len(km)}, median {np.median(km):.0f} km)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_world_map(tlat, tlon, plat, plon, dest: Path, max_lines: int = 2000) -> None:
+    """Truths (dots) and guesses (crosses) joined by lines, over the bundled admin-1 outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import shapely
+    from matplotlib.collections import LineCollection
+
+    from geocells import bundled
+
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
+    geoms = shapely.simplify(bundled.admin1().geometry.values, 0.1)
+    rings = shapely.get_exterior_ring(shapely.get_parts(geoms))
+    coords = [np.asarray(shapely.get_coordinates(r)) for r in rings if r is not None]
+    ax.add_collection(LineCollection(coords, colors="0.75", linewidths=0.3))
+    n = min(len(tlat), max_lines)
+    segs = np.stack([np.stack([tlon[:n], tlat[:n]], 1), np.stack([plon[:n], plat[:n]], 1)], 1)
+    segs = segs[np.abs(segs[:, 0, 0] - segs[:, 1, 0]) < 180]  # no lines across the whole map
+    ax.add_collection(LineCollection(segs, colors="tab:red", linewidths=0.4, alpha=0.4))
+    ax.scatter(tlon[:n], tlat[:n], s=5, c="tab:blue", label="truth")
+    ax.scatter(plon[:n], plat[:n], s=12, c="tab:red", marker="x", label="guess")
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("guesses vs truths", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+__all__ = ["evaluate", "plot_error_cdf", "plot_world_map"]

@@ -1,0 +1,168 @@
+"""The geocell head: one prototype per cell, logits = scale · cos(embedding, prototype).
+
+Why prototypes: a cosine head over L2-normalised CLIP embeddings can be initialised from text
+(one caption per cell — zero-shot geolocation with any CLIP) or from the mean image embedding of
+each cell, and then fine-tuned; the same vectors serve as cell descriptors elsewhere.
+Also here: PIGEON's haversine label smoothing, the soft targets the head is trained on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from geocells.errors import UserError
+from geocells.sphere import EARTH_RADIUS_KM, to_xyz
+
+CAPTION = "A photo taken in {region}, {country}."
+DEFAULT_TAU_KM = 65.0
+
+
+class PrototypeHead(nn.Module):
+    """logits = exp(log_scale) · cos(x - centre, prototype_c); `temperature` is a fixed calibration divisor.
+
+    `centre` (zero for a zero-shot text head) is the mean training embedding: embeddings of one
+    backbone share a large common component (the "cone" effect), and removing it lets the cosine
+    see the differences between places.
+    """
+
+    def __init__(self, prototypes: torch.Tensor | np.ndarray, scale: float = 30.0, temperature: float = 1.0, centre: torch.Tensor | np.ndarray | None = None):
+        super().__init__()
+        p = torch.as_tensor(np.asarray(prototypes, dtype=np.float32))
+        self.prototypes = nn.Parameter(nn.functional.normalize(p, dim=-1).clone())
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32))
+        c = torch.zeros(p.shape[1]) if centre is None else torch.as_tensor(np.asarray(centre, dtype=np.float32))
+        self.centre = nn.Parameter(c.clone())
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+
+    @property
+    def n_cells(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.prototypes.shape[1]
+
+    def forward(self, x: torch.Tensor, calibrated: bool = False) -> torch.Tensor:
+        scale = self.log_scale.clamp(max=math.log(200.0)).exp()
+        logits = scale * nn.functional.normalize(x - self.centre, dim=-1) @ nn.functional.normalize(self.prototypes, dim=-1).T
+        return logits / self.temperature if calibrated else logits
+
+    def state_arrays(self) -> dict[str, torch.Tensor]:
+        return {
+            "prototypes": nn.functional.normalize(self.prototypes.detach(), dim=-1).contiguous().cpu(),
+            "log_scale": self.log_scale.detach().reshape(1).cpu(),
+            "centre": self.centre.detach().contiguous().cpu(),
+            "temperature": self.temperature.detach().reshape(1).cpu(),
+        }
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        """safetensors file with prototypes (C, D), log_scale (1,), temperature (1,)."""
+        from safetensors.torch import save_file
+
+        save_file(self.state_arrays(), str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PrototypeHead":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"head file {path} is unreadable ({e}); retrain it with `pigeon train`") from e
+        missing = {"prototypes", "log_scale", "temperature"} - set(t)
+        if missing:
+            raise UserError(f"head file {path} lacks {sorted(missing)}; retrain it with `pigeon train`")
+        head = cls(t["prototypes"].float(), scale=1.0, temperature=float(t["temperature"][0]), centre=t.get("centre"))
+        with torch.no_grad():
+            head.log_scale.fill_(float(t["log_scale"][0]))
+        return head
+
+
+def write_head(bundle: Any, head: PrototypeHead, backbone_hash: str, **meta: Any) -> Path:
+    """Save the head into the bundle as head.safetensors, tied to the bundle's cells and the backbone."""
+    if bundle.cells_hash is None:
+        raise UserError(f"bundle {bundle.path} has no cells.parquet; run `pigeon build-cells --out {bundle.path}/cells.parquet` first")
+    md = {"n_cells": head.n_cells, "embed_dim": head.embed_dim, **meta}
+    return bundle.write_part(
+        "head",
+        lambda tmp: head.save(tmp, metadata=md),
+        cells_hash=bundle.cells_hash,
+        backbone_hash=backbone_hash,
+        **md,
+    )
+
+
+def cell_captions(gdf: Any) -> list[str]:
+    """One caption per cell: 'A photo taken in {region}, {country}.' (region = the cell's main admin-1)."""
+    regions = gdf["admin1"].fillna("").astype(str).to_numpy()
+    countries = gdf["country"].fillna("").astype(str).to_numpy()
+    return [CAPTION.format(region=r, country=c) if r else f"A photo taken in {c}." for r, c in zip(regions, countries)]
+
+
+def text_prototypes(backbone: Any, gdf: Any, batch_size: int = 256) -> np.ndarray:
+    """(C, D) normalised text embeddings of the cells' captions."""
+    caps = cell_captions(gdf)
+    out = [np.asarray(backbone.embed_texts(caps[i:i + batch_size]), dtype=np.float32) for i in range(0, len(caps), batch_size)]
+    return _normalise(np.concatenate(out, 0))
+
+
+def mean_prototypes(emb: np.ndarray, cell: np.ndarray, n_cells: int, fallback: np.ndarray | None = None, centre: np.ndarray | None = None) -> np.ndarray:
+    """(C, D) normalised mean (centred) image embedding of each cell; cells without images take `fallback` (or a tiny random vector)."""
+    emb = np.asarray(emb, dtype=np.float32)
+    emb = _normalise(emb - centre if centre is not None else emb)
+    sums = np.zeros((n_cells, emb.shape[1]), dtype=np.float64)
+    np.add.at(sums, cell, emb)
+    counts = np.bincount(cell, minlength=n_cells)
+    empty = counts == 0
+    if empty.any():
+        if fallback is not None:
+            sums[empty] = fallback[empty]
+        else:
+            rng = np.random.default_rng(0)
+            sums[empty] = rng.normal(size=(int(empty.sum()), emb.shape[1])) * 1e-3 + emb.mean(0)
+    return _normalise(sums.astype(np.float32))
+
+
+def smoothed_targets(true_lat: np.ndarray, true_lon: np.ndarray, true_cell: np.ndarray, centres: np.ndarray, tau_km: float = DEFAULT_TAU_KM) -> np.ndarray:
+    """PIGEON's haversine label smoothing: target_i ∝ exp(-(d(c_i, x) - d(c_true, x)) / tau), rows sum to 1.
+
+    x is the image's true location, c_i the cell centres (C, 2 lat/lon). Distances are measured
+    from x, so the true cell need not have the highest weight when x lies near a neighbour's centre.
+    """
+    if tau_km <= 0:
+        raise UserError(f"--tau must be positive (km), got {tau_km}")
+    x = to_xyz(true_lat, true_lon)                       # (n, 3)
+    c = to_xyz(centres[:, 0], centres[:, 1])             # (C, 3)
+    d = pairwise_km(x, c)
+    d_true = d[np.arange(len(x)), np.asarray(true_cell)]
+    z = -(d - d_true[:, None]) / tau_km
+    z -= z.max(axis=1, keepdims=True)
+    w = np.exp(z)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def pairwise_km(x: np.ndarray, c: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Great-circle km between unit vectors x (n, 3) and c (C, 3), via the chord (accurate at short range)."""
+    out = np.empty((len(x), len(c)), dtype=np.float64)
+    for i in range(0, len(x), chunk):
+        sq = np.clip(2.0 - 2.0 * (x[i:i + chunk] @ c.T), 0.0, 4.0)
+        out[i:i + chunk] = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(sq) / 2)
+    return out
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+__all__ = [
+    "CAPTION", "DEFAULT_TAU_KM", "PrototypeHead", "write_head", "cell_captions", "text_prototypes",
+    "mean_prototypes", "smoothed_targets",
+]

@@ -1,0 +1,83 @@
+"""Geolocation metrics as the field reports them (PIGEON/PIGEOTTO tables).
+
+Share of guesses within 1 / 25 / 200 / 750 / 2500 km (street, city, region, country, continent),
+median and mean error in km, the GeoGuessr score 5000·exp(-d/1492.7), and country / admin-1
+accuracy (the guess lands in the same country / admin-1 region as the truth).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from geocells.sphere import haversine_km
+
+THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
+GEOGUESSR_SCALE_KM = 1492.7
+
+
+def geoguessr_score(km: np.ndarray) -> np.ndarray:
+    """GeoGuessr points for an error in km (5000 at 0 km, ~0 beyond a few thousand)."""
+    return 5000.0 * np.exp(-np.asarray(km, dtype=np.float64) / GEOGUESSR_SCALE_KM)
+
+
+def distance_metrics(km: np.ndarray, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
+    """Summary of an array of errors in km: n, median/mean km, share within each threshold, GeoGuessr score."""
+    km = np.asarray(km, dtype=np.float64)
+    if km.size == 0:
+        raise ValueError("no errors to summarise")
+    out: dict[str, float] = {"n": int(km.size), "median_km": float(np.median(km)), "mean_km": float(km.mean())}
+    for t in thresholds:
+        out[f"within_{t:g}km"] = float((km <= t).mean())
+    out["geoguessr_score"] = float(geoguessr_score(km).mean())
+    return out
+
+
+def geo_metrics(
+    pred_lat: np.ndarray,
+    pred_lon: np.ndarray,
+    true_lat: np.ndarray,
+    true_lon: np.ndarray,
+    pred_country: np.ndarray | None = None,
+    true_country: np.ndarray | None = None,
+    pred_admin1: np.ndarray | None = None,
+    true_admin1: np.ndarray | None = None,
+) -> dict[str, float]:
+    """All metrics for guesses vs truths; country/admin-1 accuracy when both sides' labels are given."""
+    km = haversine_km(pred_lat, pred_lon, true_lat, true_lon)
+    out = distance_metrics(km)
+    if pred_country is not None and true_country is not None:
+        out["country_accuracy"] = float(np.mean(np.asarray(pred_country) == np.asarray(true_country)))
+    if pred_admin1 is not None and true_admin1 is not None:
+        out["admin1_accuracy"] = float(np.mean(np.asarray(pred_admin1) == np.asarray(true_admin1)))
+    return out
+
+
+def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ISO a2, country name and 'country/admin-1' key of each point from the bundled admin-1 polygons.
+
+    A point at sea (or on a coast the simplified polygons miss) takes the nearest polygon, so a
+    guess on a beach still counts for its country. Vectorised with an STRtree.
+    """
+    import shapely
+
+    from geocells import bundled
+
+    adm = bundled.admin1()
+    tree = shapely.STRtree(adm.geometry.values)
+    pts = shapely.points(np.asarray(lon, np.float64), np.asarray(lat, np.float64))
+    idx = np.full(len(pts), -1, dtype=np.int64)
+    hit_p, hit_g = tree.query(pts, predicate="intersects")
+    idx[hit_p[::-1]] = hit_g[::-1]  # first hit wins
+    miss = np.flatnonzero(idx < 0)
+    if len(miss):
+        mp, mg = tree.query_nearest(pts[miss], all_matches=False)
+        idx[miss[mp]] = mg
+    iso = adm["iso_a2"].to_numpy()[idx]
+    country = adm["country"].to_numpy()[idx]
+    key = (adm["country"].astype(str) + "/" + adm["admin1"].astype(str)).to_numpy()[idx]
+    return iso, country, key
+
+
+__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode"]

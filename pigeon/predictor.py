@@ -1,0 +1,231 @@
+"""The Predictor: image(s) -> embeddings -> cell probabilities -> an answer with its uncertainty.
+
+Everything after the backbone forward is vectorised over the batch and precomputed at load time
+(cell unit vectors, cell->country and cell->admin-1 sparse matrices), so that serving costs little
+more than the backbone itself. The answer point is the top cell's centre; refinement inside the
+cell (retrieval over the gallery) plugs in at one place, `_answer_points`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from geocells.sphere import EARTH_RADIUS_KM, to_xyz
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def _group_matrix(keys: np.ndarray):
+    """Sparse (C, K) one-hot of each cell's group and the K group labels (first-seen order kept stable by np.unique)."""
+    from scipy import sparse
+
+    labels, inv = np.unique(keys, return_inverse=True)
+    m = sparse.csr_matrix((np.ones(len(keys), np.float32), (np.arange(len(keys)), inv)), shape=(len(keys), len(labels)))
+    return m, labels, inv
+
+
+class Predictor:
+    """A loaded bundle ready to answer: `locate(images)` or, for embeddings, `predict_embeddings(emb)`."""
+
+    def __init__(self, cells: Any, head: Any, backbone: Any, bundle: Any = None, device: str = "cpu"):
+        import torch
+
+        self.cells = cells
+        self.head = head.eval()
+        self.backbone = backbone
+        self.bundle = bundle
+        self.device = device
+        g = cells.gdf
+        self.n_cells = len(g)
+        if head.n_cells != self.n_cells:
+            raise UserError(f"head has {head.n_cells} prototypes but the bundle has {self.n_cells} cells; retrain with `pigeon train`")
+        self.centres = np.asarray(cells.centres, dtype=np.float64)
+        self.centres_xyz = to_xyz(self.centres[:, 0], self.centres[:, 1])
+        self.cell_country = g["country"].fillna("").astype(str).to_numpy()
+        self.cell_iso = g["iso_a2"].fillna("").astype(str).to_numpy()
+        self.cell_admin1 = g["admin1"].fillna("").astype(str).to_numpy()
+        self._country_m, self._country_keys, _ = _group_matrix(np.char.add(np.char.add(self.cell_iso, "\x1f"), self.cell_country))
+        self._admin_m, self._admin_keys, _ = _group_matrix(np.char.add(np.char.add(self.cell_admin1, "\x1f"), self.cell_country))
+        # Head weights as plain tensors: inference is two matmuls, no autograd.
+        with torch.no_grad():
+            self._protos = torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).to(device)
+            self._centre = head.centre.detach().to(device)
+            self._scale = float(head.log_scale.detach().clamp(max=np.log(200.0)).exp() / head.temperature)
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, device: str = "cpu") -> "Predictor":
+        """Load cells, head and backbone from a bundle, refusing parts that do not belong together."""
+        from geocells import GeoCells
+
+        from .backbones import backbone_from_bundle
+        from .bundle import Bundle
+        from .head import PrototypeHead
+
+        b = Bundle(path)
+        b.require("cells", "head")
+        cells = GeoCells.load(b.part_path("cells"))
+        head = PrototypeHead.load(b.part_path("head"))
+        bb = backbone_from_bundle(b, device=device)
+        want = b.meta("head").get("backbone_hash")
+        if want and want != bb.hash:
+            raise UserError(f"bundle {b.path}: head.safetensors was trained with another backbone (hash {want[:12]} vs {bb.hash[:12]}); retrain it with `pigeon train`")
+        if head.embed_dim != bb.embed_dim:
+            raise UserError(f"bundle {b.path}: head expects {head.embed_dim}-d embeddings, backbone {bb.spec} gives {bb.embed_dim}; retrain with `pigeon train`")
+        return cls(cells, head.to(device), bb, bundle=b, device=device)
+
+    # -- array level -----------------------------------------------------------------------------------
+    def cell_probs(self, emb: np.ndarray) -> np.ndarray:
+        """(n, C) calibrated cell probabilities of (n, D) embeddings."""
+        import torch
+
+        with torch.no_grad():
+            x = torch.as_tensor(np.asarray(emb, dtype=np.float32), device=self.device)
+            z = self._scale * torch.nn.functional.normalize(x - self._centre, dim=-1) @ self._protos.T
+            return torch.softmax(z, dim=-1).cpu().numpy()
+
+    def _answer_points(self, emb: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """The answer (lat, lon) per image and what refinement did. Today: the top cell's centre.
+
+        This is the one place where retrieval refinement (index package) plugs in."""
+        from .build_index import refine_answers  # PIGEON refinement over the bundle's gallery, if it has one
+
+        return refine_answers(self, emb, probs)
+
+    def predict_embeddings(self, emb: np.ndarray, top_k: int = 5) -> dict[str, np.ndarray | list]:
+        """Batched answers for (n, D) embeddings, as arrays.
+
+        Keys: probs (n, C), lat, lon, confidence (n,), radius_km_50, radius_km_90 (n,), top_cells
+        (n, k) ids, top_probs (n, k), country_probs (n, K) over `country_keys`, admin1_probs
+        (n, A) over `admin1_keys`, refinement (list of dicts).
+        """
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.head.embed_dim:
+            raise UserError(f"embeddings must have shape (n, {self.head.embed_dim}), got {emb.shape}")
+        probs = self.cell_probs(emb)
+        lat, lon, ref = self._answer_points(emb, probs)
+        k = min(top_k, self.n_cells)
+        part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(probs, part, 1), axis=1)
+        top = np.take_along_axis(part, order, 1)
+        r50, r90 = self.radii(lat, lon, probs)
+        country = np.asarray(probs @ self._country_m)
+        admin = np.asarray(probs @ self._admin_m)
+        return {
+            "probs": probs, "lat": lat, "lon": lon, "confidence": probs.max(axis=1),
+            "radius_km_50": r50, "radius_km_90": r90, "top_cells": top,
+            "top_probs": np.take_along_axis(probs, top, 1), "country_probs": country, "admin1_probs": admin,
+            "refinement": ref,
+        }
+
+    def radii(self, lat: np.ndarray, lon: np.ndarray, probs: np.ndarray, levels: Sequence[float] = (0.5, 0.9)) -> tuple[np.ndarray, ...]:
+        """Km from each answer within which the cell centres hold `levels` of the probability mass."""
+        a = to_xyz(lat, lon)                                          # (n, 3)
+        sq = np.clip(2.0 - 2.0 * (a @ self.centres_xyz.T), 0.0, 4.0)  # (n, C) squared chord
+        d = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(sq) / 2)
+        order = np.argsort(d, axis=1)
+        cum = np.cumsum(np.take_along_axis(probs, order, 1), axis=1)
+        ds = np.take_along_axis(d, order, 1)
+        out = []
+        for lv in levels:
+            i = np.minimum((cum < lv - 1e-9).sum(axis=1), d.shape[1] - 1)
+            out.append(ds[np.arange(len(ds)), i])
+        return tuple(out)
+
+    # -- images --------------------------------------------------------------------------------------
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """Embeddings of PIL images or image paths."""
+        from .datasets import load_image
+
+        ims = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+        return self.backbone.embed_images(ims)
+
+    def locate(self, images: Sequence[Any], top_k: int = 5) -> list[dict[str, Any]]:
+        """Answers for PIL images or paths: lat, lon, confidence, radii, top cells, countries, admin-1, refinement, timings."""
+        from .datasets import load_image
+
+        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+            images = [images]
+        if len(images) == 0:
+            return []
+        t0 = time.perf_counter()
+        ims = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+        t1 = time.perf_counter()
+        emb = self.backbone.embed_images(ims)
+        t2 = time.perf_counter()
+        p = self.predict_embeddings(emb, top_k=top_k)
+        t3 = time.perf_counter()
+        out = self.format(p, top_k=top_k)
+        t4 = time.perf_counter()
+        n = len(ims)
+        timing = {"load_ms": (t1 - t0) * 1e3 / n, "embed_ms": (t2 - t1) * 1e3 / n, "head_ms": (t3 - t2) * 1e3 / n,
+                  "format_ms": (t4 - t3) * 1e3 / n, "total_ms": (t4 - t0) * 1e3 / n}
+        for o in out:
+            o["timings_ms"] = dict(timing)
+        return out
+
+    def format(self, p: dict[str, Any], top_k: int = 5) -> list[dict[str, Any]]:
+        """Turn `predict_embeddings` arrays into one JSON-ready dict per image."""
+        n = len(p["lat"])
+        k_c = min(top_k, len(self._country_keys))
+        k_a = min(top_k, len(self._admin_keys))
+        top_country = np.argsort(-p["country_probs"], axis=1)[:, :k_c]
+        top_admin = np.argsort(-p["admin1_probs"], axis=1)[:, :k_a]
+        g = self.centres
+        out = []
+        for i in range(n):  # formatting only: k small dicts per image
+            cells = [{
+                "cell_id": int(c), "lat": float(g[c, 0]), "lon": float(g[c, 1]), "country": self.cell_country[c],
+                "iso_a2": self.cell_iso[c], "admin1": self.cell_admin1[c], "probability": float(pr),
+            } for c, pr in zip(p["top_cells"][i], p["top_probs"][i])]
+            countries = []
+            for j in top_country[i]:
+                iso, name = self._country_keys[j].split("\x1f", 1)
+                countries.append({"name": name, "iso_a2": iso, "probability": float(p["country_probs"][i, j])})
+            admins = []
+            for j in top_admin[i]:
+                a1, cn = self._admin_keys[j].split("\x1f", 1)
+                admins.append({"name": a1, "country": cn, "probability": float(p["admin1_probs"][i, j])})
+            out.append({
+                "lat": float(p["lat"][i]), "lon": float(p["lon"][i]), "confidence": float(p["confidence"][i]),
+                "radius_km_50": float(p["radius_km_50"][i]), "radius_km_90": float(p["radius_km_90"][i]),
+                "top_cells": cells, "countries": countries, "admin1": admins, "refinement": p["refinement"][i],
+            })
+        return out
+
+    @property
+    def country_keys(self) -> list[tuple[str, str]]:
+        """(iso_a2, country name) of each column of `country_probs`."""
+        return [tuple(k.split("\x1f", 1)) for k in self._country_keys]
+
+    @property
+    def admin1_keys(self) -> list[tuple[str, str]]:
+        """(admin-1 name, country name) of each column of `admin1_probs`."""
+        return [tuple(k.split("\x1f", 1)) for k in self._admin_keys]
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files from files and folders (folders searched recursively for image suffixes), sorted per folder."""
+    out: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give image files or another folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p} does not exist; give image files or folders")
+    return out
+
+
+__all__ = ["Predictor", "collect_images", "IMAGE_SUFFIXES"]

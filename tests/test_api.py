@@ -1,0 +1,319 @@
+"""Every endpoint of the HTTP service through the real app, on a real tiny zero-shot bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api import Settings, create_app
+from api_support import TOY_CELLS, encode, photo, tiny_bundle, tiny_predictor
+from pigeon.errors import UserError
+
+torch.set_num_threads(2)
+COUNTRIES = {c[0] for c in TOY_CELLS}
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = create_app(tiny_bundle(), Settings())  # the real loading path, from the folder
+    with TestClient(app) as c:
+        yield c
+
+
+def _post(client, data: bytes, name="p.jpg", ctype="image/jpeg", **form):
+    return client.post("/locate", files={"image": (name, data, ctype)}, data={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in form.items()})
+
+
+def test_locate_matches_the_predictor(client):
+    im = photo(seed=1)
+    r = _post(client, encode(im, "PNG"), "x.png", "image/png", top_k=4)
+    assert r.status_code == 200, r.text
+    a = r.json()
+    direct = tiny_predictor().locate([im], top_k=4)[0]
+    assert a["lat"] == pytest.approx(direct["lat"]) and a["lon"] == pytest.approx(direct["lon"])
+    assert a["confidence"] == pytest.approx(direct["confidence"], rel=1e-5)
+    assert [c["cell_id"] for c in a["top_cells"]] == [c["cell_id"] for c in direct["top_cells"]]
+    probs = [c["probability"] for c in a["top_cells"]]
+    assert len(probs) == 4 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    assert a["confidence"] == pytest.approx(probs[0], rel=1e-5)
+    assert {c["name"] for c in a["countries"]} <= COUNTRIES
+    assert 0 <= a["radius_km_50"] <= a["radius_km_90"]
+    assert a["refinement"]["mode"] == "cell"
+    assert a["exif_gps_present"] is False
+    assert a["image"] == {"format": "png", "width": 96, "height": 72}
+    assert a["timings_ms"]["total_ms"] >= a["timings_ms"]["decode_ms"] >= 0
+    assert "explain" not in a or a["explain"] is None
+    assert r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("k,status", [(1, 200), (8, 200), (0, 422), (51, 422)])
+def test_top_k_bounds(client, k, status):
+    r = _post(client, encode(photo()), top_k=k)
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert len(r.json()["top_cells"]) == min(k, len(TOY_CELLS))
+    else:
+        assert r.json()["error"] == "validation_error"
+
+
+def test_explain_gives_cues_and_heatmap(client):
+    r = _post(client, encode(photo(160, 120, seed=3)), explain=True, top_k=3)
+    assert r.status_code == 200, r.text
+    a = r.json()
+    ex = a["explain"]
+    cues = ex["cues"]
+    assert set(cues) == {"driving_side", "hemisphere", "country"}
+    for rows in cues.values():
+        assert sum(x["probability"] for x in rows) == pytest.approx(1.0, abs=1e-3)
+    assert {x["label"] for x in cues["driving_side"]} == {"left", "right"}
+    assert {x["label"] for x in cues["country"]} == {c["name"] for c in a["countries"]}
+    hm = ex["heatmap"]
+    assert hm["method"] == "grad-cam" and hm["layer"].endswith("ln_1")  # tiny is a ViT
+    assert hm["cell_id"] == a["top_cells"][0]["cell_id"]
+    png = Image.open(io.BytesIO(base64.b64decode(hm["png_base64"])))
+    assert png.format == "PNG" and png.size == (hm["width"], hm["height"]) == (120, 120)
+    assert np.asarray(png).std() > 1  # not a blank image
+
+
+def _with_exif(im: Image.Image, gps: bool = False, orientation: int | None = None) -> bytes:
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    if gps:
+        exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
+    return encode(im, "PNG", exif=exif)
+
+
+def test_exif_gps_is_reported_but_never_used(client):
+    im = photo(seed=5)
+    plain = _post(client, encode(im, "PNG"), "a.png", "image/png").json()
+    tagged = _post(client, _with_exif(im, gps=True), "b.png", "image/png").json()
+    assert plain["exif_gps_present"] is False and tagged["exif_gps_present"] is True
+    for key in ("lat", "lon", "confidence"):
+        assert tagged[key] == pytest.approx(plain[key])
+
+
+def test_exif_orientation_is_applied(client):
+    im = photo(120, 80, seed=7)
+    r = _post(client, _with_exif(im, orientation=6), "r.png", "image/png", top_k=8)
+    assert r.status_code == 200
+    a = r.json()
+    assert (a["image"]["width"], a["image"]["height"]) == (80, 120)
+    upright = tiny_predictor().locate([im.transpose(Image.Transpose.ROTATE_270)], top_k=8)[0]
+    probs = {c["cell_id"]: c["probability"] for c in a["top_cells"]}
+    assert probs == pytest.approx({c["cell_id"]: c["probability"] for c in upright["top_cells"]}, rel=1e-4)
+
+
+def test_batch_matches_single_answers(client):
+    ims = [photo(seed=s) for s in (11, 12, 13)]
+    files = [("images", (f"{i}.jpg", encode(im, "PNG"), "image/png")) for i, im in enumerate(ims)]
+    r = client.post("/locate/batch", files=files, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == ["0.jpg", "1.jpg", "2.jpg"]
+    for x, im in zip(res, ims):
+        single = tiny_predictor().locate([im], top_k=2)[0]
+        assert [c["cell_id"] for c in x["result"]["top_cells"]] == [c["cell_id"] for c in single["top_cells"]]
+        assert x["result"]["confidence"] == pytest.approx(single["confidence"], rel=1e-4)
+
+
+def test_batch_names_the_bad_image(client):
+    files = [("images", ("good.png", encode(photo(), "PNG"), "image/png")), ("images", ("bad.gif", encode(photo(), "GIF"), "image/gif"))]
+    r = client.post("/locate/batch", files=files)
+    assert r.status_code == 415
+    assert "images[1] (bad.gif)" in r.json()["detail"]
+
+
+def test_health_version_cells(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["cells"] == len(TOY_CELLS) and h["in_flight"] == 0
+    v = client.get("/version").json()
+    assert v["backbone"] == "tiny"
+    assert {"cells", "head"} <= set(v["manifest"]["parts"])
+    r = client.get("/cells")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/geo+json")
+    gj = r.json()
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(TOY_CELLS)
+    f0 = gj["features"][0]
+    assert f0["properties"]["cell_id"] == 0 and f0["properties"]["country"] == TOY_CELLS[0][0]
+    lons = [p[0] for p in f0["geometry"]["coordinates"][0]]
+    assert min(lons) == pytest.approx(TOY_CELLS[0][5]) and max(lons) == pytest.approx(TOY_CELLS[0][7])
+    assert client.get("/cells").content == r.content  # cached
+
+
+def test_page_docs_and_json_errors(client):
+    assert "<svg id=\"map\"" in client.get("/").text
+    assert client.get("/static/world.json").json()["type"] == "FeatureCollection"
+    assert client.get("/openapi.json").json()["paths"]["/locate"]["post"]
+    for method, path, status in [("GET", "/nope", 404), ("DELETE", "/locate", 405), ("GET", "/locate", 405), ("GET", "/static/nope.js", 404)]:
+        r = client.request(method, path)
+        assert r.status_code == status
+        body = r.json()
+        assert set(body) == {"error", "detail"} and body["error"] in ("not_found", "method_not_allowed")
+
+
+def test_api_key(monkeypatch):
+    monkeypatch.setenv("PIGEON_API_KEY", "s3cret")
+    settings = Settings.from_env(warmup=False)
+    assert settings.api_key == "s3cret"
+    with TestClient(create_app(tiny_predictor(), settings)) as c:
+        data = encode(photo())
+        r = _post(c, data)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert c.post("/locate", files={"image": ("p.jpg", data, "image/jpeg")}, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.post("/locate", files={"image": ("p.jpg", data, "image/jpeg")}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/version").status_code == 401
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+
+
+def test_cors_origins():
+    with TestClient(create_app(tiny_predictor(), Settings(cors_origins=["http://example.org"], warmup=False))) as c:
+        r = c.options("/locate", headers={"Origin": "http://example.org", "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://example.org"
+        r = c.get("/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+class _Blocking:
+    """The real predictor, made to wait for a signal before answering (to fill the server up)."""
+
+    def __init__(self, inner, fail: bool = False):
+        self.inner, self.fail = inner, fail
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def locate(self, images, top_k=5):
+        if self.fail:
+            raise RuntimeError("boom")
+        self.entered.set()
+        self.release.wait(30)
+        return self.inner.locate(images, top_k=top_k)
+
+
+def test_over_capacity_answers_503_with_retry_after():
+    pred = _Blocking(tiny_predictor())
+    app = create_app(pred, Settings(max_concurrency=1, max_queue=0, retry_after_s=2, warmup=False))
+    data = encode(photo())
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            first = asyncio.create_task(c.post("/locate", files={"image": ("a.jpg", data, "image/jpeg")}))
+            await asyncio.get_running_loop().run_in_executor(None, pred.entered.wait, 30)
+            second = await c.post("/locate", files={"image": ("b.jpg", data, "image/jpeg")})
+            health = await c.get("/health")
+            pred.release.set()
+            return await first, second, health
+
+    first, second, health = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert second.status_code == 503 and second.headers["retry-after"] == "2"
+    assert second.json()["error"] == "overloaded"
+    assert health.json()["in_flight"] == 1
+
+
+def test_server_fault_is_a_json_500_and_logged(caplog):
+    app = create_app(_Blocking(tiny_predictor(), fail=True), Settings(warmup=False))
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.INFO, logger="pigeon.api"):
+        r = _post(c, encode(photo()))
+        assert r.status_code == 500 and r.json() == {"error": "internal_error", "detail": "unexpected server error; it has been logged"}
+    access = [json.loads(m.getMessage()) for m in caplog.records if m.name == "pigeon.api.access"]
+    assert access and access[-1]["path"] == "/locate" and access[-1]["status"] == 500
+    assert any("boom" in m.getMessage() for m in caplog.records if m.name == "pigeon.api")
+
+
+def test_access_log_is_json(client, caplog):
+    with caplog.at_level(logging.INFO, logger="pigeon.api.access"):
+        client.get("/health", headers={"X-Request-Id": "abc123"})
+    line = json.loads([m for m in caplog.records if m.name == "pigeon.api.access"][-1].getMessage())
+    assert line["request_id"] == "abc123" and line["status"] == 200 and line["method"] == "GET" and line["duration_ms"] >= 0
+
+
+def test_refuses_incomplete_or_mismatched_bundles(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        create_app(tmp_path / "nope")
+    src = tiny_bundle()
+    no_head = tmp_path / "no_head"
+    shutil.copytree(src, no_head)
+    (no_head / "head.safetensors").unlink()
+    with pytest.raises(UserError, match="head.safetensors"):
+        create_app(no_head)
+    other = tmp_path / "other_cells"
+    shutil.copytree(src, other)
+    from api_support import toy_cells
+    from pigeon.bundle import Bundle
+
+    b = Bundle(other)
+    cells = toy_cells()
+    cells.gdf.loc[0, "count"] = 99  # different content -> different hash
+    b.write_part("cells", lambda tmp: cells.save(tmp), n_cells=len(cells))
+    with pytest.raises(UserError, match="other cells"):
+        create_app(other)
+
+
+def test_cli_serve_refuses_a_missing_bundle_with_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "from pigeon.cli import main; main()", "serve", "--bundle", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120, cwd=str(__import__("api_support").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 2, r.stderr
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def _cell_logits(embed_dim: int, n: int = 5, seed: int = 0):
+    protos = torch.nn.functional.normalize(torch.randn(n, embed_dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return lambda e: 30 * torch.nn.functional.normalize(e, dim=-1) @ protos.T
+
+
+def test_heatmap_on_a_cnn_backbone():
+    """`lite` (EfficientNet-Lite0 image tower): Grad-CAM on its last feature map."""
+    from pigeon.backbones import create_backbone
+    from pigeon.explain import Explainer
+
+    bb = create_backbone("lite")
+    am, emb = Explainer(bb, _cell_logits(bb.embed_dim)).activation_map(photo(160, 120, seed=4), cell_id=2)
+    assert am.method == "grad-cam" and am.layer == "trunk.bn2"
+    assert am.heat.shape == (bb.image_size // 32, bb.image_size // 32)
+    assert am.heat.min() == 0 and am.heat.max() == 1
+    assert emb.shape == (bb.embed_dim,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-4
+
+
+def test_heatmap_falls_back_to_gradient_times_input():
+    """An image tower with no spatial map and no tokens: saliency on the pixels instead."""
+    from pigeon.explain import Explainer
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+
+        def encode_image(self, x, normalize=True):
+            f = self.visual(x)
+            return torch.nn.functional.normalize(f, dim=-1) if normalize else f
+
+    class BB:
+        model, device, embed_dim = Flat(), "cpu", 8
+
+        def preprocess(self, im):
+            return torch.from_numpy(np.asarray(im.resize((32, 32)), dtype=np.float32).transpose(2, 0, 1) / 255)
+
+        def encode_image(self, x, normalize=True):
+            return self.model.encode_image(x, normalize)
+
+    am, _ = Explainer(BB(), _cell_logits(8)).activation_map(photo(seed=9), cell_id=1)
+    assert am.method == "grad-x-input" and am.layer is None
+    assert am.heat.shape == (32, 32) and am.heat.max() == 1 and am.heat.std() > 0

@@ -1,0 +1,88 @@
+"""Synthetic captions: facts from cells and bundled towns, templates as data, seeded draws."""
+
+from __future__ import annotations
+
+import pytest
+
+from pigeon.captions import CaptionMaker, compass, load_templates, nearest_towns
+from pigeon.errors import UserError
+
+ALL = dict(p_region=1, p_town=1, driving_side=1, facing=1, month=1, hemisphere=1)
+
+
+@pytest.fixture(scope="module")
+def cells():
+    """Cells = the bundled admin-1 regions of Japan, Australia and France, with their driving side."""
+    from geocells import GeoCells, bundled
+
+    a = bundled.admin1()
+    sub = a[a["adm0_a3"].isin(["JPN", "AUS", "FRA"])].reset_index(drop=True)
+    side = bundled.driving_side().set_index("adm0_a3")["driving_side"]
+    sub["driving_side"] = side.loc[sub["adm0_a3"]].to_numpy()
+    return GeoCells.from_frame(sub)
+
+
+def test_tokyo_left_north_march(cells):
+    c = CaptionMaker(cells, probabilities=ALL).caption(35.68, 139.69, taken_at="2024-03-15T09:00:00", heading=92)
+    assert "Tokyo" in c and "Japan" in c
+    assert "left side of the road" in c
+    assert "northern hemisphere" in c
+    assert "March" in c
+    assert "facing east" in c
+
+
+def test_sydney_south(cells):
+    c = CaptionMaker(cells, probabilities=ALL).caption(-33.87, 151.21, heading=225)
+    assert "southern hemisphere" in c and "Australia" in c and "New South Wales" in c
+    assert "left side of the road" in c and "south-west" in c
+    assert "taken in" not in c  # no timestamp, no month
+
+
+def test_paris_right_hand(cells):
+    c = CaptionMaker(cells, probabilities=ALL).caption(48.86, 2.35, taken_at="2023-07-01")
+    assert "right side of the road" in c and "France" in c and "July" in c and "northern" in c
+
+
+def test_probabilities_and_seed(cells):
+    lat, lon = [35.68, -33.87, 48.86] * 50, [139.69, 151.21, 2.35] * 50
+    m = CaptionMaker(cells, seed=7)
+    a = m.captions(lat, lon, epoch=0)
+    assert a == CaptionMaker(cells, seed=7).captions(lat, lon, epoch=0)  # seeded
+    assert a != m.captions(lat, lon, epoch=1)  # a fresh draw each epoch
+    share_drive = sum("side of the road" in c for c in a) / len(a)
+    share_region = sum("region of" in c for c in a) / len(a)
+    assert 0.15 < share_drive < 0.45  # p = 0.3 in captions.json
+    assert 0.45 < share_region < 0.75  # p = 0.6
+    bare = CaptionMaker(cells, probabilities={k: 0 for k in ALL}).caption(35.68, 139.69, taken_at="2024-03-01")
+    assert bare == "A photo in Japan."
+    with pytest.raises(UserError, match="unknown"):
+        CaptionMaker(cells, probabilities={"weather": 1.0})
+
+
+def test_cell_caption(cells):
+    m = CaptionMaker(cells)
+    tokyo = int(cells.cell_of([35.68], [139.69])[0])
+    assert m.cell_caption(tokyo) == "A photo taken in Tokyo, Japan."
+    assert len(m.cell_captions()) == len(cells)
+    with pytest.raises(UserError):
+        m.cell_caption(len(cells))
+
+
+def test_templates_are_data(cells, tmp_path):
+    t = load_templates()
+    t["cell"] = "Somewhere in {region} ({country})."
+    m = CaptionMaker(cells, templates=t)
+    assert m.cell_caption(int(cells.cell_of([35.68], [139.69])[0])) == "Somewhere in Tokyo (Japan)."
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="bad.json"):
+        CaptionMaker(cells, templates=tmp_path / "bad.json")
+
+
+def test_nearest_towns_and_compass():
+    names, km = nearest_towns([48.8566, -33.8688], [2.3522, 151.2093])
+    assert names[0] == "Paris" and km[0] < 5
+    assert km[1] < 10
+    import numpy as np
+
+    d = compass(np.array([0, 44, 46, 180, 359, np.nan]), load_templates()["directions"])
+    assert d.tolist() == ["north", "north-east", "north-east", "south", "north", ""]

@@ -1,0 +1,141 @@
+"""A zero-shot bundle (cells + text prototypes, no training data) answers; the answer's pieces add up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from geocells import build_cells
+from geocells.sphere import haversine_km
+from pigeon.bundle import Bundle
+from pigeon.errors import UserError
+from pigeon.predictor import Predictor, collect_images
+from pigeon.train import train_zero_shot
+
+
+@pytest.fixture(scope="module")
+def zs(tmp_path_factory):
+    from pigeon.datasets.synthetic import make_world
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("zs")
+    manifest = make_world(root / "world", n_images=240, image_size=64, seed=5)
+    df = pd.read_csv(manifest)
+    cells = build_cells(df["lat"].to_numpy(), df["lon"].to_numpy(), min_size=10, max_size=20, progress=False)
+    b = Bundle(root / "bundle", create=True)
+    b.write_part("cells", cells.save)
+    rep = train_zero_shot(b.path, backbone="tiny")
+    return root, manifest, rep
+
+
+def test_zero_shot_bundle_answers(zs):
+    root, manifest, rep = zs
+    pred = Predictor.from_bundle(root / "bundle")
+    assert rep["n_cells"] == pred.n_cells > 5
+    df = pd.read_csv(manifest)
+    paths = [str(root / "world" / p) for p in df["image"][:6]]
+    out = pred.locate(paths, top_k=3)
+    assert len(out) == 6
+    for a in out:
+        assert -90 <= a["lat"] <= 90 and -180 <= a["lon"] <= 180
+        top = a["top_cells"][0]
+        assert (a["lat"], a["lon"]) == (top["lat"], top["lon"])  # no index: the top cell's centre
+        assert a["confidence"] == pytest.approx(top["probability"])
+        assert [c["probability"] for c in a["top_cells"]] == sorted((c["probability"] for c in a["top_cells"]), reverse=True)
+        assert 0 <= a["radius_km_50"] <= a["radius_km_90"] <= 20016
+        assert a["countries"][0]["probability"] >= top["probability"] - 1e-6
+        assert a["refinement"]["mode"] == "cell" and a["refinement"]["moved_km"] == 0.0
+        assert a["timings_ms"]["total_ms"] > 0
+    # PIL images answer the same as their files.
+    pil = pred.locate([Image.open(p) for p in paths[:2]])
+    assert pil[0]["lat"] == out[0]["lat"] and pil[1]["top_cells"][0]["cell_id"] == out[1]["top_cells"][0]["cell_id"]
+    json.dumps(out)  # JSON-ready
+
+
+def test_probabilities_sum_by_country_and_region(zs):
+    root, *_ = zs
+    pred = Predictor.from_bundle(root / "bundle")
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(7, pred.head.embed_dim)).astype(np.float32)
+    p = pred.predict_embeddings(emb, top_k=4)
+    np.testing.assert_allclose(p["probs"].sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(p["country_probs"].sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(p["admin1_probs"].sum(1), 1.0, rtol=1e-5)
+    # A country's probability is the sum of its cells'.
+    iso = pred.cell_iso
+    keys = pred.country_keys
+    j = 0
+    cells_of = np.flatnonzero(iso == keys[j][0])
+    np.testing.assert_allclose(p["country_probs"][:, j], p["probs"][:, cells_of].sum(1), rtol=1e-5)
+    assert p["top_cells"].shape == (7, 4)
+
+
+def test_radii_hand_computed(zs):
+    root, *_ = zs
+    pred = Predictor.from_bundle(root / "bundle")
+    C = pred.n_cells
+    d = haversine_km(pred.centres[0, 0], pred.centres[0, 1], pred.centres[:, 0], pred.centres[:, 1])
+    far = int(np.argmax(d))
+    probs = np.zeros((2, C))
+    probs[0, 0] = 1.0                        # all mass on the answer's cell: radius 0
+    probs[1, 0], probs[1, far] = 0.4, 0.6    # 50% needs the far cell too
+    r50, r90 = pred.radii(pred.centres[[0, 0], 0], pred.centres[[0, 0], 1], probs)
+    assert r50[0] == pytest.approx(0.0, abs=1e-3) and r90[0] == pytest.approx(0.0, abs=1e-3)
+    assert r50[1] == pytest.approx(d[far], rel=1e-6) and r90[1] == pytest.approx(d[far], rel=1e-6)
+
+
+def test_bad_inputs(zs, tmp_path):
+    root, *_ = zs
+    pred = Predictor.from_bundle(root / "bundle")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="broken.jpg"):
+        pred.locate([str(bad)])
+    with pytest.raises(UserError, match="shape"):
+        pred.predict_embeddings(np.zeros((2, pred.head.embed_dim + 1), np.float32))
+    with pytest.raises(UserError, match="does not exist"):
+        collect_images([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        collect_images([tmp_path / "empty"])
+    with pytest.raises(UserError, match="head"):
+        Predictor.from_bundle(Bundle(tmp_path / "nohead", create=True).path)
+
+
+def test_locate_files_csv_and_geojson(zs, tmp_path):
+    from pigeon.commands.locate import locate_files
+
+    root, *_ = zs
+    folder = root / "world" / "images"
+    ans = locate_files([folder], root / "bundle", out=tmp_path / "r.csv", top_k=2)
+    assert len(ans) == 240
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert list(table.columns[:3]) == ["image", "lat", "lon"] and len(table) == 240
+    locate_files([folder / "000001.png"], root / "bundle", out=tmp_path / "r.geojson")
+    gj = json.loads((tmp_path / "r.geojson").read_text())
+    assert gj["type"] == "FeatureCollection" and gj["features"][0]["geometry"]["type"] == "Point"
+    with pytest.raises(UserError, match="--out"):
+        locate_files([folder], root / "bundle", out=tmp_path / "r.txt")
+
+
+def test_cli_locate_and_errors(zs, tmp_path, capsys):
+    from pigeon.cli import main
+
+    root, *_ = zs
+    img = root / "world" / "images" / "000002.png"
+    with pytest.raises(SystemExit) as e:  # typer exits 0 on success
+        main(["locate", str(img), "--bundle", str(root / "bundle"), "--out", str(tmp_path / "o.csv")])
+    assert e.value.code in (0, None)
+    assert len(pd.read_csv(tmp_path / "o.csv")) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["locate", str(tmp_path / "missing.jpg"), "--bundle", str(root / "bundle")])
+    assert e.value.code == 2
+    assert "missing.jpg" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--bundle", str(root / "bundle")])
+    assert e.value.code == 2 and "--data" in capsys.readouterr().err

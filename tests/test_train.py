@@ -1,0 +1,178 @@
+"""Training `tiny` on the synthetic world learns geography; calibration, resume, unfreezing, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from geocells import build_cells
+from geocells.sphere import haversine_km, spherical_mean
+from pigeon.bundle import Bundle
+from pigeon.calibration import ece, softmax
+from pigeon.errors import UserError
+from pigeon.train import TrainConfig, train
+
+
+def _bundle_with_cells(path, df, min_size=20, max_size=40):
+    tr = df[df["split"] == "train"]
+    cells = build_cells(tr["lat"].to_numpy(), tr["lon"].to_numpy(), min_size=min_size, max_size=max_size, progress=False)
+    b = Bundle(path, create=True)
+    b.write_part("cells", cells.save)
+    return b
+
+
+def _copy_cells(path, src_bundle):
+    """A fresh bundle with the same cells (cheaper than building them again)."""
+    import shutil
+
+    b = Bundle(path, create=True)
+    b.write_part("cells", lambda tmp: shutil.copyfile(Bundle(src_bundle).part_path("cells"), tmp))
+    return b
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from pigeon.datasets.synthetic import make_world
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("train")
+    manifest = make_world(root / "world", n_images=1500, image_size=64, seed=11)
+    df = pd.read_csv(manifest)
+    b = _bundle_with_cells(root / "bundle", df)
+    cfg = TrainConfig(epochs=60, patience=10, seed=0, cache_dir=str(root / "cache"), progress=False)
+    rep = train(manifest, b.path, backbone="tiny", config=cfg)
+    return root, manifest, df, rep
+
+
+def test_training_learns_geography(trained):
+    from pigeon.evaluate import evaluate
+
+    root, manifest, df, rep = trained
+    m = evaluate(root / "bundle", manifest, split="test", out=root / "eval", cache_dir=str(root / "cache"), progress=False)
+    test = df[df["split"] == "test"]
+    lat, lon = test["lat"].to_numpy(), test["lon"].to_numpy()
+    # Baselines: always the training data's centroid; a uniformly random cell.
+    tr = df[df["split"] == "train"]
+    clat, clon = spherical_mean(tr["lat"].to_numpy(), tr["lon"].to_numpy())
+    centroid = float(np.median(haversine_km(clat, clon, lat, lon)))
+    from pigeon.predictor import Predictor
+
+    centres = Predictor.from_bundle(root / "bundle").centres
+    r = np.random.default_rng(0).integers(0, len(centres), size=(20, len(lat)))
+    random_cell = float(np.median(haversine_km(centres[r, 0], centres[r, 1], lat, lon)))
+    assert m["n"] == len(test)
+    assert m["median_km"] < 0.35 * centroid, (m["median_km"], centroid)
+    assert m["median_km"] < 0.5 * random_cell, (m["median_km"], random_cell)
+    assert m["country_accuracy"] > 0.35
+    assert m["oracle_cell_median_km"] < m["median_km"]
+    for f in ("metrics.json", "per_country.csv", "predictions.csv", "error_cdf.png", "world_map.png"):
+        assert (root / "eval" / f).stat().st_size > 100
+    assert json.loads((root / "eval" / "metrics.json").read_text())["median_km"] == pytest.approx(m["median_km"])
+    # The head is tied to the bundle's cells and backbone.
+    b = Bundle(root / "bundle")
+    assert b.meta("head")["cells_hash"] == b.cells_hash and b.meta("head")["backbone_hash"] == b.backbone_hash
+    assert b.backbone_spec == "tiny"
+
+
+def test_temperature_scaling_lowers_ece_on_test(trained):
+    from pigeon.embed_cache import embed_paths
+    from pigeon.head import PrototypeHead
+    from pigeon.predictor import Predictor
+
+    root, manifest, df, rep = trained
+    assert rep["temperature"] != pytest.approx(1.0)
+    assert rep["ece_after"] < rep["ece_before"]
+    pred = Predictor.from_bundle(root / "bundle")
+    test = df[df["split"] == "test"]
+    emb = embed_paths(pred.backbone, [str(root / "world" / p) for p in test["image"]], cache_dir=str(root / "cache"), progress=False)
+    head = PrototypeHead.load(Bundle(root / "bundle").part_path("head"))
+    with torch.no_grad():
+        z = head(torch.from_numpy(emb)).numpy()
+    y = pred.cells.cell_of(test["lat"].to_numpy(), test["lon"].to_numpy())
+    assert ece(softmax(z, rep["temperature"]), y) < ece(softmax(z), y)
+    np.testing.assert_allclose(pred.cell_probs(emb), softmax(z, rep["temperature"]), atol=1e-4)
+
+
+def test_embedding_cache_hits(trained, monkeypatch):
+    from pigeon.backbones import create_backbone
+    from pigeon.embed_cache import EmbeddingCache, embed_paths
+
+    root, manifest, df, rep = trained
+    bb = create_backbone("tiny")
+    paths = [str(root / "world" / p) for p in df["image"][:20]]
+    before = embed_paths(bb, paths, cache_dir=str(root / "cache"), progress=False)
+    assert len(EmbeddingCache(bb.hash, root / "cache")) >= 1200
+    monkeypatch.setattr(bb, "embed_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache missed")))
+    again = embed_paths(bb, paths, cache_dir=str(root / "cache"), progress=False)
+    np.testing.assert_array_equal(before, again)
+    fresh = create_backbone("tiny").embed_images([__import__("PIL.Image").Image.open(paths[0]).convert("RGB")])
+    np.testing.assert_allclose(fresh[0], before[0], atol=1e-5)
+
+
+def test_resume_continues_the_same_run(trained, tmp_path):
+    root, manifest, df, _ = trained
+    b = _copy_cells(tmp_path / "b", root / "bundle")
+    cfg = dict(patience=100, cache_dir=str(root / "cache"), progress=False, balanced=True)
+    r1 = train(manifest, b.path, backbone="tiny", config=TrainConfig(epochs=2, **cfg))
+    r2 = train(manifest, b.path, config=TrainConfig(epochs=4, resume=True, **cfg))
+    assert [h["epoch"] for h in r2["history"]] == [1, 2, 3, 4]
+    assert r2["history"][:2] == r1["history"]
+    with pytest.raises(UserError, match="another run"):
+        train(manifest, b.path, config=TrainConfig(epochs=5, resume=True, lr=0.5, **{k: v for k, v in cfg.items()}))
+    with pytest.raises(UserError, match="uses backbone"):
+        train(manifest, b.path, backbone="lite", config=TrainConfig(epochs=1, **cfg))
+
+
+def test_unfreeze_last_block_writes_backbone(trained, tmp_path):
+    from pigeon.predictor import Predictor
+
+    root, manifest, df, _ = trained
+    small = df[df["split"].isin(["train", "val"])].head(300).copy()
+    small["image"] = [str(root / "world" / p) for p in small["image"]]
+    small.to_csv(tmp_path / "m.csv", index=False)
+    b = _copy_cells(tmp_path / "b", root / "bundle")
+    rep = train(tmp_path / "m.csv", b.path, backbone="tiny",
+                config=TrainConfig(epochs=1, unfreeze_last_block=True, cache_dir=str(tmp_path / "c"), progress=False))
+    b = Bundle(b.path)
+    assert b.has("backbone") and rep["epochs_run"] == 1
+    from pigeon.backbones import create_backbone
+
+    assert b.backbone_hash != create_backbone("tiny").hash  # the weights moved
+    pred = Predictor.from_bundle(b.path)
+    assert pred.backbone.hash == b.backbone_hash
+    assert len(pred.locate([small["image"].iloc[0]])) == 1
+
+
+def test_zero_shot_then_bad_inputs(trained, tmp_path):
+    root, manifest, df, _ = trained
+    with pytest.raises(UserError, match="does not exist"):
+        train(manifest, tmp_path / "missing")
+    empty = Bundle(tmp_path / "nocells", create=True)
+    with pytest.raises(UserError, match="cells.parquet"):
+        train(manifest, empty.path, backbone="tiny")
+    b = _copy_cells(tmp_path / "b", root / "bundle")
+    bad = tmp_path / "bad.csv"
+    df.drop(columns=["lat"]).to_csv(bad, index=False)
+    with pytest.raises(UserError, match="lat"):
+        train(bad, b.path, backbone="tiny", config=TrainConfig(progress=False))
+    broken = df.head(30).copy()
+    broken["image"] = [str(root / "world" / p) for p in broken["image"]]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    broken.loc[3, "image"] = str(tmp_path / "broken.png")
+    broken.to_csv(tmp_path / "broken.csv", index=False)
+    with pytest.raises(UserError, match="broken.png"):
+        train(tmp_path / "broken.csv", b.path, backbone="tiny", config=TrainConfig(progress=False, cache_dir=str(tmp_path / "c")))
+    with pytest.raises(UserError, match="--tau"):
+        train(manifest, b.path, backbone="tiny", config=TrainConfig(tau=-1))
+    nosplit = df.assign(split="test")
+    nosplit.to_csv(tmp_path / "nosplit.csv", index=False)
+    with pytest.raises(UserError, match="train"):
+        train(tmp_path / "nosplit.csv", b.path, backbone="tiny", config=TrainConfig(progress=False))
+    from pigeon.evaluate import evaluate
+
+    with pytest.raises(UserError, match="split"):
+        evaluate(root / "bundle", manifest, split="holdout", progress=False)
