@@ -64,6 +64,8 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     cells_simplify: float = 0.05  # degrees, for GET /cells
     warmup: bool = True  # one inference at start-up, so the first request is not the slow one
+    refine: Optional[str] = None  # gallery refinement mode: cluster+nn (the default), cluster, nn, none
+    max_refinement_km: Optional[float] = None  # PIGEON's guard (default 1000 km; inf turns it off)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -75,8 +77,10 @@ class Settings:
                 continue
             if f.name == "cors_origins":
                 kw[f.name] = [o.strip() for o in raw.split(",") if o.strip()]
-            elif f.name == "api_key":
+            elif f.name in ("api_key", "refine"):
                 kw[f.name] = raw
+            elif f.name == "max_refinement_km":
+                kw[f.name] = float("inf") if raw.lower() in ("none", "off", "inf") else float(raw)
             elif f.name in ("warmup",):
                 kw[f.name] = raw.lower() in ("1", "true", "yes", "on")
             elif f.name == "cells_simplify":
@@ -419,6 +423,10 @@ def create_app(bundle: Any, settings: Settings | None = None) -> FastAPI:
     """Build the app over a bundle folder (loaded now, once) or an already-loaded predictor."""
     settings = settings or Settings.from_env()
     predictor = load_predictor(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
+    if settings.refine is not None or settings.max_refinement_km is not None:
+        from pigeon.build_index import set_refinement
+
+        set_refinement(predictor, settings.refine, settings.max_refinement_km)
     svc = Service(predictor, settings)
     if settings.warmup:
         from PIL import Image

@@ -17,6 +17,7 @@ import shapely
 
 from . import bundled
 from .errors import UserError
+from .geometry import polygonal
 
 COLUMNS = ["adm0_a3", "iso_a2", "country", "admin1", "admin2"]
 
@@ -63,7 +64,7 @@ def load_boundaries(source: str | os.PathLike | None = "bundled", columns: Mappi
     raw = raw[poly].reset_index(drop=True)
     out = _normalise(raw, columns or {}, path)
     geom = shapely.make_valid(np.asarray(raw.geometry.values, dtype=object))
-    geom = np.array([_polygonal(x) for x in geom], dtype=object)
+    geom = np.array([polygonal(x) for x in geom], dtype=object)
     out = gpd.GeoDataFrame(out, geometry=geom, crs="EPSG:4326")
     return out[~out.geometry.is_empty].reset_index(drop=True)
 
@@ -91,12 +92,3 @@ def _normalise(raw: pd.DataFrame, columns: Mapping[str, str], path: Path) -> pd.
     # a region always has a name to show: admin1, else admin2, else the country
     out["admin1"] = out["admin1"].where(out["admin1"] != "", out["admin2"]).where(lambda s: s != "", out["country"])
     return out
-
-
-def _polygonal(g):
-    if g is None or g.is_empty:
-        return shapely.MultiPolygon()
-    if g.geom_type in ("Polygon", "MultiPolygon"):
-        return g
-    parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
-    return shapely.union_all(parts) if parts else shapely.MultiPolygon()

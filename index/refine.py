@@ -1,4 +1,4 @@
-"""PIGEON's in-cell refinement, vectorised over a batch of queries.
+"""PIGEON's in-cell refinement, compiled, over a batch of queries.
 
 For each query: the top-k cells of the head's probabilities -> in each candidate cell the nearest
 cluster prototype (Euclidean distance between normalised embeddings, PIGEON's definition) ->
@@ -8,10 +8,12 @@ switch to another cell that lands more than `max_refinement_km` from the top cel
 cell's own best cluster answers instead, and if even that is too far, the top cell's centre.
 
 PIGEON writes this as a per-sample Python loop of `torch.cdist` over each candidate cell's
-prototypes and images. Here every step is one gather over CSR offsets (clusters sorted by cell,
-images sorted by cluster and by cell) plus a row-wise dot product and a segmented arg-max, for
-the whole batch at once; the only Python loop is over fixed-size chunks of gathered rows, which
-bounds memory. bench/index.py measures the speed-up against the loop written PIGEON's way.
+prototypes and images. Here the whole pipeline is one numba kernel over the batch: a single pass
+over each query's probabilities keeps the top k (no argpartition of all cells), then dot products
+against the candidate cells' prototypes and the winning cluster's images, found through CSR
+offsets (clusters sorted by cell, images sorted by cluster and by cell) straight in the FAISS
+storage (no copy). The work per query is a few dozen 512-d dot products, so at batch 1 the cost is
+the Python call itself. bench/index.py measures the speed-up against the loop written PIGEON's way.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from numba import njit
 
 from geocells.errors import UserError
-from geocells.sphere import from_xyz, haversine_km, to_xyz
+from geocells.sphere import EARTH_RADIUS_KM
 
 from .clusters import ClusterTable
-from .gallery import normalise
 
 Mode = Literal["none", "cluster", "nn", "cluster+nn"]
 MODES: tuple[str, ...] = ("none", "cluster", "nn", "cluster+nn")
+_MODE_NAMES = np.array(MODES, dtype=object)  # kernel mode codes 0..3 -> names
 TEMPERATURE = {"streetview": 1.6, "flickr": 0.6}  # PIGEON's softmax temperatures
-_CHUNK_ROWS = 1 << 17  # gathered rows per chunk: bounds memory at ~chunk x dim x 8 bytes
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RefineResult:
     neighbour_ids: np.ndarray   # (B, m) int64 gallery ids, best first, -1 padded
     neighbour_sims: np.ndarray  # (B, m) float32 cosine similarities, nan padded
     mode: np.ndarray            # (B,) str: the mode actually used ("none" after a fallback)
+    neighbour_rows: np.ndarray | None = None  # (B, m) int64 rows of the gallery frame, -1 padded
 
 
 def _csr(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,35 +59,170 @@ def _csr(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
     return order, offs
 
 
-def _expand(seg_start: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For segments [start, start+len): (segment index per element, element position)."""
-    seg = np.repeat(np.arange(len(seg_len)), seg_len)
-    base = np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
-    pos = np.repeat(seg_start, seg_len) + (np.arange(len(seg)) - base)
-    return seg, pos
+# -- the compiled kernel --------------------------------------------------------------------------
+# fastmath only inside the dot product: lets LLVM vectorise the float64 reduction of float32 rows.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _dot(a, b):  # pragma: no cover - compiled
+    s = 0.0
+    for t in range(a.shape[0]):
+        s += np.float64(a[t]) * np.float64(b[t])
+    return s
 
 
-def _rowdot(q: np.ndarray, qi: np.ndarray, v: np.ndarray, vi: np.ndarray) -> np.ndarray:
-    """sims[j] = q[qi[j]] . v[vi[j]], in chunks so the gathered rows never exceed _CHUNK_ROWS."""
-    out = np.empty(len(qi), dtype=np.float32)
-    for s in range(0, len(qi), _CHUNK_ROWS):
-        e = s + _CHUNK_ROWS
-        out[s:e] = np.einsum("ij,ij->i", q[qi[s:e]], v[vi[s:e]])
-    return out
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "nnan", "ninf"})
+def _block_max(row, start, stop):  # pragma: no cover - compiled
+    """max(row[start:stop]) as float64, vectorised: lets the top-k scan skip blocks that cannot enter."""
+    mx = np.float64(row[start])
+    for t in range(start + 1, stop):
+        mx = max(mx, np.float64(row[t]))
+    return mx
 
 
-def _segment_topm(seg: np.ndarray, score: np.ndarray, n_seg: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per segment the indices (into `score`) of its `m` best elements, best first: (n_seg, m), -1 padded."""
-    out = np.full((n_seg, m), -1, dtype=np.int64)
-    if len(seg) == 0:
-        return out, np.zeros(0, np.int64)
-    o = np.lexsort((-score, seg))
-    s = seg[o]
-    start = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
-    rank = np.arange(len(s)) - np.repeat(start, np.diff(np.append(start, len(s))))
-    keep = rank < m
-    out[s[keep], rank[keep]] = o[keep]
-    return out, o
+@njit(cache=True, nogil=True)
+def _haversine(lat1, lon1, lat2, lon2):  # pragma: no cover - compiled
+    f1, f2 = np.radians(lat1), np.radians(lat2)
+    a = np.sin((f2 - f1) / 2.0) ** 2 + np.cos(f1) * np.cos(f2) * np.sin(np.radians(lon2 - lon1) / 2.0) ** 2
+    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(min(max(a, 0.0), 1.0)))
+
+
+@njit(cache=True, nogil=True)
+def _nearest(qv, offs, order, group, vectors, pos, sim):  # pragma: no cover - compiled
+    """The len(pos) most similar rows of `vectors` among order[offs[group]:offs[group+1]], best
+    first (ties: storage order), into pos/sim (-1 / nan padded). Returns how many were found."""
+    m = pos.shape[0]
+    pos[:] = -1
+    sim[:] = np.nan
+    found = 0
+    for t in range(offs[group], offs[group + 1]):
+        r = order[t]
+        s = np.float32(_dot(qv, vectors[r]))
+        if found == m and not s > sim[m - 1]:
+            continue
+        j = found if found < m else m - 1
+        while j > 0 and s > sim[j - 1]:
+            pos[j] = pos[j - 1]
+            sim[j] = sim[j - 1]
+            j -= 1
+        pos[j] = r
+        sim[j] = s
+        if found < m:
+            found += 1
+    return found
+
+
+@njit(cache=True, nogil=True)
+def _locate(pos, sim, average, g_lat, g_lon):  # pragma: no cover - compiled
+    """The nearest image's position, or the similarity-weighted spherical mean of the `average` nearest."""
+    if average <= 1 or pos[1] < 0:
+        return g_lat[pos[0]], g_lon[pos[0]]
+    x = y = z = 0.0
+    for j in range(min(average, pos.shape[0])):
+        if pos[j] < 0:
+            break
+        w = max(np.float64(sim[j]), 1e-6) if not np.isnan(sim[j]) else 1e-6
+        la, lo = np.radians(g_lat[pos[j]]), np.radians(g_lon[pos[j]])
+        x += w * np.cos(la) * np.cos(lo)
+        y += w * np.cos(la) * np.sin(lo)
+        z += w * np.sin(la)
+    return np.degrees(np.arctan2(z, np.hypot(x, y))), np.degrees(np.arctan2(y, x))
+
+
+@njit(cache=True, nogil=True)
+def _refine_kernel(q, p, k, temperature, mode, average, limit, centres, c_offs, c_order, prototypes, c_cell,
+                   c_lat, c_lon, gk_offs, gk_order, gc_offs, gc_order, vectors, g_lat, g_lon, g_id, g_row,
+                   lat, lon, cell, cluster, moved, nb_ids, nb_rows, nb_sim, used):  # pragma: no cover - compiled
+    """Refine every query of the batch (raw embeddings, normalised here); writes the output arrays
+    (lat ... used). Mode codes: 0 none, 1 cluster, 2 nn, 3 cluster+nn. `limit` = inf: no guard."""
+    b, c = p.shape
+    m = nb_sim.shape[1]
+    qv = np.empty(q.shape[1], np.float32)
+    pos = np.empty(m, np.int64)
+    tc = np.empty(k, np.int64)
+    tp = np.empty(k, np.float64)
+    bc = np.empty(k, np.int64)
+    dist = np.empty(k, np.float64)
+    for i in range(b):
+        nrm = np.sqrt(_dot(q[i], q[i]))
+        for t in range(q.shape[1]):
+            qv[t] = q[i, t] / nrm if nrm > 0 else q[i, t]
+        # top k cells in one pass (descending; ties: lower cell id first)
+        tp[:] = -np.inf
+        tc[:] = -1
+        row = p[i]
+        for j0 in range(0, c, 32):
+            j1 = min(j0 + 32, c)
+            if tc[k - 1] >= 0 and not _block_max(row, j0, j1) > tp[k - 1]:
+                continue  # nothing in this block beats the current k-th: most blocks, once k are held
+            for j in range(j0, j1):
+                v = np.float64(row[j])
+                if v > tp[k - 1] or tc[k - 1] < 0:
+                    t = k - 1
+                    while t > 0 and v > tp[t - 1]:
+                        tp[t] = tp[t - 1]
+                        tc[t] = tc[t - 1]
+                        t -= 1
+                    tp[t] = v
+                    tc[t] = j
+        c0 = tc[0]
+        lat[i], lon[i] = centres[c0, 0], centres[c0, 1]
+        cell[i], cluster[i], used[i] = c0, -1, 0
+        pos[:] = -1
+        nb_sim[i, :] = np.nan
+        if mode == 2:
+            if _nearest(qv, gc_offs, gc_order, c0, vectors, pos, nb_sim[i]) > 0:
+                used[i] = 2
+                lat[i], lon[i] = _locate(pos, nb_sim[i], average, g_lat, g_lon)
+        elif mode != 0 and prototypes.shape[0] > 0:
+            # nearest prototype per candidate cell, then P(cell) x softmax(-distance / T)
+            top = -np.inf
+            for j in range(k):
+                bc[j] = -1
+                best = -np.inf
+                for t in range(c_offs[tc[j]], c_offs[tc[j] + 1]):
+                    s = np.float64(np.float32(_dot(qv, prototypes[c_order[t]])))
+                    if s > best:
+                        best = s
+                        bc[j] = c_order[t]
+                dist[j] = np.sqrt(max(2.0 - 2.0 * best, 0.0)) if bc[j] >= 0 else np.inf
+                if bc[j] >= 0:
+                    top = max(top, -dist[j] / temperature)
+            total = 0.0
+            for j in range(k):
+                dist[j] = np.exp(-dist[j] / temperature - top) if bc[j] >= 0 else 0.0
+                total += dist[j]
+            win, win_score = 0, -np.inf
+            for j in range(k):
+                sc = tp[j] * dist[j] / max(total, 1e-300)
+                if sc > win_score:
+                    win, win_score = j, sc
+            for attempt in range(2):  # the winner; then, if the guard undoes it, the top cell's best
+                chosen = bc[win] if attempt == 0 else bc[0]
+                if chosen < 0:
+                    break
+                if mode == 1:
+                    lat[i], lon[i] = c_lat[chosen], c_lon[chosen]
+                    used[i] = 1
+                elif _nearest(qv, gk_offs, gk_order, chosen, vectors, pos, nb_sim[i]) > 0:
+                    lat[i], lon[i] = _locate(pos, nb_sim[i], average, g_lat, g_lon)
+                    used[i] = 3
+                else:
+                    break
+                cluster[i], cell[i] = chosen, c_cell[chosen]
+                if cell[i] == c0 or not _haversine(centres[c0, 0], centres[c0, 1], lat[i], lon[i]) > limit:
+                    break
+                used[i] = 0  # PIGEON's cancellation: a far switch to another cell is undone
+        if used[i] != 0:
+            moved[i] = _haversine(centres[c0, 0], centres[c0, 1], lat[i], lon[i])
+            if moved[i] > limit:  # still too far (even inside the top cell): the top cell's centre
+                used[i] = 0
+        if used[i] == 0:
+            lat[i], lon[i] = centres[c0, 0], centres[c0, 1]
+            cell[i], cluster[i], moved[i] = c0, -1, 0.0
+            pos[:] = -1
+            nb_sim[i, :] = np.nan
+        for j in range(m):
+            nb_ids[i, j] = g_id[pos[j]] if pos[j] >= 0 else -1
+            nb_rows[i, j] = g_row[pos[j]] if pos[j] >= 0 else -1
 
 
 class Refiner:
@@ -99,10 +237,11 @@ class Refiner:
 
     def __init__(self, cell_centres: np.ndarray, clusters: ClusterTable, gallery: pd.DataFrame,
                  vector_ids: np.ndarray, vectors: np.ndarray):
-        self.centres = np.asarray(cell_centres, dtype=np.float64).reshape(-1, 2)
+        self.centres = np.ascontiguousarray(np.asarray(cell_centres, dtype=np.float64).reshape(-1, 2))
         n_cells = len(self.centres)
         self.n_cells = n_cells
-        self.vectors = vectors
+        # the kernel reads rows straight from here: a FAISS view is already C-contiguous float32 (no copy)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         vector_ids = np.asarray(vector_ids, np.int64)
         if len(vector_ids) != len(gallery):
             raise UserError(f"the index holds {len(vector_ids)} vectors but gallery.parquet lists {len(gallery)} images; rebuild the index with `pigeon build-index`")
@@ -114,6 +253,7 @@ class Refiner:
             raise UserError("gallery.parquet and index.faiss list different image ids; rebuild the index with `pigeon build-index`")
         # gallery arrays in vector (storage) order: position p describes vectors[p]
         self.g_id = vector_ids
+        self.g_row = row.astype(np.int64)  # gallery-frame row of each stored vector
         self.g_lat = gallery["lat"].to_numpy(np.float64)[row]
         self.g_lon = gallery["lon"].to_numpy(np.float64)[row]
         self.g_cell = gallery["cell"].to_numpy(np.int64)[row]
@@ -139,47 +279,6 @@ class Refiner:
         ids, vecs = index.vectors()
         return cls(cell_centres, clusters, gallery, ids, vecs)
 
-    # -- the steps ---------------------------------------------------------------------------
-    def _best_clusters(self, q: np.ndarray, top_cells: np.ndarray, top_p: np.ndarray, temperature: float):
-        """Nearest prototype in each candidate cell, then PIGEON's score; returns (cluster, cell) per query."""
-        b, k = top_cells.shape
-        cnt = (self.c_offs[top_cells + 1] - self.c_offs[top_cells]).reshape(-1)   # clusters per (query, cell)
-        seg, pos = _expand(self.c_offs[top_cells].reshape(-1), cnt)
-        cand = self.c_order[pos]
-        sims = _rowdot(q, seg // k, self.prototypes, cand)
-        best, _ = _segment_topm(seg, sims, b * k, 1)
-        best = best[:, 0]
-        has = best >= 0
-        best_sim = np.full(b * k, -np.inf, np.float64)
-        best_sim[has] = sims[best[has]]
-        best_cluster = np.full(b * k, -1, np.int64)
-        best_cluster[has] = cand[best[has]]
-        dist = np.sqrt(np.clip(2.0 - 2.0 * best_sim, 0.0, None)).reshape(b, k)    # inf where the cell has no cluster
-        logits = -dist / float(temperature)
-        logits -= np.max(np.where(np.isfinite(logits), logits, -np.inf), axis=1, keepdims=True, initial=-1e300)
-        w = np.where(np.isfinite(logits), np.exp(logits), 0.0)
-        w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
-        score = top_p * w
-        j = np.argmax(score, axis=1)
-        best_cluster = best_cluster.reshape(b, k)
-        return best_cluster[np.arange(b), j], top_cells[np.arange(b), j], best_cluster[:, 0]
-
-    def _neighbours(self, q: np.ndarray, offs: np.ndarray, order: np.ndarray, group: np.ndarray, m: int):
-        """The `m` most similar gallery images of each query inside its group (a cluster or a cell; -1 = none)."""
-        b = len(q)
-        g = np.where(group >= 0, group, 0)
-        cnt = np.where(group >= 0, offs[g + 1] - offs[g], 0)
-        seg, pos = _expand(offs[g], cnt)
-        members = order[pos]
-        sims = _rowdot(q, seg, self.vectors, members)
-        top, _ = _segment_topm(seg, sims, b, m)
-        ok = top >= 0
-        if not ok.any():
-            return np.full((b, m), -1, np.int64), np.full((b, m), np.nan, np.float32)
-        nb_pos = np.where(ok, members[np.where(ok, top, 0)], -1)
-        nb_sim = np.where(ok, sims[np.where(ok, top, 0)], np.nan).astype(np.float32)
-        return nb_pos, nb_sim
-
     # -- public ------------------------------------------------------------------------------
     def refine(self, query_emb: np.ndarray, cell_probs: np.ndarray, *, mode: Mode = "cluster+nn", top_k: int = 5,
                temperature: float = TEMPERATURE["streetview"], neighbours: int = 5, average: int = 1,
@@ -197,82 +296,36 @@ class Refiner:
         if mode not in MODES:
             raise UserError(f"refinement mode {mode!r} is unknown; use one of {', '.join(MODES)}")
         p = np.asarray(cell_probs)
-        if p.dtype not in (np.float32, np.float64):
+        if p.dtype != np.float32 and p.dtype != np.float64:
             p = p.astype(np.float64)
         if p.ndim != 2 or p.shape[1] != self.n_cells:
             raise UserError(f"cell probabilities must have shape (batch, {self.n_cells}) for these cells, got {p.shape}; use the head trained on this bundle's cells")
-        q = normalise(query_emb)
+        q = np.asarray(query_emb)
+        if q.dtype != np.float32 or not q.flags.c_contiguous:
+            q = np.ascontiguousarray(q, dtype=np.float32)  # normalised inside the kernel
+        if q.ndim != 2:
+            raise UserError(f"embeddings must be a 2-D array (n, dim), got shape {q.shape}; reshape them")
         if len(q) != len(p):
             raise UserError(f"{len(q)} query embeddings but {len(p)} rows of cell probabilities; give one of each per image")
         if len(self.prototypes) and q.shape[1] != self.prototypes.shape[1]:
             raise UserError(f"query embeddings are {q.shape[1]}-d but the gallery is {self.prototypes.shape[1]}-d; use the bundle's backbone")
+        if temperature is None or not float(temperature) > 0:
+            raise UserError(f"refinement temperature {temperature!r} must be > 0 (PIGEON: 1.6 street view, 0.6 Flickr)")
+        if max_refinement_km is not None and not float(max_refinement_km) >= 0:
+            raise UserError(f"max_refinement_km {max_refinement_km!r} must be >= 0 km (or None for no guard)")
         neighbours = max(int(neighbours), int(average), 1)
         b = len(q)
         k = max(1, min(int(top_k), self.n_cells))
-        c = self.n_cells
-        top = np.argpartition(p, c - k, axis=1)[:, c - k:] if k < c else np.tile(np.arange(c), (b, 1))
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(p, top, 1), axis=1, kind="stable"), 1)
-        top_p = np.take_along_axis(p, top, 1).astype(np.float64)
-        c0 = top[:, 0]
-        lat, lon = self.centres[c0, 0].copy(), self.centres[c0, 1].copy()
-        cell = c0.copy()
-        cluster = np.full(b, -1, np.int64)
-        used = np.full(b, "none", dtype=object)
-        nb_pos = np.full((b, neighbours), -1, np.int64)
-        nb_sim = np.full((b, neighbours), np.nan, np.float32)
-
-        def place(rows: np.ndarray, chosen: np.ndarray) -> None:
-            """Answer for `rows` from their chosen cluster (cluster mode: its centre; cluster+nn: its images)."""
-            ok = chosen >= 0
-            if mode == "cluster":
-                r = rows[ok]
-                lat[r], lon[r] = self.c_lat[chosen[ok]], self.c_lon[chosen[ok]]
-                used[r] = mode
-            else:
-                pos, sim = self._neighbours(q[rows], self.gk_offs, self.gk_order, chosen, neighbours)
-                nb_pos[rows], nb_sim[rows] = pos, sim
-                ok &= pos[:, 0] >= 0
-                used[rows[ok]] = mode
-            r = rows[ok]
-            cluster[r], cell[r] = chosen[ok], self.c_cell[chosen[ok]]
-
-        everyone = np.arange(b)
-        if mode in ("cluster", "cluster+nn") and len(self.prototypes):
-            chosen, _, top_cell_best = self._best_clusters(q, top, top_p, temperature)
-            place(everyone, chosen)
-        elif mode == "nn" and len(self.g_id):
-            has = (self.gc_offs[c0 + 1] - self.gc_offs[c0]) > 0
-            nb_pos, nb_sim = self._neighbours(q, self.gc_offs, self.gc_order, np.where(has, c0, -1), neighbours)
-            used[has & (nb_pos[:, 0] >= 0)] = "nn"
-
-        def locate(rows: np.ndarray) -> None:
-            """lat/lon of `rows` from their neighbours: the nearest, or the weighted mean of `average`."""
-            rows = rows[(used[rows] != "none") & (nb_pos[rows, 0] >= 0)]
-            a = nb_pos[rows, :average]
-            w = np.where(a >= 0, np.clip(np.nan_to_num(nb_sim[rows, :average], nan=0.0), 1e-6, None), 0.0)
-            xyz = (to_xyz(self.g_lat[np.maximum(a, 0)], self.g_lon[np.maximum(a, 0)]) * w[..., None]).sum(axis=1)
-            lat[rows], lon[rows] = from_xyz(xyz)
-
-        if mode in ("nn", "cluster+nn"):
-            locate(everyone)
-        moved = haversine_km(self.centres[c0, 0], self.centres[c0, 1], lat, lon)
-        if max_refinement_km is not None:
-            limit = float(max_refinement_km)
-            back = np.flatnonzero((moved > limit) & (cell != c0))
-            if len(back) and mode in ("cluster", "cluster+nn"):
-                # PIGEON's cancellation: a switch to another cell that moves too far is undone, and the
-                # top cell's own best cluster answers instead
-                used[back], nb_pos[back], nb_sim[back] = "none", -1, np.nan
-                place(back, top_cell_best[back])
-                if mode == "cluster+nn":
-                    locate(back)
-                moved[back] = haversine_km(self.centres[c0[back], 0], self.centres[c0[back], 1], lat[back], lon[back])
-            back = moved > limit  # still too far (even inside the top cell): the top cell's centre
-            used[back] = "none"
-        none = used == "none"
-        lat[none], lon[none] = self.centres[c0[none], 0], self.centres[c0[none], 1]
-        cell[none], cluster[none], moved[none] = c0[none], -1, 0.0
-        nb_pos[none], nb_sim[none] = -1, np.nan
-        nb_ids = np.where(nb_pos >= 0, self.g_id[np.maximum(nb_pos, 0)] if len(self.g_id) else -1, -1)
+        lat, lon, moved = np.empty(b), np.empty(b), np.empty(b)
+        cell, cluster = np.empty(b, np.int64), np.empty(b, np.int64)
+        nb_ids = np.empty((b, neighbours), np.int64)
+        nb_rows = np.empty((b, neighbours), np.int64)
+        nb_sim = np.empty((b, neighbours), np.float32)
+        used = np.empty(b, np.int8)
+        limit = np.inf if max_refinement_km is None else float(max_refinement_km)
+        _refine_kernel(q, np.ascontiguousarray(p), k, float(temperature), MODES.index(mode), int(average), limit,
+                       self.centres, self.c_offs, self.c_order, self.prototypes, self.c_cell, self.c_lat, self.c_lon,
+                       self.gk_offs, self.gk_order, self.gc_offs, self.gc_order, self.vectors, self.g_lat, self.g_lon,
+                       self.g_id, self.g_row, lat, lon, cell, cluster, moved, nb_ids, nb_rows, nb_sim, used)
         return RefineResult(lat=lat, lon=lon, cell=cell, cluster_id=cluster, moved_km=moved,
-                            neighbour_ids=nb_ids.astype(np.int64), neighbour_sims=nb_sim, mode=used)
+                            neighbour_ids=nb_ids, neighbour_sims=nb_sim, mode=_MODE_NAMES[used], neighbour_rows=nb_rows)

@@ -197,6 +197,27 @@ def gallery_refiner(bundle: Any, centres: np.ndarray):
     return Refiner.from_index(centres, g.clusters, g.frame, g.index), g
 
 
+def check_refinement(mode: str | None = None, max_refinement_km: float | None = None) -> None:
+    """Refuse an unknown refinement mode or a guard distance that is not > 0 km (inf = no guard)."""
+    from index.refine import MODES
+
+    if mode is not None and mode not in MODES:
+        raise UserError(f"--refine {mode}: use one of {', '.join(MODES)}")
+    if max_refinement_km is not None and not float(max_refinement_km) > 0:
+        raise UserError(f"--max-refinement-km {max_refinement_km}: give a distance > 0 km (inf turns the guard off)")
+
+
+def set_refinement(predictor: Any, mode: str | None = None, max_refinement_km: float | None = None) -> None:
+    """Set the Predictor's refinement options (`pigeon locate/serve --refine --max-refinement-km`);
+    None leaves an option as it is; max_refinement_km = inf turns PIGEON's guard off."""
+    check_refinement(mode, max_refinement_km)
+    if mode is not None:
+        predictor.refine_mode = mode
+    if max_refinement_km is not None:
+        km = float(max_refinement_km)
+        predictor.max_refinement_km = None if np.isinf(km) else km
+
+
 def refine_answers(predictor: Any, emb: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """The Predictor's answer points: PIGEON refinement over the bundle's gallery when it has one,
     else the top cell's centre (reported as mode "cell", as is a refinement that fell back to it). Options are read from the predictor: `refine_mode` ("cluster+nn";
@@ -215,14 +236,14 @@ def refine_answers(predictor: Any, emb: np.ndarray, probs: np.ndarray) -> tuple[
     r = refiner.refine(emb, probs, mode=mode, temperature=getattr(predictor, "refine_temperature", 1.6),
                        max_refinement_km=getattr(predictor, "max_refinement_km", 1000.0),
                        neighbours=getattr(predictor, "refine_neighbours", 5), average=getattr(predictor, "refine_average", 1))
-    meta = g.frame.set_index("id")
     ids = r.neighbour_ids
     valid = ids >= 0
-    found = meta.reindex(ids[valid])
+    rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index
     nb_lat = np.full(ids.shape, np.nan)
     nb_lon = np.full(ids.shape, np.nan)
     nb_img = np.full(ids.shape, "", dtype=object)
-    nb_lat[valid], nb_lon[valid], nb_img[valid] = found["lat"].to_numpy(), found["lon"].to_numpy(), found["image"].to_numpy()
+    nb_lat[valid], nb_lon[valid] = g.frame["lat"].to_numpy()[rows], g.frame["lon"].to_numpy()[rows]
+    nb_img[valid] = g.frame["image"].to_numpy()[rows] if "image" in g.frame else ""
     out = []
     for i in range(len(ids)):  # building the JSON-ready answer, not a distance computation
         nbs = [{"id": int(ids[i, j]), "similarity": float(r.neighbour_sims[i, j]), "lat": float(nb_lat[i, j]),

@@ -23,7 +23,7 @@ from .errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from geocells import GeoCells
 
-EXTRAS = ("driving_side", "facing", "month", "hemisphere")
+EXTRAS = ("driving_side", "facing", "month", "hemisphere", "climate")
 
 
 def load_templates(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -117,9 +117,19 @@ class CaptionMaker:
             "town_km": town_km,
             "driving_side": self._drive[cell],
             "hemisphere": np.where(lat >= 0, "northern", "southern"),
+            "climate": self._climate(lat),
             "month": month,
             "direction": direction,
         })
+
+    def _climate(self, lat: np.ndarray) -> np.ndarray:
+        """Latitude climate belt (a stand-in for PIGEON's Koeppen zone: no climate map is bundled)."""
+        belts = {k: v for k, v in self.templates.get("climate_belts", {}).items() if not k.startswith("_")}
+        if not belts:
+            return np.full(len(lat), "", dtype=object)
+        names = np.array(list(belts), dtype=object)
+        edges = np.array(list(belts.values()), dtype=np.float64)
+        return names[np.minimum(np.searchsorted(edges, np.abs(lat), side="left"), len(names) - 1)]
 
     # -- composing ---------------------------------------------------------------------------
     def compose(self, facts: pd.DataFrame, rng: np.random.Generator | None = None) -> list[str]:
@@ -140,6 +150,7 @@ class CaptionMaker:
             "facing": [ex["facing"]["text"].format(direction=d) if d and "facing" in ex else "" for d in facts["direction"]],
             "month": [ex["month"]["text"].format(month=m) if m and "month" in ex else "" for m in facts["month"]],
             "hemisphere": [ex["hemisphere"]["text"].format(hemisphere=h) if "hemisphere" in ex else "" for h in facts["hemisphere"]],
+            "climate": [ex["climate"]["text"].format(climate=c) if c and "climate" in ex else "" for c in facts.get("climate", [""] * n)],
         }
         use = {name: draws[:, 2 + j] < self.p[name] for j, name in enumerate(EXTRAS)}
         out = []

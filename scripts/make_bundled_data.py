@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import shapely
 
+from geocells.geometry import polygonal
+
 TOLERANCE_DEG = 0.01
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     geom = shapely.coverage_simplify(geom, a.tolerance)
     geom = shapely.make_valid(geom)
     # keep only polygonal parts (make_valid can leave lines where a sliver collapsed)
-    geom = np.array([_polygonal(x) for x in geom], dtype=object)
+    geom = np.array([polygonal(x) for x in geom], dtype=object)
     admin1 = g["name_en"].where(g["name_en"].astype(str).str.len() > 0, g["name"]).fillna(g["name"])
     iso = g["iso_a2"].where(g["iso_a2"].str.len() == 2, g["adm0_a3"].map(dict(zip(ds.adm0_a3, ds.iso_a2))))
     b = gpd.GeoDataFrame(
@@ -64,15 +66,6 @@ def main() -> None:
     for f in sorted(out.iterdir()):
         print(f"{f}: {f.stat().st_size / 1e6:.2f} MB")
     print(f"admin-1: {len(b)} polygons, {shapely.get_num_coordinates(b.geometry.values).sum()} vertices; cities: {len(c)}")
-
-
-def _polygonal(g):
-    if g is None or g.is_empty:
-        return shapely.MultiPolygon()
-    if g.geom_type in ("Polygon", "MultiPolygon"):
-        return g
-    parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
-    return shapely.union_all(parts) if parts else shapely.MultiPolygon()
 
 
 if __name__ == "__main__":

@@ -187,3 +187,34 @@ def test_refinement_beats_the_cell_centre_on_the_synthetic_world(world):
     km = {m: float(np.median(haversine_km(q["lat"], q["lon"], *(lambda r: (r.lat, r.lon))(ref.refine(qemb, p, mode=m)))))
           for m in ("none", "cluster+nn")}
     assert km["cluster+nn"] < km["none"], km
+
+
+def test_locate_refine_options_through_the_cli(world, tmp_path, capsys):
+    """`--refine none` answers with the top cell's centre; the default refines to a gallery photo;
+    a tight guard sends far answers back to the centre; bad options exit 2 naming the option."""
+    root, bpath, rep, half, n = world
+    q = pd.read_csv(root / "world" / "queries.csv")
+    imgs = [str(root / "world" / p) for p in q["image"][:6]]
+    got = {}
+    for name, extra in (("none", ["--refine", "none"]), ("default", []), ("tight", ["--max-refinement-km", "0.001"])):
+        out = tmp_path / f"{name}.geojson"
+        assert _cli(["locate", *imgs, "--bundle", str(bpath), "--out", str(out), *extra]) == 0
+        got[name] = json.loads(out.read_text())["features"]
+    g = load_gallery(Bundle(bpath)).frame.set_index("id")
+    moved = 0
+    for f_none, f_def, f_tight in zip(got["none"], got["default"], got["tight"]):
+        top = f_none["properties"]["top_cells"][0]
+        assert f_none["geometry"]["coordinates"] == pytest.approx([top["lon"], top["lat"]])
+        assert f_none["properties"]["refinement"]["mode"] == "cell"
+        r = f_def["properties"]["refinement"]
+        if r["mode"] == "cluster+nn":
+            nb = g.loc[r["neighbours"][0]["id"]]
+            assert f_def["geometry"]["coordinates"] == pytest.approx([nb["lon"], nb["lat"]])
+            moved += r["moved_km"] > 0.001
+        t = f_tight["properties"]["refinement"]
+        assert t["mode"] == "cell" or t["moved_km"] <= 0.001
+    assert moved >= 1
+    assert _cli(["locate", imgs[0], "--bundle", str(bpath), "--refine", "bogus"]) == 2
+    assert "--refine bogus" in capsys.readouterr().err
+    assert _cli(["locate", imgs[0], "--bundle", str(bpath), "--max-refinement-km", "-5"]) == 2
+    assert "--max-refinement-km" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 from pigeon.captions import CaptionMaker, compass, load_templates, nearest_towns
 from pigeon.errors import UserError
 
-ALL = dict(p_region=1, p_town=1, driving_side=1, facing=1, month=1, hemisphere=1)
+ALL = dict(p_region=1, p_town=1, driving_side=1, facing=1, month=1, hemisphere=1, climate=1)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,14 @@ def test_tokyo_left_north_march(cells):
     assert "northern hemisphere" in c
     assert "March" in c
     assert "facing east" in c
+    assert "climate is temperate" in c  # 35.7 N: the temperate belt
+
+
+def test_climate_belts(cells):
+    m = CaptionMaker(cells, probabilities=ALL)
+    assert "climate is tropical" in m.caption(-12.46, 130.84)  # Darwin
+    assert "climate is subtropical" in m.caption(-33.87, 151.21)  # Sydney
+    assert "climate is subtropical" in m.caption(26.2, 127.7)  # Okinawa
 
 
 def test_sydney_south(cells):

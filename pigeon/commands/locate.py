@@ -9,11 +9,17 @@ from typing import List, Optional
 import typer
 
 
-def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu") -> list[dict]:
-    """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix."""
+def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
+                 refine: str | None = None, max_refinement_km: float | None = None) -> list[dict]:
+    """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
+
+    refine / max_refinement_km: gallery refinement mode (cluster+nn, cluster, nn, none) and PIGEON's
+    guard in km (inf = off); None keeps the defaults (cluster+nn, 1000 km). Used only when the bundle
+    has a gallery index; without one the answer is always the top cell's centre."""
     from tqdm.auto import tqdm
 
     from geocells.io import atomic_path
+    from pigeon.build_index import set_refinement
     from pigeon.errors import UserError
     from pigeon.predictor import Predictor, collect_images
 
@@ -21,6 +27,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
         raise UserError(f"--out {out}: give a .csv or .geojson file")
     files = collect_images(inputs)
     pred = Predictor.from_bundle(bundle, device=device)
+    set_refinement(pred, refine, max_refinement_km)
     answers: list[dict] = []
     for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
         batch = files[s : s + batch_size]
@@ -55,9 +62,12 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(5, "--top-k", help="cells / countries / regions listed per image"),
         batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass"),
         device: str = typer.Option("cpu", help="torch device"),
+        refine: str = typer.Option("cluster+nn", "--refine", help="gallery refinement (bundles with an index): cluster+nn | cluster | nn | none (top cell's centre)"),
+        max_refinement_km: float = typer.Option(1000.0, "--max-refinement-km", help="PIGEON's guard: a refined answer farther than this from the top cell's centre is undone (inf = off)"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
-        answers = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device)
+        answers = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
+                               refine=refine, max_refinement_km=max_refinement_km)
         if out is None:
             for a in answers:
                 c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}

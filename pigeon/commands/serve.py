@@ -16,6 +16,8 @@ def serve(
     max_concurrency: Optional[int] = None,
     max_upload_mb: Optional[float] = None,
     log_level: str = "info",
+    refine: Optional[str] = None,
+    max_refinement_km: Optional[float] = None,
 ) -> None:
     """Load the bundle (refusing a bundle with missing or mismatched parts), then run uvicorn.
 
@@ -37,8 +39,13 @@ def serve(
     overrides = {
         "max_concurrency": max_concurrency,
         "max_upload_bytes": int(max_upload_mb * 1024 * 1024) if max_upload_mb is not None else None,
+        "refine": refine,
+        "max_refinement_km": max_refinement_km,
     }
     settings = Settings.from_env(**overrides)
+    from pigeon.build_index import check_refinement
+
+    check_refinement(settings.refine, settings.max_refinement_km)  # once, here, rather than in every worker
     configure_logging(getattr(logging, log_level.upper(), logging.INFO))
     if workers == 1:
         app = create_app(bundle, settings)
@@ -65,6 +72,9 @@ def register(app: typer.Typer) -> None:
         max_concurrency: Optional[int] = typer.Option(None, help="inferences at once per worker (default 1; env PIGEON_MAX_CONCURRENCY)"),
         max_upload_mb: Optional[float] = typer.Option(None, help="largest request body in MB (default 20; env PIGEON_MAX_UPLOAD_BYTES)"),
         log_level: str = typer.Option("info", help="debug | info | warning | error"),
+        refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement: cluster+nn (default) | cluster | nn | none (env PIGEON_REFINE)"),
+        max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard in km (default 1000; inf = off; env PIGEON_MAX_REFINEMENT_KM)"),
     ) -> None:
         """Serve POST /locate and the web page at http://HOST:PORT/ (API key: env PIGEON_API_KEY)."""
-        serve(bundle, host=host, port=port, workers=workers, max_concurrency=max_concurrency, max_upload_mb=max_upload_mb, log_level=log_level)
+        serve(bundle, host=host, port=port, workers=workers, max_concurrency=max_concurrency, max_upload_mb=max_upload_mb, log_level=log_level,
+              refine=refine, max_refinement_km=max_refinement_km)
