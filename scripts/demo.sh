@@ -14,6 +14,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 rm -rf "$DEMO/bundle"
 mkdir -p "$DEMO"
 
+MP16=${MP16:-../shared/data/mp16_gps_100k.csv}
+if [ -f "$MP16" ]; then
+  echo "== 0/6 geocells for 100K real photo locations (MP-16), PIGEON's 30/60 sizes -> $DEMO/mp16_cells.png"
+  "$BIN/pigeon" build-cells --points "$MP16" --out "$DEMO/mp16_cells.parquet" --plot "$DEMO/mp16_cells.png" --quiet
+fi
+
 echo "== 1/6 a synthetic world: $N photos whose pixels carry sun, climate, driving side and signpost cues"
 "$BIN/python" - "$DEMO" "$N" <<'PY'
 import sys
