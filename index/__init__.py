@@ -1,10 +1,11 @@
 """The gallery side of pigeon: a FAISS index of image embeddings, in-cell location clusters, and
-PIGEON's refinement (top cells -> best cluster -> nearest images), vectorised over a batch.
+PIGEON's refinement (top cells -> best cluster -> nearest images), compiled, over a batch.
 
 Imports geocells (sphere helpers) only; never pigeon or api.
 """
 
-from .build import GALLERY_COLUMNS, Gallery, append_gallery, build_gallery, read_gallery_frame, remove_from_gallery, write_gallery_frame
+from .build import (GALLERY_COLUMNS, Gallery, append_gallery, build_gallery, index_in_cluster_order, read_gallery_frame,
+                    remove_from_gallery, write_gallery_frame)
 from .clusters import ClusterTable, cluster_points, optics_params
 from .gallery import KINDS, GeoIndex, check_meta, normalise
 from .refine import MODES, TEMPERATURE, RefineResult, Refiner
@@ -12,7 +13,7 @@ from .refine import MODES, TEMPERATURE, RefineResult, Refiner
 __all__ = [
     "GeoIndex", "KINDS", "normalise", "check_meta",
     "ClusterTable", "cluster_points", "optics_params",
-    "Gallery", "GALLERY_COLUMNS", "build_gallery", "append_gallery", "remove_from_gallery",
+    "Gallery", "GALLERY_COLUMNS", "build_gallery", "index_in_cluster_order", "append_gallery", "remove_from_gallery",
     "read_gallery_frame", "write_gallery_frame",
     "Refiner", "RefineResult", "MODES", "TEMPERATURE",
 ]

@@ -69,13 +69,14 @@ def _dot(a, b):  # pragma: no cover - compiled
     return s
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "nnan", "ninf"})
-def _block_max(row, start, stop):  # pragma: no cover - compiled
-    """max(row[start:stop]) as float64, vectorised: lets the top-k scan skip blocks that cannot enter."""
-    mx = np.float64(row[start])
-    for t in range(start + 1, stop):
-        mx = max(mx, np.float64(row[t]))
-    return mx
+@njit(cache=True, nogil=True, fastmath=True)
+def _any_above(row, start, stop, thr):  # pragma: no cover - compiled
+    """Whether any of row[start:stop] exceeds thr: a compare-and-count LLVM vectorises (a max does not),
+    so the top-k scan skips, at ~0.2 ns an entry, the blocks that cannot enter the top k."""
+    n = 0
+    for t in range(start, stop):
+        n += row[t] > thr
+    return n > 0
 
 
 @njit(cache=True, nogil=True)
@@ -149,9 +150,9 @@ def _refine_kernel(q, p, k, temperature, mode, average, limit, centres, c_offs, 
         tp[:] = -np.inf
         tc[:] = -1
         row = p[i]
-        for j0 in range(0, c, 32):
-            j1 = min(j0 + 32, c)
-            if tc[k - 1] >= 0 and not _block_max(row, j0, j1) > tp[k - 1]:
+        for j0 in range(0, c, 128):
+            j1 = min(j0 + 128, c)
+            if tc[k - 1] >= 0 and not _any_above(row, j0, j1, row.dtype.type(tp[k - 1])):
                 continue  # nothing in this block beats the current k-th: most blocks, once k are held
             for j in range(j0, j1):
                 v = np.float64(row[j])
@@ -316,10 +317,9 @@ class Refiner:
         neighbours = max(int(neighbours), int(average), 1)
         b = len(q)
         k = max(1, min(int(top_k), self.n_cells))
-        lat, lon, moved = np.empty(b), np.empty(b), np.empty(b)
-        cell, cluster = np.empty(b, np.int64), np.empty(b, np.int64)
-        nb_ids = np.empty((b, neighbours), np.int64)
-        nb_rows = np.empty((b, neighbours), np.int64)
+        lat, lon, moved = np.empty((3, b))                     # few allocations: at batch 1 they show
+        cell, cluster = np.empty((2, b), np.int64)
+        nb_ids, nb_rows = np.empty((2, b, neighbours), np.int64)
         nb_sim = np.empty((b, neighbours), np.float32)
         used = np.empty(b, np.int8)
         limit = np.inf if max_refinement_km is None else float(max_refinement_km)
@@ -328,4 +328,4 @@ class Refiner:
                        self.gk_offs, self.gk_order, self.gc_offs, self.gc_order, self.vectors, self.g_lat, self.g_lon,
                        self.g_id, self.g_row, lat, lon, cell, cluster, moved, nb_ids, nb_rows, nb_sim, used)
         return RefineResult(lat=lat, lon=lon, cell=cell, cluster_id=cluster, moved_km=moved,
-                            neighbour_ids=nb_ids, neighbour_sims=nb_sim, mode=_MODE_NAMES[used], neighbour_rows=nb_rows)
+                            neighbour_ids=nb_ids, neighbour_sims=nb_sim, mode=_MODE_NAMES.take(used), neighbour_rows=nb_rows)

@@ -218,3 +218,22 @@ def test_locate_refine_options_through_the_cli(world, tmp_path, capsys):
     assert "--refine bogus" in capsys.readouterr().err
     assert _cli(["locate", imgs[0], "--bundle", str(bpath), "--max-refinement-km", "-5"]) == 2
     assert "--max-refinement-km" in capsys.readouterr().err
+
+
+def test_serve_refine_settings(world, monkeypatch, capsys):
+    """PIGEON_REFINE / PIGEON_MAX_REFINEMENT_KM reach the Predictor; `serve` refuses a bad mode before listening."""
+    from api.app import Settings
+    from pigeon.build_index import set_refinement
+
+    root, bpath, rep, half, n = world
+    monkeypatch.setenv("PIGEON_REFINE", "cluster")
+    monkeypatch.setenv("PIGEON_MAX_REFINEMENT_KM", "inf")
+    s = Settings.from_env()
+    assert s.refine == "cluster" and s.max_refinement_km == float("inf")
+    p = type("P", (), {})()
+    set_refinement(p, s.refine, s.max_refinement_km)
+    assert p.refine_mode == "cluster" and p.max_refinement_km is None
+    monkeypatch.delenv("PIGEON_REFINE")
+    monkeypatch.delenv("PIGEON_MAX_REFINEMENT_KM")
+    assert _cli(["serve", "--bundle", str(bpath), "--refine", "nearest"]) == 2
+    assert "--refine nearest" in capsys.readouterr().err
