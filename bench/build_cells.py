@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 def run_case(points: str, scale: int, min_size: int, max_size: int, jitter_km: float, seed: int = 0) -> dict:
     import numpy as np
-    import pandas as pd
 
     from geocells import build_cells, load_boundaries, load_points
     from geocells.sphere import EARTH_RADIUS_KM, haversine_km

@@ -127,6 +127,112 @@ class PigeonStyleRefiner:
         return np.array(out)
 
 
+def _haversine_t(a, b):
+    """Great-circle km between (lng, lat) tensors, as PIGEON's torch `preprocessing.haversine`."""
+    import torch
+
+    lng1, lat1, lng2, lat2 = (torch.deg2rad(x) for x in (a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
+    h = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lng2 - lng1) / 2) ** 2
+    return 2 * 6371.0 * torch.asin(torch.sqrt(h))
+
+
+class PigeonHFRefiner:
+    """PIGEON's `ProtoRefiner.forward` with PIGEON's storage and calls (models/proto_refiner.py).
+
+    Storage as PIGEON keeps it: `protos`, a list with one HuggingFace `Dataset` per geocell (columns
+    embedding, count, indices, lat, lng; `set_format('torch')`; None for a cell without images), and
+    the gallery as a `DatasetDict` whose 'train' split holds embedding and labels = [lng, lat]. PIGEON
+    loads both from disk (`load_from_disk`, memory-mapped Arrow); here they are built in memory from
+    the same arrays with `Dataset.from_dict` (no hub, and no slower than a page-cached file).
+    Per query, per candidate cell, the same calls as PIGEON: materialise the cell's prototype column,
+    `-torch.cdist` to it, argmax, fetch that prototype's row, and for a cluster of more than one image
+    gather its rows from the gallery (`dataset['train'][entry['indices']]`) and `torch.cdist` to them;
+    then a temperature softmax times the cell probabilities, argmax, and the haversine guard.
+
+    One deliberate difference: PIGEON's `_within_cluster_refinement` takes `torch.argmax` of the
+    distances, i.e. the *farthest* image of the cluster (a bug in the released code); this takes the
+    nearest (argmin), as DESIGN.md and `index.refine` do, so that its answers can be compared with
+    ours. Speed is the same either way. The `.to('cuda')` calls are dropped (CPU run), and so is the
+    per-batch print. A cell without prototypes answers its centre (PIGEON: [0, 0]), as ours does.
+    """
+
+    def __init__(self, ref: Refiner, progress: bool = True):
+        import torch
+        from datasets import Dataset, DatasetDict, disable_progress_bar
+        from tqdm import tqdm
+
+        disable_progress_bar()
+        self.torch = torch
+        t = time.perf_counter()
+        labels = np.stack([ref.g_lon, ref.g_lat], 1)  # PIGEON's labels are [lng, lat]
+        self.dataset = DatasetDict(train=Dataset.from_dict({"embedding": ref.vectors, "labels": labels}))
+        self.dataset.set_format("torch")
+        self.gallery_build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        sizes = np.diff(ref.gk_offs)
+        self.protos: list = [None] * ref.n_cells
+        for c in tqdm(range(ref.n_cells), desc="per-cell prototype Datasets", disable=not progress, mininterval=5):
+            ks = ref.c_order[ref.c_offs[c]:ref.c_offs[c + 1]]
+            if not len(ks):
+                continue
+            members = [ref.gk_order[ref.gk_offs[k]:ref.gk_offs[k + 1]] for k in ks]
+            # a one-image cluster answers its own lat/lng: take the member's exactly (PIGEON's centroid of one point)
+            lat = np.array([ref.g_lat[m[0]] if len(m) == 1 else ref.c_lat[k] for k, m in zip(ks, members)])
+            lng = np.array([ref.g_lon[m[0]] if len(m) == 1 else ref.c_lon[k] for k, m in zip(ks, members)])
+            ds = Dataset.from_dict({"embedding": ref.prototypes[ks], "count": sizes[ks], "indices": members,
+                                    "lat": lat, "lng": lng})
+            ds.set_format("torch")
+            self.protos[c] = ds
+        self.protos_build_s = time.perf_counter() - t
+        self.centres = torch.from_numpy(ref.centres[:, ::-1].copy())  # (lng, lat) of each cell's centre
+
+    def _within_cluster_refinement(self, emb, entry) -> tuple[float, float]:
+        if entry["count"] == 1:
+            return entry["lng"].item(), entry["lat"].item()
+        points = self.dataset["train"][entry["indices"]]
+        embeddings = points["embedding"]
+        distances = self.torch.cdist(embeddings, emb[None]).flatten()
+        best = self.torch.argmin(distances).item()  # PIGEON: torch.argmax (the farthest image), see the class doc
+        point = points["labels"][best]
+        return point[0].item(), point[1].item()
+
+    def __call__(self, q: np.ndarray, p: np.ndarray, top_k: int = 5, temperature: float = 1.6,
+                 max_refinement: float | None = 1000.0) -> np.ndarray:
+        """(lat, lon) per query. PIGEON's caller passes the top-k cells and probabilities (a batched
+        `torch.topk` of the head's output) and the initial guesses (here the top cell's centre)."""
+        torch = self.torch
+        embedding = torch.from_numpy(q / np.linalg.norm(q, axis=1, keepdims=True))
+        candidate_probs, candidate_cells = torch.topk(torch.from_numpy(p), top_k, dim=1)
+        initial_preds = self.centres[candidate_cells[:, 0]]
+        temp = torch.tensor(temperature)
+        preds = []
+        for i, (emb, candidates, c_probs) in enumerate(zip(embedding, candidate_cells, candidate_probs)):
+            top_preds, top_distances = [], []
+            for cell in candidates[:top_k]:
+                protos = self.protos[cell.item()]
+                if protos is None:
+                    top_distances.append(torch.tensor(-100000.0))
+                    top_preds.append(self.centres[cell.item()].tolist())
+                    continue
+                # datasets >= 4 returns a lazy Column; [:] materialises it as `ds['embedding']` did in 2.x
+                cell_emb = protos["embedding"][:]
+                logits = -torch.cdist(cell_emb, emb[None]).flatten()
+                top_distances.append(torch.max(logits).item())
+                pred_id = torch.argmax(logits, dim=-1)
+                entry = protos[pred_id.item()]
+                top_preds.append(list(self._within_cluster_refinement(emb, entry)))
+            top_distances = torch.tensor(top_distances, dtype=torch.float64)
+            ex = torch.exp(top_distances / temp)
+            final_probs = c_probs[:top_k] * (ex / ex.sum())
+            refined_guess = torch.argmax(final_probs).item()
+            refined = torch.tensor(top_preds[refined_guess], dtype=torch.float64)[None]
+            if max_refinement is not None and _haversine_t(initial_preds[i][None], refined)[0] > max_refinement:
+                final_probs = c_probs[:top_k]
+            preds.append(top_preds[torch.argmax(final_probs).item()])
+        out = np.array(preds, dtype=np.float64)
+        return out[:, ::-1].copy()  # (lat, lon)
+
+
 def time_it(fn, reps: int) -> float:
     """Best of `reps` timed calls after a warm-up: on a shared machine the minimum is the least noisy."""
     fn()
@@ -164,7 +270,7 @@ def recall_vs_flat(emb: np.ndarray, ids: np.ndarray, kinds: list[str], n_q: int 
     return out
 
 
-def run(n: int, cells_per_100k: int, dim: int, kinds: list[str], ref_queries: int) -> dict:
+def run(n: int, cells_per_100k: int, dim: int, kinds: list[str], ref_queries: int, hf: bool = True) -> dict:
     n_cells = max(10, int(round(n / 100_000 * cells_per_100k)))
     r0 = rss_gib()
     t = time.perf_counter()
@@ -206,6 +312,26 @@ def run(n: int, cells_per_100k: int, dim: int, kinds: list[str], ref_queries: in
     a = ref.refine(q[:nq], p[:nq], max_refinement_km=None)
     bpig = pig(q[:nq], p[:nq])
     res["agree_with_loop"] = round(float(np.mean(haversine_km(a.lat, a.lon, bpig[:, 0], bpig[:, 1]) < 1e-6)), 4)
+    if hf:
+        del pig
+        r_hf = rss_gib()
+        hfr = PigeonHFRefiner(ref)
+        res["hf_gallery_dataset_build_s"] = round(hfr.gallery_build_s, 1)
+        res["hf_proto_datasets_build_s"] = round(hfr.protos_build_s, 1)
+        res["hf_rss_gib_added"] = round(rss_gib() - r_hf, 2)
+        s = time_it(lambda: hfr(q[:nq], p[:nq]), reps=3)
+        res["pigeon_hf_ms_per_query"] = round(s / nq * 1e3, 4)
+        res["speedup_hf_b64"] = round(res["pigeon_hf_ms_per_query"] / res["ours_ms_per_query_b64"], 1)
+        res["speedup_hf_b1"] = round(res["pigeon_hf_ms_per_query"] / res["ours_ms_per_query_b1"], 1)
+        # same answers as ours: without the guard (as for the loop) and with PIGEON's 1000 km guard on both
+        bhf = hfr(q, p, max_refinement=None)
+        a = ref.refine(q, p, max_refinement_km=None)
+        res["agree_hf_no_guard"] = round(float(np.mean(haversine_km(a.lat, a.lon, bhf[:, 0], bhf[:, 1]) < 1e-6)), 4)
+        bhf = hfr(q, p, max_refinement=1000.0)
+        a = ref.refine(q, p, max_refinement_km=1000.0)
+        res["agree_hf_guard_1000km"] = round(float(np.mean(haversine_km(a.lat, a.lon, bhf[:, 0], bhf[:, 1]) < 1e-6)), 4)
+        res["agree_hf_queries"] = len(q)
+        del hfr
     err = {}
     for mode in ("none", "cluster", "nn", "cluster+nn"):
         r = ref.refine(q, p, mode=mode)
@@ -227,13 +353,14 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--cells-per-100k", type=int, default=1000, help="cells per 100K gallery images (PIGEON: ~100 images a cell)")
     ap.add_argument("--kinds", nargs="*", default=["hnsw", "ivf"], help="approximate kinds whose recall@10 vs flat is measured")
-    ap.add_argument("--ref-queries", type=int, default=32, help="queries for the PIGEON-style loop (best of 3 runs)")
+    ap.add_argument("--ref-queries", type=int, default=32, help="queries for the PIGEON-style loops (best of 3 runs)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the reference on PIGEON's storage (HuggingFace datasets)")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     for n in a.sizes:
-        print(json.dumps(run(n, a.cells_per_100k, a.dim, a.kinds, a.ref_queries)), flush=True)
+        print(json.dumps(run(n, a.cells_per_100k, a.dim, a.kinds, a.ref_queries, hf=not a.no_hf)), flush=True)
 
 
 if __name__ == "__main__":

@@ -501,7 +501,6 @@ def _hf_module():
 
 
 def _create_hf(ps: BackboneSpec, device: str) -> Backbone:
-    import torch
     from torchvision import transforms as T
 
     ident = ps.weights

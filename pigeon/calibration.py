@@ -18,7 +18,6 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     bins = np.clip((conf * n_bins).astype(np.int64), 0, n_bins - 1)
-    cnt = np.bincount(bins, minlength=n_bins)
     acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=conf, minlength=n_bins)
     return float(np.abs(acc_sum - conf_sum).sum() / max(len(conf), 1))

@@ -9,9 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from geocells import build_cells
 from geocells.sphere import haversine_km
 from pigeon.build_index import build_index, load_gallery
 from pigeon.bundle import Bundle
@@ -20,17 +18,11 @@ from pigeon.errors import UserError
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pigeon.datasets.synthetic import make_world
-    from pigeon.train import train_zero_shot
+    from worlds import world_bundle
 
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("bi")
-    manifest = make_world(root / "world", n_images=300, image_size=48, seed=7)
-    df = pd.read_csv(manifest)
-    cells = build_cells(df["lat"].to_numpy(), df["lon"].to_numpy(), min_size=10, max_size=25, progress=False)
-    b = Bundle(root / "bundle", create=True)
-    b.write_part("cells", cells.save)
-    train_zero_shot(b.path, backbone="tiny")
+    manifest, df, bpath, _ = world_bundle(root, n_images=300, image_size=48, seed=7, min_size=10, max_size=25)
+    b = Bundle(bpath)
     gal = df[df["split"] != "test"].reset_index(drop=True)
     half = len(gal) // 2
     gal.iloc[:half].to_csv(root / "world" / "gallery_a.csv", index=False)

@@ -7,29 +7,20 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from geocells import build_cells
 from geocells.sphere import haversine_km
 from pigeon.bundle import Bundle
 from pigeon.errors import UserError
 from pigeon.predictor import Predictor, collect_images
-from pigeon.train import train_zero_shot
 
 
 @pytest.fixture(scope="module")
 def zs(tmp_path_factory):
-    from pigeon.datasets.synthetic import make_world
+    from worlds import world_bundle
 
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("zs")
-    manifest = make_world(root / "world", n_images=240, image_size=64, seed=5)
-    df = pd.read_csv(manifest)
-    cells = build_cells(df["lat"].to_numpy(), df["lon"].to_numpy(), min_size=10, max_size=20, progress=False)
-    b = Bundle(root / "bundle", create=True)
-    b.write_part("cells", cells.save)
-    rep = train_zero_shot(b.path, backbone="tiny")
+    manifest, _, _, rep = world_bundle(root, n_images=240, image_size=64, seed=5, min_size=10, max_size=20)
     return root, manifest, rep
 
 

@@ -1,0 +1,29 @@
+"""Shared test fixture code: a synthetic world with cells and a zero-shot `tiny` bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def world_bundle(root: Path, n_images: int, image_size: int, seed: int, min_size: int, max_size: int, zero_shot: bool = True):
+    """make_world -> build_cells on its points -> bundle with cells.parquet (+ a zero-shot head).
+
+    Returns (manifest path, manifest DataFrame, bundle path, zero-shot report or None).
+    """
+    import torch
+
+    from geocells import build_cells
+    from pigeon.bundle import Bundle
+    from pigeon.datasets.synthetic import make_world
+    from pigeon.train import train_zero_shot
+
+    torch.set_num_threads(2)
+    manifest = make_world(root / "world", n_images=n_images, image_size=image_size, seed=seed)
+    df = pd.read_csv(manifest)
+    cells = build_cells(df["lat"].to_numpy(), df["lon"].to_numpy(), min_size=min_size, max_size=max_size, progress=False)
+    b = Bundle(root / "bundle", create=True)
+    b.write_part("cells", cells.save)
+    rep = train_zero_shot(b.path, backbone="tiny") if zero_shot else None
+    return manifest, df, b.path, rep
