@@ -7,6 +7,11 @@ The three parts are written to a staging folder first and then moved into the bu
 and parts from two different builds are refused on load. `--append` adds photos without
 re-clustering; `remove_gallery_ids` (`--remove-ids FILE`) takes photos out.
 
+Rows with `split == "val"` stay out of the gallery: they answer, once per refinement mode, to pick
+the mode with the lowest median error (`choose_refinement`); the index part's manifest record keeps
+the choice (`refine_mode`) and the per-mode figures (`refine_validation`), and the Predictor uses
+that mode unless told otherwise.
+
 `refine_answers` is what the Predictor calls to refine its answers with the gallery.
 """
 
@@ -84,8 +89,9 @@ def load_gallery(bundle: Any, expect_backbone_hash: str | None = None):
     return Gallery(idx, frame, clusters)
 
 
-def save_gallery(bundle: Any, gallery: Any, backbone_hash: str, **meta: Any) -> str:
-    """Write the three parts atomically (staged, then moved in by `Bundle.write_part`); returns the build id."""
+def save_gallery(bundle: Any, gallery: Any, backbone_hash: str, index_meta: dict[str, Any] | None = None, **meta: Any) -> str:
+    """Write the three parts atomically (staged, then moved in by `Bundle.write_part`); returns the build id.
+    `index_meta` goes only into the index part's record (e.g. the validated refinement mode)."""
     from index import write_gallery_frame
 
     build_id = uuid.uuid4().hex
@@ -97,7 +103,7 @@ def save_gallery(bundle: Any, gallery: Any, backbone_hash: str, **meta: Any) -> 
         gallery.index.write(staged["index"])
         write_gallery_frame(gallery.frame, staged["gallery"])
         gallery.clusters.write(staged["clusters"])
-        extra = {"index": {"kind": gallery.index.kind, "dim": gallery.index.dim},
+        extra = {"index": {"kind": gallery.index.kind, "dim": gallery.index.dim, **(index_meta or {})},
                  "gallery": {}, "clusters": {"n_clusters": len(gallery.clusters)}}
         for part in ("gallery", "clusters", "index"):
             bundle.write_part(part, lambda tmp, src=staged[part]: os.replace(src, tmp), **common, **extra[part], **meta)
@@ -106,10 +112,64 @@ def save_gallery(bundle: Any, gallery: Any, backbone_hash: str, **meta: Any) -> 
     return build_id
 
 
+# -- choosing the refinement mode on validation photos -------------------------------------------
+DEFAULT_REFINE_MODE = "cluster+nn"  # PIGEON's
+_TIE_ORDER = ("cluster+nn", "nn", "cluster", "none")  # ties go to PIGEON's mode first
+VALIDATION_KEYS = ("refine_mode", "refine_validation")
+
+
+def choose_refinement(refiner: Any, emb: np.ndarray, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray,
+                      temperature: float = 1.6, max_refinement_km: float | None = 1000.0) -> dict[str, Any]:
+    """Answer validation photos with every refinement mode (embeddings and probabilities computed once
+    by the caller, one batched `Refiner.refine` per mode) and pick the lowest median km; ties go to
+    PIGEON's cluster+nn. Returns {"refine_mode", "refine_validation": {"n", "median_km", "within_25km"}}."""
+    from geocells.sphere import haversine_km
+    from index.refine import MODES
+
+    lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+    median, within = {}, {}
+    for m in MODES:
+        r = refiner.refine(emb, probs, mode=m, temperature=temperature, max_refinement_km=max_refinement_km)
+        km = haversine_km(lat, lon, r.lat, r.lon)
+        median[m], within[m] = float(np.median(km)), float(np.mean(km <= 25.0))
+    best = min(median.values())
+    mode = next(m for m in _TIE_ORDER if median[m] <= best + 1e-9)
+    return {"refine_mode": mode, "refine_validation": {"n": int(len(lat)), "median_km": median, "within_25km": within}}
+
+
+def _validation_probs(b: Any, cells: Any, bb: Any, emb: np.ndarray) -> np.ndarray | str:
+    """Cell probabilities of validation embeddings from the bundle's head, or why there are none."""
+    from .head import PrototypeHead
+    from .predictor import Predictor
+
+    if not b.has("head"):
+        return "the bundle has no head.safetensors (run `pigeon train` first)"
+    want = b.meta("head").get("backbone_hash")
+    if want and want != bb.hash:
+        return "head.safetensors was trained with another backbone"
+    head = PrototypeHead.load(b.part_path("head"))
+    if head.embed_dim != bb.embed_dim or head.n_cells != len(cells):
+        return "head.safetensors does not match the bundle's backbone or cells"
+    return Predictor(cells, head, bb).cell_probs(emb)
+
+
+def recorded_refine_mode(bundle: Any) -> str:
+    """The refinement mode `pigeon build-index` validated for this bundle's gallery, else PIGEON's."""
+    from index.refine import MODES
+
+    mode = bundle.meta("index").get("refine_mode") if bundle is not None and bundle.has("index") else None
+    return mode if mode in MODES else DEFAULT_REFINE_MODE
+
+
 # -- the command's functions ---------------------------------------------------------------------
 def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bool = False, kind: str = "flat",
-                batch_size: int = 64, workers: int = 0, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Embed a manifest's photos and build (or, with `append`, extend) the bundle's gallery index."""
+                batch_size: int = 64, workers: int = 0, device: str = "cpu", progress: bool = True,
+                validate: bool | None = None) -> dict[str, Any]:
+    """Embed a manifest's photos and build (or, with `append`, extend) the bundle's gallery index.
+
+    Rows with split == "val" are held out of the gallery. `validate`: None (default) answers them with
+    each refinement mode and records the best when there are any (and the bundle has a head); True
+    requires them; False skips the measurement (they are still held out)."""
     from geocells import GeoCells
     from index import KINDS, append_gallery, build_gallery
 
@@ -132,6 +192,13 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
     emb, rows = embed_manifest(bb, df, batch_size=batch_size, workers=workers, progress=progress)
     skipped = len(df) - len(rows)
     df = df.iloc[rows].reset_index(drop=True)
+    is_val = (df["split"] == "val").to_numpy() if "split" in df.columns else np.zeros(len(df), bool)
+    if validate and not is_val.any():
+        raise UserError(f"manifest {images}: --validate needs rows with split == \"val\" (readable images); add a `split` column or drop --validate")
+    if is_val.all():
+        raise UserError(f"manifest {images}: every row has split == \"val\", so none is left for the gallery; mark gallery rows `train`")
+    val_df, val_emb = df[is_val].reset_index(drop=True), emb[is_val]
+    df, emb = df[~is_val].reset_index(drop=True), emb[~is_val]
     lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
     cell = np.asarray(cells.cell_of(lat, lon), np.int64)
     if "id" in df.columns:
@@ -147,10 +214,28 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
         g = build_gallery(emb, ids, lat, lon, cell, image, kind=kind, progress=progress)
     else:
         g = append_gallery(old, emb, ids, lat, lon, cell, image)
-    build_id = save_gallery(b, g, bb.hash, backbone_spec=bb.spec)
-    return {"images": int(len(df)), "skipped": int(skipped), "total": int(g.index.ntotal), "clusters": len(g.clusters),
-            "cells_used": int(np.unique(g.frame["cell"]).size), "kind": g.index.kind, "appended": bool(append),
-            "build_id": build_id}
+    chosen: dict[str, Any] = {}
+    note = None
+    if old is not None:  # an append without validation photos keeps the last validated choice
+        chosen = {k: b.meta("index")[k] for k in VALIDATION_KEYS if k in b.meta("index")}
+    if len(val_df) and validate is not False:
+        probs = _validation_probs(b, cells, bb, val_emb)
+        if isinstance(probs, str):
+            if validate:
+                raise UserError(f"bundle {b.path}: cannot validate refinement: {probs}")
+            note = probs
+        else:
+            from index import Refiner
+
+            refiner = Refiner.from_index(np.asarray(cells.centres, np.float64), g.clusters, g.frame, g.index)
+            chosen = choose_refinement(refiner, val_emb, probs, val_df["lat"].to_numpy(), val_df["lon"].to_numpy())
+    build_id = save_gallery(b, g, bb.hash, index_meta=chosen, backbone_spec=bb.spec)
+    rep = {"images": int(len(df)), "skipped": int(skipped), "total": int(g.index.ntotal), "clusters": len(g.clusters),
+           "cells_used": int(np.unique(g.frame["cell"]).size), "kind": g.index.kind, "appended": bool(append),
+           "build_id": build_id, "held_out_val": int(len(val_df)), **chosen}
+    if note:
+        rep["validation_skipped"] = note
+    return rep
 
 
 def read_id_file(path: str | os.PathLike) -> np.ndarray:
@@ -181,7 +266,8 @@ def remove_gallery_ids(bundle: str | os.PathLike, ids: np.ndarray) -> dict[str, 
     g = load_gallery(b)
     g2, removed = remove_from_gallery(g, np.asarray(ids, np.int64))
     if removed:
-        save_gallery(b, g2, b.meta("index").get("backbone_hash") or b.backbone_hash or "",
+        keep = {k: b.meta("index")[k] for k in VALIDATION_KEYS if k in b.meta("index")}  # last validated choice
+        save_gallery(b, g2, b.meta("index").get("backbone_hash") or b.backbone_hash or "", index_meta=keep,
                      backbone_spec=b.meta("index").get("backbone_spec", b.backbone_spec))
     return {"removed": int(removed), "total": int(g2.index.ntotal), "clusters": len(g2.clusters)}
 
@@ -220,14 +306,14 @@ def set_refinement(predictor: Any, mode: str | None = None, max_refinement_km: f
 
 def refine_answers(predictor: Any, emb: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """The Predictor's answer points: PIGEON refinement over the bundle's gallery when it has one,
-    else the top cell's centre (reported as mode "cell", as is a refinement that fell back to it). Options are read from the predictor: `refine_mode` ("cluster+nn";
-    also "none", "cluster", "nn"), `refine_temperature` (1.6), `max_refinement_km` (1000),
+    else the top cell's centre (reported as mode "cell", as is a refinement that fell back to it). Options are read from the predictor: `refine_mode` (the
+    bundle's validated `refine_mode`, else "cluster+nn"; also "none", "cluster", "nn"), `refine_temperature` (1.6), `max_refinement_km` (1000),
     `refine_neighbours` (5), `refine_average` (1)."""
     cache = getattr(predictor, "_gallery", "unset")
     if cache == "unset":
         cache = gallery_refiner(getattr(predictor, "bundle", None), predictor.centres)
         predictor._gallery = cache
-    mode = getattr(predictor, "refine_mode", "cluster+nn")
+    mode = getattr(predictor, "refine_mode", DEFAULT_REFINE_MODE)
     if cache is None or mode == "none":
         top = probs.argmax(axis=1)
         ref = [{"mode": "cell", "moved_km": 0.0, "cluster": -1, "cell": int(c), "neighbours": []} for c in top]

@@ -42,6 +42,10 @@ class Predictor:
         self.backbone = backbone
         self.bundle = bundle
         self.device = device
+        from .build_index import recorded_refine_mode
+
+        # the mode `pigeon build-index` chose on validation photos; --refine / PIGEON_REFINE override it
+        self.refine_mode = recorded_refine_mode(bundle)
         g = cells.gdf
         self.n_cells = len(g)
         if head.n_cells != self.n_cells:

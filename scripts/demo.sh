@@ -39,7 +39,7 @@ echo "== 2/6 geocells from the photos' coordinates"
 echo "== 3/6 the geocell head on the $BACKBONE backbone"
 "$BIN/pigeon" train --data "$DEMO/world/manifest.csv" --bundle "$DEMO/bundle" --backbone "$BACKBONE"
 
-echo "== 4/6 the gallery index for in-cell refinement (train + val photos only)"
+echo "== 4/6 the gallery index for in-cell refinement (train photos; the val photos choose the refinement mode)"
 "$BIN/pigeon" build-index --images "$DEMO/world/gallery.csv" --bundle "$DEMO/bundle"
 
 echo "== 5/6 evaluation on the held-out test photos"

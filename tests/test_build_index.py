@@ -1,6 +1,6 @@
 """`pigeon build-index` on the synthetic world: parts written together and refused when they do not
 belong; append/remove; an interrupted build keeps the old index; the Predictor refines with it; and
-refinement beats the top cell's centre."""
+refinement beats the top cell's centre; the refinement mode is chosen on the held-out val photos."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def world(tmp_path_factory):
     gal.iloc[half:].to_csv(root / "world" / "gallery_b.csv", index=False)
     df[df["split"] == "test"].to_csv(root / "world" / "queries.csv", index=False)
     rep = build_index(root / "world" / "gallery_a.csv", b.path, progress=False, batch_size=32)
-    return root, b.path, rep, half, len(gal)
+    kept = (gal["split"] != "val").to_numpy()  # val rows are held out of the gallery
+    assert 0 < kept[:half].sum() < half
+    return root, b.path, rep, int(kept[:half].sum()), int(kept.sum())
 
 
 def test_build_writes_three_parts_that_belong_together(world):
@@ -134,7 +136,10 @@ def test_predictor_refines_with_the_gallery(world):
     root, bpath, rep, half, n = world
     from pigeon.predictor import Predictor
 
+    from pigeon.build_index import set_refinement
+
     pred = Predictor.from_bundle(bpath)
+    set_refinement(pred, "cluster+nn")
     q = pd.read_csv(root / "world" / "queries.csv")
     out = pred.locate([str(root / "world" / p) for p in q["image"][:8]], top_k=3)
     g = load_gallery(Bundle(bpath)).frame.set_index("id")
@@ -153,20 +158,28 @@ def test_predictor_refines_with_the_gallery(world):
 
 
 def test_refinement_beats_the_cell_centre_on_the_synthetic_world(world):
-    """Embeddings of the synthetic photos (tiny backbone); a head of cell-mean prototypes fitted on the
-    gallery; median error of the top cell's centre vs refinement, on the held-out test photos."""
+    """Embeddings of the synthetic photos (tiny backbone); a gallery of every non-test photo (val
+    included: the bundle's own gallery, half of them less val, is too small to show it); a head of
+    cell-mean prototypes fitted on the gallery; median error of the top cell's centre vs refinement,
+    on the held-out test photos."""
     from geocells import GeoCells
-    from index import Refiner
+    from index import Refiner, build_gallery
     from pigeon.backbones import backbone_from_bundle
     from pigeon.build_index import embed_manifest
     from pigeon.datasets import read_manifest
 
     root, bpath, rep, half, n = world
     b = Bundle(bpath)
-    g = load_gallery(b)
     cells = GeoCells.load(b.part_path("cells"))
+    bb = backbone_from_bundle(b)
     q = read_manifest(root / "world" / "queries.csv")
-    qemb, _ = embed_manifest(backbone_from_bundle(b), q, batch_size=64, progress=False)
+    qemb, _ = embed_manifest(bb, q, batch_size=64, progress=False)
+    gm = pd.concat([read_manifest(root / "world" / f) for f in ("gallery_a.csv", "gallery_b.csv")], ignore_index=True)
+    gemb, rows = embed_manifest(bb, gm, batch_size=64, progress=False)
+    gm = gm.iloc[rows].reset_index(drop=True)
+    glat, glon = gm["lat"].to_numpy(), gm["lon"].to_numpy()
+    g = build_gallery(gemb, np.arange(len(gm), dtype=np.int64), glat, glon, np.asarray(cells.cell_of(glat, glon), np.int64),
+                      gm["image"].to_numpy(), progress=False)
     ids, vec = g.index.vectors()
     cell_of_vec = g.frame.set_index("id").loc[ids, "cell"].to_numpy()
     protos = np.zeros((len(cells), vec.shape[1]))
@@ -182,13 +195,13 @@ def test_refinement_beats_the_cell_centre_on_the_synthetic_world(world):
 
 
 def test_locate_refine_options_through_the_cli(world, tmp_path, capsys):
-    """`--refine none` answers with the top cell's centre; the default refines to a gallery photo;
+    """`--refine none` answers with the top cell's centre; cluster+nn refines to a gallery photo;
     a tight guard sends far answers back to the centre; bad options exit 2 naming the option."""
     root, bpath, rep, half, n = world
     q = pd.read_csv(root / "world" / "queries.csv")
     imgs = [str(root / "world" / p) for p in q["image"][:6]]
     got = {}
-    for name, extra in (("none", ["--refine", "none"]), ("default", []), ("tight", ["--max-refinement-km", "0.001"])):
+    for name, extra in (("none", ["--refine", "none"]), ("default", ["--refine", "cluster+nn"]), ("tight", ["--max-refinement-km", "0.001"])):
         out = tmp_path / f"{name}.geojson"
         assert _cli(["locate", *imgs, "--bundle", str(bpath), "--out", str(out), *extra]) == 0
         got[name] = json.loads(out.read_text())["features"]
@@ -229,3 +242,77 @@ def test_serve_refine_settings(world, monkeypatch, capsys):
     monkeypatch.delenv("PIGEON_MAX_REFINEMENT_KM")
     assert _cli(["serve", "--bundle", str(bpath), "--refine", "nearest"]) == 2
     assert "--refine nearest" in capsys.readouterr().err
+
+
+def test_refine_mode_is_chosen_on_the_val_photos(world):
+    """The index record holds the mode with the lowest median km on the held-out val rows and the
+    per-mode figures; the `none` figure is recomputed here from the head's top cells."""
+    from geocells import GeoCells
+    from geocells.sphere import haversine_km
+    from index.refine import MODES
+    from pigeon.build_index import embed_manifest
+    from pigeon.datasets import read_manifest
+    from pigeon.predictor import Predictor
+
+    root, bpath, rep, half, n = world
+    b = Bundle(bpath)
+    meta = b.meta("index")
+    v = meta["refine_validation"]
+    man = read_manifest(root / "world" / "gallery_a.csv")
+    val = man[man["split"] == "val"].reset_index(drop=True)
+    assert rep["held_out_val"] == v["n"] == len(val) > 0
+    assert set(v["median_km"]) == set(v["within_25km"]) == set(MODES)
+    assert all(0.0 <= x <= 1.0 for x in v["within_25km"].values())
+    best = min(v["median_km"].values())
+    assert v["median_km"][meta["refine_mode"]] == best and rep["refine_mode"] == meta["refine_mode"]
+    if v["median_km"]["cluster+nn"] == best:
+        assert meta["refine_mode"] == "cluster+nn"
+    assert not load_gallery(b).frame["image"].isin(val["image"]).any()   # held out of the gallery
+    pred = Predictor.from_bundle(bpath)
+    emb, rows = embed_manifest(pred.backbone, val, progress=False)
+    top = pred.cell_probs(emb).argmax(1)
+    km = haversine_km(val["lat"].to_numpy()[rows], val["lon"].to_numpy()[rows], pred.centres[top, 0], pred.centres[top, 1])
+    assert v["median_km"]["none"] == pytest.approx(float(np.median(km)), rel=1e-6)
+
+
+def test_ties_go_to_pigeons_mode():
+    from pigeon.build_index import choose_refinement
+
+    class Same:  # every mode gives the same answers
+        def refine(self, emb, probs, **kw):
+            return type("R", (), {"lat": np.zeros(len(emb)), "lon": np.zeros(len(emb))})()
+
+    got = choose_refinement(Same(), np.zeros((4, 8)), np.ones((4, 2)) / 2, np.array([0.0, 1, 2, 3]), np.zeros(4))
+    assert got["refine_mode"] == "cluster+nn" and len(set(got["refine_validation"]["median_km"].values())) == 1
+
+
+def test_predictor_defaults_to_the_recorded_mode(world, tmp_path, capsys):
+    """A bundle whose record says `nn` refines with nn by default; `--refine none` still wins;
+    `--no-validate` records nothing (Predictor back to cluster+nn) and still holds val rows out."""
+    import shutil
+
+    from pigeon.predictor import Predictor
+
+    root, bpath, rep, half, n = world
+    assert Predictor.from_bundle(bpath).refine_mode == Bundle(bpath).meta("index")["refine_mode"]
+    b2 = tmp_path / "nn"
+    shutil.copytree(bpath, b2)
+    m = json.loads((b2 / "manifest.json").read_text())
+    m["parts"]["index"]["refine_mode"] = "nn"
+    (b2 / "manifest.json").write_text(json.dumps(m))
+    assert Predictor.from_bundle(b2).refine_mode == "nn"
+    q = pd.read_csv(root / "world" / "queries.csv")
+    imgs = [str(root / "world" / p) for p in q["image"][:6]]
+    got = {}
+    for name, extra in (("default", []), ("none", ["--refine", "none"])):
+        out = tmp_path / f"{name}.geojson"
+        assert _cli(["locate", *imgs, "--bundle", str(b2), "--out", str(out), *extra]) == 0
+        got[name] = [f["properties"]["refinement"]["mode"] for f in json.loads(out.read_text())["features"]]
+    assert set(got["default"]) <= {"nn", "cell"} and "nn" in got["default"]
+    assert set(got["none"]) == {"cell"}
+    b3 = tmp_path / "noval"
+    shutil.copytree(bpath, b3)
+    assert _cli(["build-index", "--bundle", str(b3), "--images", str(root / "world" / "gallery_a.csv"), "--no-validate", "--batch-size", "32"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "refine_mode" not in out and out["images"] == half and out["held_out_val"] == rep["held_out_val"]
+    assert "refine_mode" not in Bundle(b3).meta("index") and Predictor.from_bundle(b3).refine_mode == "cluster+nn"

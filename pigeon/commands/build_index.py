@@ -20,6 +20,8 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images"),
         remove_ids: Optional[Path] = typer.Option(None, "--remove-ids", help="file of gallery ids (one a line, or an `id` column) to take out"),
         device: str = typer.Option("cpu", help="torch device"),
+        validate: Optional[bool] = typer.Option(None, "--validate/--no-validate",
+                                                help="answer the manifest's split == val rows (held out of the gallery) with each refinement mode and record the best; default: when there are any"),
     ) -> None:
         """Embed a gallery of located photos and build the index that refines answers inside cells."""
         from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
@@ -28,7 +30,8 @@ def register(app: typer.Typer) -> None:
         if images is None and remove_ids is None:
             raise UserError("`pigeon build-index` needs --images MANIFEST (to build or --append) or --remove-ids FILE")
         if images is not None:
-            rep = build_index(images, bundle, append=append, kind=kind, batch_size=batch_size, workers=workers, device=device)
+            rep = build_index(images, bundle, append=append, kind=kind, batch_size=batch_size, workers=workers, device=device,
+                              validate=validate)
             typer.echo(json.dumps(rep))
         if remove_ids is not None:
             rep = remove_gallery_ids(bundle, read_id_file(remove_ids))

@@ -14,7 +14,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
 
     refine / max_refinement_km: gallery refinement mode (cluster+nn, cluster, nn, none) and PIGEON's
-    guard in km (inf = off); None keeps the defaults (cluster+nn, 1000 km). Used only when the bundle
+    guard in km (inf = off); None keeps the defaults (the bundle's validated mode, else cluster+nn; 1000 km). Used only when the bundle
     has a gallery index; without one the answer is always the top cell's centre."""
     from tqdm.auto import tqdm
 
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(5, "--top-k", help="cells / countries / regions listed per image"),
         batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass"),
         device: str = typer.Option("cpu", help="torch device"),
-        refine: str = typer.Option("cluster+nn", "--refine", help="gallery refinement (bundles with an index): cluster+nn | cluster | nn | none (top cell's centre)"),
+        refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement (bundles with an index): cluster+nn | cluster | nn | none (top cell's centre); default: the mode `pigeon build-index` chose on val photos, else cluster+nn"),
         max_refinement_km: float = typer.Option(1000.0, "--max-refinement-km", help="PIGEON's guard: a refined answer farther than this from the top cell's centre is undone (inf = off)"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         max_concurrency: Optional[int] = typer.Option(None, help="inferences at once per worker (default 1; env PIGEON_MAX_CONCURRENCY)"),
         max_upload_mb: Optional[float] = typer.Option(None, help="largest request body in MB (default 20; env PIGEON_MAX_UPLOAD_BYTES)"),
         log_level: str = typer.Option("info", help="debug | info | warning | error"),
-        refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement: cluster+nn (default) | cluster | nn | none (env PIGEON_REFINE)"),
+        refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement: cluster+nn | cluster | nn | none (env PIGEON_REFINE); default: the bundle's validated mode, else cluster+nn"),
         max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard in km (default 1000; inf = off; env PIGEON_MAX_REFINEMENT_KM)"),
     ) -> None:
         """Serve POST /locate and the web page at http://HOST:PORT/ (API key: env PIGEON_API_KEY)."""
