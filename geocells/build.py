@@ -200,7 +200,7 @@ def _fill_empty(b, geoms, pw, ai, aj) -> np.ndarray:
         have = np.flatnonzero(owner >= 0)
         rp = shapely.point_on_surface(geoms[left])
         xy = shapely.get_coordinates(rp)
-        j, _, _ = nearest_polygon(xy[:, 1], xy[:, 0], geoms[have], STRtree(geoms[have]))
+        j, _, _ = nearest_polygon(xy[:, 1], xy[:, 0], geoms[have])
         owner[left] = owner[have[j]]
     return owner
 

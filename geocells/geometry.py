@@ -31,7 +31,7 @@ def assign_points(lat: np.ndarray, lon: np.ndarray, geoms: np.ndarray, tree: STR
     sea = np.flatnonzero(idx < 0)
     snap_lat, snap_lon = np.asarray(lat, np.float64).copy(), np.asarray(lon, np.float64).copy()
     if len(sea):
-        j, slat, slon = nearest_polygon(lat[sea], lon[sea], geoms, tree, nearest, exact=snap)
+        j, slat, slon = nearest_polygon(lat[sea], lon[sea], geoms, nearest, exact=snap)
         idx[sea], snap_lat[sea], snap_lon[sea] = j, slat, slon
     return idx, snap_lat, snap_lon, idx_at_sea(n, sea)
 
@@ -63,7 +63,7 @@ class NearestIndex:
         return self.owner[i], self.lonlat[i, 1].copy(), self.lonlat[i, 0].copy(), chord_to_km(d)
 
 
-def nearest_polygon(lat: np.ndarray, lon: np.ndarray, geoms: np.ndarray, tree: STRtree | None = None, index: "NearestIndex | None" = None, exact: bool = False):
+def nearest_polygon(lat: np.ndarray, lon: np.ndarray, geoms: np.ndarray, index: "NearestIndex | None" = None, exact: bool = False):
     """Nearest polygon to each point on the sphere, and the nearest boundary point (see `NearestIndex`)."""
     index = index or NearestIndex(geoms)
     lat = np.asarray(lat, np.float64)

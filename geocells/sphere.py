@@ -59,3 +59,11 @@ def spherical_mean(lat: np.ndarray, lon: np.ndarray, weights: np.ndarray | None 
 def wrap_lon(lon: np.ndarray) -> np.ndarray:
     """Longitudes folded into [-180, 180)."""
     return (np.asarray(lon, dtype=np.float64) + 180.0) % 360.0 - 180.0
+
+
+def pairwise_km(x: np.ndarray, c: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Great-circle km (n, C) between unit vectors x (n, 3) and c (C, 3), via the chord; chunked to bound memory."""
+    out = np.empty((len(x), len(c)), dtype=np.float64)
+    for i in range(0, len(x), chunk):
+        out[i:i + chunk] = chord_to_km(np.sqrt(np.clip(2.0 - 2.0 * (x[i:i + chunk] @ c.T), 0.0, 4.0)))
+    return out

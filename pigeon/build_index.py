@@ -309,19 +309,16 @@ def refine_answers(predictor: Any, emb: np.ndarray, probs: np.ndarray) -> tuple[
     else the top cell's centre (reported as mode "cell", as is a refinement that fell back to it). Options are read from the predictor: `refine_mode` (the
     bundle's validated `refine_mode`, else "cluster+nn"; also "none", "cluster", "nn"), `refine_temperature` (1.6), `max_refinement_km` (1000),
     `refine_neighbours` (5), `refine_average` (1)."""
-    cache = getattr(predictor, "_gallery", "unset")
-    if cache == "unset":
-        cache = gallery_refiner(getattr(predictor, "bundle", None), predictor.centres)
-        predictor._gallery = cache
-    mode = getattr(predictor, "refine_mode", DEFAULT_REFINE_MODE)
+    cache = predictor.gallery
+    mode = predictor.refine_mode
     if cache is None or mode == "none":
         top = probs.argmax(axis=1)
         ref = [{"mode": "cell", "moved_km": 0.0, "cluster": -1, "cell": int(c), "neighbours": []} for c in top]
         return predictor.centres[top, 0].copy(), predictor.centres[top, 1].copy(), ref
     refiner, g = cache
-    r = refiner.refine(emb, probs, mode=mode, temperature=getattr(predictor, "refine_temperature", 1.6),
-                       max_refinement_km=getattr(predictor, "max_refinement_km", 1000.0),
-                       neighbours=getattr(predictor, "refine_neighbours", 5), average=getattr(predictor, "refine_average", 1))
+    r = refiner.refine(emb, probs, mode=mode, temperature=predictor.refine_temperature,
+                       max_refinement_km=predictor.max_refinement_km,
+                       neighbours=predictor.refine_neighbours, average=predictor.refine_average)
     ids = r.neighbour_ids
     valid = ids >= 0
     rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .calibration import softmax
+
 DRIVING_CAPTIONS = {
     "left": "A photo of a road in a country where cars drive on the left side of the road.",
     "right": "A photo of a road in a country where cars drive on the right side of the road.",
@@ -44,12 +46,6 @@ class ActivationMap:
     heat: np.ndarray
     method: str  # "grad-cam" | "grad-x-input"
     layer: str | None
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max()
-    e = np.exp(z)
-    return e / e.sum()
 
 
 class Explainer:
@@ -95,7 +91,7 @@ class Explainer:
         for group, caps in groups.items():
             labels = list(caps)
             cos = self._caption_embeddings([caps[k] for k in labels]) @ emb
-            p = _softmax(cos.astype(np.float64) * scale)
+            p = softmax(cos.astype(np.float64)[None, :] * scale)[0]
             out[group] = [
                 {"label": k, "caption": caps[k], "cosine": round(float(c), 5), "probability": round(float(q), 5)}
                 for k, c, q in sorted(zip(labels, cos, p), key=lambda t: -t[2])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from geocells.errors import UserError
-from geocells.sphere import EARTH_RADIUS_KM, to_xyz
+from geocells.sphere import pairwise_km, to_xyz
 
 CAPTION = "A photo taken in {region}, {country}."
 DEFAULT_TAU_KM = 65.0
@@ -147,15 +147,6 @@ def smoothed_targets(true_lat: np.ndarray, true_lon: np.ndarray, true_cell: np.n
     z -= z.max(axis=1, keepdims=True)
     w = np.exp(z)
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def pairwise_km(x: np.ndarray, c: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Great-circle km between unit vectors x (n, 3) and c (C, 3), via the chord (accurate at short range)."""
-    out = np.empty((len(x), len(c)), dtype=np.float64)
-    for i in range(0, len(x), chunk):
-        sq = np.clip(2.0 - 2.0 * (x[i:i + chunk] @ c.T), 0.0, 4.0)
-        out[i:i + chunk] = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(sq) / 2)
-    return out
 
 
 def _normalise(a: np.ndarray) -> np.ndarray:

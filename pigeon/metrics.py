@@ -7,6 +7,7 @@ accuracy (the guess lands in the same country / admin-1 region as the truth).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -57,27 +58,30 @@ def geo_metrics(
 def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ISO a2, country name and 'country/admin-1' key of each point from the bundled admin-1 polygons.
 
-    A point at sea (or on a coast the simplified polygons miss) takes the nearest polygon, so a
-    guess on a beach still counts for its country. Vectorised with an STRtree.
+    A point at sea (or on a coast the simplified polygons miss) takes the nearest polygon on the
+    sphere, so a guess on a beach still counts for its country: geocells' own point assignment.
     """
-    import shapely
+    from geocells.geometry import assign_points
 
-    from geocells import bundled
-
-    adm = bundled.admin1()
-    tree = shapely.STRtree(adm.geometry.values)
-    pts = shapely.points(np.asarray(lon, np.float64), np.asarray(lat, np.float64))
-    idx = np.full(len(pts), -1, dtype=np.int64)
-    hit_p, hit_g = tree.query(pts, predicate="intersects")
-    idx[hit_p[::-1]] = hit_g[::-1]  # first hit wins
-    miss = np.flatnonzero(idx < 0)
-    if len(miss):
-        mp, mg = tree.query_nearest(pts[miss], all_matches=False)
-        idx[miss[mp]] = mg
+    adm, geoms, tree, nearest = _admin1_lookup()
+    idx, *_ = assign_points(np.asarray(lat, np.float64), np.asarray(lon, np.float64), geoms, tree, nearest)
     iso = adm["iso_a2"].to_numpy()[idx]
     country = adm["country"].to_numpy()[idx]
     key = (adm["country"].astype(str) + "/" + adm["admin1"].astype(str)).to_numpy()[idx]
     return iso, country, key
+
+
+@lru_cache(maxsize=1)
+def _admin1_lookup():
+    """The bundled admin-1 polygons with their STRtree and nearest-boundary index, built once per process."""
+    import shapely
+
+    from geocells import bundled
+    from geocells.geometry import NearestIndex
+
+    adm = bundled.admin1()
+    geoms = np.asarray(adm.geometry.values, dtype=object)
+    return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)
 
 
 __all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode"]

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from geocells.sphere import EARTH_RADIUS_KM, to_xyz
+from geocells.sphere import pairwise_km, to_xyz
 
 from .errors import UserError
 
@@ -46,12 +46,21 @@ class Predictor:
 
         # the mode `pigeon build-index` chose on validation photos; --refine / PIGEON_REFINE override it
         self.refine_mode = recorded_refine_mode(bundle)
+        self.refine_temperature = 1.6
+        self.max_refinement_km: float | None = 1000.0
+        self.refine_neighbours = 5
+        self.refine_average = 1
         g = cells.gdf
         self.n_cells = len(g)
         if head.n_cells != self.n_cells:
             raise UserError(f"head has {head.n_cells} prototypes but the bundle has {self.n_cells} cells; retrain with `pigeon train`")
         self.centres = np.asarray(cells.centres, dtype=np.float64)
         self.centres_xyz = to_xyz(self.centres[:, 0], self.centres[:, 1])
+        # the gallery is loaded (and checked against the cells and backbone) here, at start-up, so a
+        # mismatched index refuses the bundle instead of failing the first request
+        from .build_index import gallery_refiner
+
+        self.gallery = gallery_refiner(bundle, self.centres)
         self.cell_country = g["country"].fillna("").astype(str).to_numpy()
         self.cell_iso = g["iso_a2"].fillna("").astype(str).to_numpy()
         self.cell_admin1 = g["admin1"].fillna("").astype(str).to_numpy()
@@ -131,9 +140,7 @@ class Predictor:
 
     def radii(self, lat: np.ndarray, lon: np.ndarray, probs: np.ndarray, levels: Sequence[float] = (0.5, 0.9)) -> tuple[np.ndarray, ...]:
         """Km from each answer within which the cell centres hold `levels` of the probability mass."""
-        a = to_xyz(lat, lon)                                          # (n, 3)
-        sq = np.clip(2.0 - 2.0 * (a @ self.centres_xyz.T), 0.0, 4.0)  # (n, C) squared chord
-        d = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(sq) / 2)
+        d = pairwise_km(to_xyz(lat, lon), self.centres_xyz)  # (n, C)
         order = np.argsort(d, axis=1)
         cum = np.cumsum(np.take_along_axis(probs, order, 1), axis=1)
         ds = np.take_along_axis(d, order, 1)

@@ -247,7 +247,6 @@ def test_serve_refine_settings(world, monkeypatch, capsys):
 def test_refine_mode_is_chosen_on_the_val_photos(world):
     """The index record holds the mode with the lowest median km on the held-out val rows and the
     per-mode figures; the `none` figure is recomputed here from the head's top cells."""
-    from geocells import GeoCells
     from geocells.sphere import haversine_km
     from index.refine import MODES
     from pigeon.build_index import embed_manifest
