@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv browser
-	$(BIN)/python -m pytest tests
+	$(BIN)/pytest tests
 
 # The web-page test drives Debian's headless Chromium; install it when missing (the test skips, with
 # the reason, when it cannot be installed).

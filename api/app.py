@@ -35,6 +35,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pigeon.index import RefineConfig
+from pigeon.predictor import Predictor
+
 from .schemas import BatchResponse, ErrorResponse, Health, Location, Version
 from .uploads import UploadError, decode_image
 
@@ -390,18 +393,11 @@ class Service:
         return {"pigeon_version": pv, "backbone": getattr(bundle, "backbone_spec", None), "manifest": manifest}
 
 
-def load_predictor(bundle_path: str | os.PathLike) -> Any:
-    """Load the predictor of a bundle folder; a missing or mismatched part raises UserError naming it."""
-    from pigeon.predictor import Predictor
-
-    return Predictor.from_bundle(bundle_path)
-
-
 def app_from_env() -> FastAPI:
     """uvicorn factory for multi-worker serving: the bundle from PIGEON_BUNDLE, settings from PIGEON_*."""
     bundle = os.environ.get("PIGEON_BUNDLE")
     if not bundle:
-        from pigeon.errors import UserError
+        from pigeon.core.errors import UserError
 
         raise UserError("PIGEON_BUNDLE is not set; give the bundle folder (`pigeon serve --bundle DIR`)")
     configure_logging()
@@ -422,11 +418,13 @@ LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
 def create_app(bundle: Any, settings: Settings | None = None) -> FastAPI:
     """Build the app over a bundle folder (loaded now, once) or an already-loaded predictor."""
     settings = settings or Settings.from_env()
-    predictor = load_predictor(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
-    if settings.refine is not None or settings.max_refinement_km is not None:
-        from pigeon.build_index import set_refinement
-
-        set_refinement(predictor, settings.refine, settings.max_refinement_km)
+    refine = RefineConfig.from_options(settings.refine, settings.max_refinement_km)
+    if isinstance(bundle, (str, os.PathLike)):
+        predictor = Predictor.from_bundle(bundle, refine=refine)
+    else:
+        predictor = bundle
+        if settings.refine is not None or settings.max_refinement_km is not None:
+            predictor.refine = refine.resolve(predictor.refine.mode)
     svc = Service(predictor, settings)
     if settings.warmup:
         from PIL import Image

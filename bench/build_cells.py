@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def run_case(points: str, scale: int, min_size: int, max_size: int, jitter_km: float, seed: int = 0) -> dict:
     import numpy as np
 
-    from geocells import build_cells, load_boundaries, load_points
-    from geocells.sphere import EARTH_RADIUS_KM, haversine_km
+    from pigeon.geocells import build_cells, load_boundaries, load_points
+    from pigeon.core.sphere import EARTH_RADIUS_KM, haversine_km
 
     p = load_points(points)
     lat, lon = p.lat, p.lon

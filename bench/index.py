@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geocells.sphere import haversine_km  # noqa: E402
-from index import GeoIndex, Refiner, index_in_cluster_order  # noqa: E402
-from index.clusters import ClusterTable, cluster_points  # noqa: E402
+from pigeon.core.sphere import haversine_km  # noqa: E402
+from pigeon.index import GeoIndex, Refiner, index_in_cluster_order  # noqa: E402
+from pigeon.index.clusters import ClusterTable, cluster_points  # noqa: E402
 
 
 def rss_gib() -> float:

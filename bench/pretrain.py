@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "real" / "streetview_mini"
 
 
@@ -43,7 +42,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from geocells import build_cells
+    from pigeon.geocells import build_cells
     from pigeon.backbones import backbone_from_bundle, create_backbone
     from pigeon.bundle import Bundle
     from pigeon.datasets import read_manifest

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHARES_KM = (1, 25, 200)
 
@@ -48,10 +47,10 @@ def refinement_table(manifest: Path, bundle_dir: Path, backbone: str, min_size: 
     returns {mode: summary} plus the reference points."""
     import pandas as pd
 
-    from geocells import build_cells
-    from geocells.sphere import haversine_km
-    from index import Refiner, build_gallery
-    from index.refine import MODES
+    from pigeon.geocells import build_cells
+    from pigeon.core.sphere import haversine_km
+    from pigeon.index import Refiner, build_gallery
+    from pigeon.index.refine import MODES
     from pigeon.bundle import Bundle
     from pigeon.embed_cache import embed_paths
     from pigeon.predictor import Predictor

@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def make_bundle(path: Path, spec: str, n_cells: int) -> Path:
     """A zero-shot bundle over `n_cells` admin-1 regions (seeded sample) with backbone `spec`."""
-    from geocells import bundled
-    from geocells.cells import GeoCells
+    from pigeon.geocells import bundled
+    from pigeon.geocells.cells import GeoCells
     from pigeon.bundle import Bundle
     from pigeon.train import train_zero_shot
 
@@ -72,7 +71,7 @@ def interleaved_c1(url: str, spec: str, jpeg: bytes, n: int) -> tuple[list[float
     import httpx
     import torch
 
-    from api.uploads import decode_image
+    from pigeon.api.uploads import decode_image
     from pigeon.backbones import create_backbone
 
     bb = create_backbone(spec)
@@ -94,7 +93,7 @@ def interleaved_c1(url: str, spec: str, jpeg: bytes, n: int) -> tuple[list[float
 
 
 class Server:
-    """uvicorn in a subprocess over a bundle (factory `api.app:app_from_env`)."""
+    """uvicorn in a subprocess over a bundle (factory `pigeon.api.app:app_from_env`)."""
 
     def __init__(self, bundle: Path, threads: int):
         with socket.socket() as s:
@@ -103,7 +102,7 @@ class Server:
         self.log = tempfile.TemporaryFile()  # the JSON request log; a pipe nobody reads would fill and stall the server
         env = {**os.environ, "PIGEON_BUNDLE": str(bundle), "OMP_NUM_THREADS": str(threads), "PIGEON_MAX_QUEUE": "16"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app_from_env", "--factory", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "uvicorn", "pigeon.api.app:app_from_env", "--factory", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "warning", "--no-access-log"],
             cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=self.log,
         )

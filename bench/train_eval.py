@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _bundle(path: Path, lat, lon, min_size: int, max_size: int):
-    from geocells import build_cells
+    from pigeon.geocells import build_cells
     from pigeon.bundle import Bundle
 
     cells = build_cells(lat, lon, min_size=min_size, max_size=max_size, progress=False)
@@ -80,7 +79,7 @@ def streetview(tmp: Path) -> dict:
     b = _bundle(tmp / "sv_zs", tr["lat"].to_numpy(), tr["lon"].to_numpy(), 8, 16)
     train_zero_shot(b.path, backbone="lite")
     m = evaluate(b.path, manifest, split="test", cache_dir=str(tmp / "cache"), progress=False)
-    out.update(sv_cells=int(len(__import__("geocells").GeoCells.load(b.part_path("cells")))),
+    out.update(sv_cells=int(len(__import__("pigeon.geocells", fromlist=["GeoCells"]).GeoCells.load(b.part_path("cells")))),
                lite_zero_shot_median_km=round(m["median_km"], 1), lite_zero_shot_country_acc=round(m["country_accuracy"], 3),
                sv_centroid_median_km=round(m["baseline_centroid_median_km"], 1), sv_oracle_cell_median_km=round(m["oracle_cell_median_km"], 1))
     b2 = _bundle(tmp / "sv_tr", tr["lat"].to_numpy(), tr["lon"].to_numpy(), 8, 16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import UserError
+from pigeon.core.errors import UserError
 
 _LAZY = {
     "GeoCells": ".cells",
@@ -27,7 +27,7 @@ __all__ = ["GeoCells", "Points", "UserError", "build_cells", "bundled", "default
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
-        raise AttributeError(f"module 'geocells' has no attribute {name!r}")
+        raise AttributeError(f"module 'pigeon.geocells' has no attribute {name!r}")
     mod = _LAZY[name]
     value = importlib.import_module(f".{name}" if mod is None else mod, __name__)
     if mod is not None:

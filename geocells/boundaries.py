@@ -16,7 +16,7 @@ import pandas as pd
 import shapely
 
 from . import bundled
-from .errors import UserError
+from pigeon.core.errors import UserError
 from .geometry import polygonal
 
 COLUMNS = ["adm0_a3", "iso_a2", "country", "admin1", "admin2"]

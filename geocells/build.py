@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from . import bundled
 from .cells import GeoCells
-from .errors import UserError
+from pigeon.core.errors import UserError
 from .geometry import adjacency, assign_points, from_local, local_points, nearest_polygon, polygonal, to_local
 from .optics import optics_xi_labels
-from .sphere import from_xyz, to_xyz
+from pigeon.core.sphere import from_xyz, to_xyz
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_cells(
     if len(lat) == 0:
         raise UserError("no points to build cells from; give at least one point")
     if not (np.isfinite(lat).all() and np.isfinite(lon).all() and (np.abs(lat) <= 90).all()):
-        raise UserError("points must have finite latitudes in [-90, 90]; load them with geocells.load_points to skip bad rows")
+        raise UserError("points must have finite latitudes in [-90, 90]; load them with pigeon.geocells.load_points to skip bad rows")
     if min_size < 1 or max_size < 2 * min_size:
         raise UserError(f"cell sizes min={min_size}, max={max_size}: need min >= 1 and max >= 2*min so that any oversized cell can be split into two legal ones")
     rounds = list(optics_rounds) if optics_rounds is not None else default_optics_rounds(min_size)

@@ -15,7 +15,7 @@ import pandas as pd
 
 def data_path(name: str):
     """Path of a bundled data file."""
-    return resources.files("geocells") / "data" / name
+    return resources.files(__package__) / "data" / name
 
 
 @lru_cache(maxsize=1)

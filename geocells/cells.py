@@ -12,9 +12,9 @@ import numpy as np
 import shapely
 from shapely import STRtree
 
-from .errors import UserError
+from pigeon.core.errors import UserError
 from .geometry import assign_points
-from .io import atomic_path
+from pigeon.core.io import atomic_path
 
 COLUMNS = ["cell_id", "name", "lat", "lon", "count", "iso_a2", "adm0_a3", "country", "admin1", "admin1_all", "driving_side", "hemisphere"]
 

@@ -8,7 +8,7 @@ from shapely import STRtree
 
 from scipy.spatial import cKDTree
 
-from .sphere import chord_to_km, to_xyz
+from pigeon.core.sphere import chord_to_km, to_xyz
 
 
 def assign_points(lat: np.ndarray, lon: np.ndarray, geoms: np.ndarray, tree: STRtree | None = None, nearest: "NearestIndex | None" = None, snap: bool = False):

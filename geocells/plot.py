@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .cells import GeoCells
-from .io import atomic_path
+from pigeon.core.io import atomic_path
 
 
 def plot_cells(cells: GeoCells, path: str | os.PathLike, lat=None, lon=None, title: str | None = None, dpi: int = 150) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
+from pigeon.core.errors import UserError
 
 LAT_NAMES = ("lat", "latitude", "y", "gps_lat", "lat_deg")
 LON_NAMES = ("lon", "lng", "long", "longitude", "x", "gps_lon", "lon_deg")

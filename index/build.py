@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geocells.errors import UserError
+from pigeon.core.errors import UserError
 
 from .clusters import ClusterTable, assign_to_existing, cluster_points
 from .gallery import GeoIndex, Kind

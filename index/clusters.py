@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geocells.errors import UserError
-from geocells.sphere import from_xyz, to_xyz
+from pigeon.core.errors import UserError
+from pigeon.core.sphere import from_xyz, to_xyz
 
 CLUSTER_COLUMNS = ["cluster_id", "cell", "lat", "lon", "size"]
 
@@ -40,11 +40,11 @@ def optics_labels(x: np.ndarray, min_samples: int, xi: float) -> np.ndarray:
     with max_eps=inf and min_cluster_size=min_samples. One implementation for the whole project:
     geocells' compiled ordering (numba) with every point weighted 1, then sklearn's own
     `cluster_optics_xi`; ~1-2% of sklearn's time on the few hundred points of one cell."""
-    from geocells.optics import optics_xi_labels
+    from pigeon.geocells.optics import optics_xi_labels
 
     x = np.ascontiguousarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != 3:
-        raise UserError(f"OPTICS points must be (n, 3) unit-sphere xyz, got shape {x.shape}; convert lat/lon with geocells.sphere.to_xyz")
+        raise UserError(f"OPTICS points must be (n, 3) unit-sphere xyz, got shape {x.shape}; convert lat/lon with pigeon.core.sphere.to_xyz")
     return optics_xi_labels(x, np.ones(len(x)), int(min_samples), float(xi))
 
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from geocells.errors import UserError
-from geocells.io import atomic_path
+from pigeon.core.errors import UserError
+from pigeon.core.io import atomic_path
 
 Kind = Literal["flat", "hnsw", "ivf"]
 KINDS: tuple[str, ...] = ("flat", "hnsw", "ivf")

@@ -18,22 +18,76 @@ the Python call itself. bench/index.py measures the speed-up against the loop wr
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from numba import njit
 
-from geocells.errors import UserError
-from geocells.sphere import EARTH_RADIUS_KM
+from pigeon.core.errors import UserError
+from pigeon.core.sphere import EARTH_RADIUS_KM
 
+from .build import Gallery
 from .clusters import ClusterTable
 
 Mode = Literal["none", "cluster", "nn", "cluster+nn"]
 MODES: tuple[str, ...] = ("none", "cluster", "nn", "cluster+nn")
 _MODE_NAMES = np.array(MODES, dtype=object)  # kernel mode codes 0..3 -> names
 TEMPERATURE = {"streetview": 1.6, "flickr": 0.6}  # PIGEON's softmax temperatures
+DEFAULT_MODE = "cluster+nn"  # PIGEON's
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How answers are refined inside the top cells: the one place for PIGEON's defaults.
+
+    mode: "cluster+nn" (PIGEON's), "cluster", "nn" or "none" (the top cell's centre); None means the
+    mode `pigeon build-index` validated for the bundle, else "cluster+nn" (see `resolve`).
+    max_refinement_km: PIGEON's guard; inf (or None) turns it off.
+    """
+
+    mode: str | None = None
+    temperature: float = TEMPERATURE["streetview"]
+    max_refinement_km: float = 1000.0
+    neighbours: int = 5
+    average: int = 1
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise UserError(f"--refine {self.mode} (PIGEON_REFINE): unknown refinement mode; use one of {', '.join(MODES)}")
+        km = math.inf if self.max_refinement_km is None else float(self.max_refinement_km)
+        if not km > 0:
+            raise UserError(f"--max-refinement-km {self.max_refinement_km} (PIGEON_MAX_REFINEMENT_KM): give a distance > 0 km (inf turns the guard off)")
+        object.__setattr__(self, "max_refinement_km", km)
+        if not float(self.temperature) > 0:
+            raise UserError(f"refinement temperature {self.temperature!r} must be > 0 (PIGEON: 1.6 street view, 0.6 Flickr)")
+        for name in ("neighbours", "average", "top_k"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"refinement {name} {getattr(self, name)!r} must be >= 1")
+
+    @classmethod
+    def from_options(cls, mode: str | None = None, max_refinement_km: float | None = None, **kw: Any) -> "RefineConfig":
+        """A config from CLI / settings values where None means "not given" (the default applies)."""
+        given = {k: v for k, v in dict(mode=mode, max_refinement_km=max_refinement_km, **kw).items() if v is not None}
+        return cls(**given)
+
+    def resolve(self, recorded_mode: str | None) -> "RefineConfig":
+        """This config with `mode` filled in: its own, else the bundle's recorded mode, else PIGEON's."""
+        if self.mode is not None:
+            return self
+        return dataclasses.replace(self, mode=recorded_mode if recorded_mode in MODES else DEFAULT_MODE)
+
+    @property
+    def guard_km(self) -> float | None:
+        """The guard as `Refiner.refine` takes it (None: no guard)."""
+        return None if math.isinf(self.max_refinement_km) else self.max_refinement_km
+
+
+_DEFAULTS = RefineConfig()
 
 
 @dataclass
@@ -281,9 +335,9 @@ class Refiner:
         return cls(cell_centres, clusters, gallery, ids, vecs)
 
     # -- public ------------------------------------------------------------------------------
-    def refine(self, query_emb: np.ndarray, cell_probs: np.ndarray, *, mode: Mode = "cluster+nn", top_k: int = 5,
-               temperature: float = TEMPERATURE["streetview"], neighbours: int = 5, average: int = 1,
-               max_refinement_km: float | None = 1000.0) -> RefineResult:
+    def refine(self, query_emb: np.ndarray, cell_probs: np.ndarray, *, mode: Mode = DEFAULT_MODE, top_k: int = _DEFAULTS.top_k,
+               temperature: float = _DEFAULTS.temperature, neighbours: int = _DEFAULTS.neighbours, average: int = _DEFAULTS.average,
+               max_refinement_km: float | None = _DEFAULTS.max_refinement_km) -> RefineResult:
         """Refine a batch: query embeddings (B, D) and the head's cell probabilities (B, C).
 
         mode: "none" (top cell's centre), "cluster" (best cluster's centre), "nn" (nearest gallery
@@ -313,7 +367,7 @@ class Refiner:
         if temperature is None or not float(temperature) > 0:
             raise UserError(f"refinement temperature {temperature!r} must be > 0 (PIGEON: 1.6 street view, 0.6 Flickr)")
         if max_refinement_km is not None and not float(max_refinement_km) >= 0:
-            raise UserError(f"max_refinement_km {max_refinement_km!r} must be >= 0 km (or None for no guard)")
+            raise UserError(f"max_refinement_km {max_refinement_km!r} must be >= 0 km (or None / inf for no guard)")
         neighbours = max(int(neighbours), int(average), 1)
         b = len(q)
         k = max(1, min(int(top_k), self.n_cells))
@@ -329,3 +383,43 @@ class Refiner:
                        self.g_id, self.g_row, lat, lon, cell, cluster, moved, nb_ids, nb_rows, nb_sim, used)
         return RefineResult(lat=lat, lon=lon, cell=cell, cluster_id=cluster, moved_km=moved,
                             neighbour_ids=nb_ids, neighbour_sims=nb_sim, mode=_MODE_NAMES.take(used), neighbour_rows=nb_rows)
+
+
+def centre_answers(probs: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Answers without a gallery (or with refinement off): the top cell's centre, reported as mode "cell"."""
+    top = np.asarray(probs).argmax(axis=1)
+    ref = [{"mode": "cell", "moved_km": 0.0, "cluster": -1, "cell": int(c), "neighbours": []} for c in top]
+    return centres[top, 0].copy(), centres[top, 1].copy(), ref
+
+
+class GalleryRefiner:
+    """A `Refiner` over one loaded `Gallery` that turns its results into JSON-ready answers."""
+
+    def __init__(self, gallery: Gallery, cell_centres: np.ndarray):
+        self.gallery = gallery
+        self.centres = np.asarray(cell_centres, np.float64)
+        self.refiner = Refiner.from_index(self.centres, gallery.clusters, gallery.frame, gallery.index)
+        f = gallery.frame
+        self._lat, self._lon = f["lat"].to_numpy(np.float64), f["lon"].to_numpy(np.float64)
+        self._img = f["image"].astype(str).to_numpy(object) if "image" in f else np.full(len(f), "", object)
+
+    def answer(self, emb: np.ndarray, probs: np.ndarray, config: RefineConfig) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """(lat, lon, refinement dicts) per query under `config` (whose mode must be resolved)."""
+        mode = config.mode or DEFAULT_MODE
+        if mode == "none":
+            return centre_answers(probs, self.centres)
+        r = self.refiner.refine(emb, probs, mode=mode, top_k=config.top_k, temperature=config.temperature,
+                                max_refinement_km=config.guard_km, neighbours=config.neighbours, average=config.average)
+        ids = r.neighbour_ids
+        valid = ids >= 0
+        rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index
+        nb_lat, nb_lon = np.full(ids.shape, np.nan), np.full(ids.shape, np.nan)
+        nb_img = np.full(ids.shape, "", dtype=object)
+        nb_lat[valid], nb_lon[valid], nb_img[valid] = self._lat[rows], self._lon[rows], self._img[rows]
+        out = []
+        for i in range(len(ids)):  # building the JSON-ready answer, not a distance computation
+            nbs = [{"id": int(ids[i, j]), "similarity": float(r.neighbour_sims[i, j]), "lat": float(nb_lat[i, j]),
+                    "lon": float(nb_lon[i, j]), "image": str(nb_img[i, j])} for j in np.flatnonzero(valid[i])]
+            out.append({"mode": "cell" if r.mode[i] == "none" else str(r.mode[i]), "moved_km": float(r.moved_km[i]),
+                        "cluster": int(r.cluster_id[i]), "cell": int(r.cell[i]), "neighbours": nbs})
+        return r.lat, r.lon, out

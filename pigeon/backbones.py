@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from .core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from geocells.io import atomic_path
+from pigeon.core.io import atomic_path
 
-from .errors import UserError
+from .core.errors import UserError
 
 MANIFEST = "manifest.json"
 PART_FILES = {

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
+from .core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from geocells import GeoCells
+    from pigeon.geocells import GeoCells
 
 EXTRAS = ("driving_side", "facing", "month", "hemisphere", "climate")
 
@@ -42,8 +42,8 @@ def _town_index():
     """KD-tree over the bundled cities' unit vectors, and their names."""
     from scipy.spatial import cKDTree
 
-    from geocells import bundled
-    from geocells.sphere import to_xyz
+    from pigeon.geocells import bundled
+    from pigeon.core.sphere import to_xyz
 
     c = bundled.cities()
     return cKDTree(to_xyz(c["lat"].to_numpy(), c["lon"].to_numpy())), c["name"].astype(str).to_numpy()
@@ -51,7 +51,7 @@ def _town_index():
 
 def nearest_towns(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Name of, and great-circle km to, the nearest bundled town for each point (vectorised)."""
-    from geocells.sphere import chord_to_km, to_xyz
+    from pigeon.core.sphere import chord_to_km, to_xyz
 
     tree, names = _town_index()
     d, i = tree.query(to_xyz(np.atleast_1d(lat), np.atleast_1d(lon)))

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from .errors import UserError
+from .core.errors import UserError
 
 app = typer.Typer(
     name="pigeon",

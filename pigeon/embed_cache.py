@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from geocells.io import atomic_path
+from pigeon.core.io import atomic_path
 
-from .errors import UserError
+from .core.errors import UserError
 
 
 def default_cache_dir() -> Path:

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geocells.io import atomic_path
-from geocells.sphere import haversine_km
+from pigeon.core.io import atomic_path
+from pigeon.core.sphere import haversine_km
 
-from .errors import UserError
+from .core.errors import UserError
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
 
 
@@ -51,7 +51,7 @@ def evaluate(
     p_iso, p_country, p_adm = reverse_geocode(p["lat"], p["lon"])
     m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm)
     # Baselines that say what the figures are worth on this data.
-    from geocells.sphere import spherical_mean
+    from pigeon.core.sphere import spherical_mean
 
     clat, clon = spherical_mean(tlat, tlon)
     m["baseline_centroid_median_km"] = float(np.median(haversine_km(clat, clon, tlat, tlon)))
@@ -117,7 +117,7 @@ def plot_world_map(tlat, tlon, plat, plon, dest: Path, max_lines: int = 2000) ->
     import shapely
     from matplotlib.collections import LineCollection
 
-    from geocells import bundled
+    from pigeon.geocells import bundled
 
     fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
     geoms = shapely.simplify(bundled.admin1().geometry.values, 0.1)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from geocells.errors import UserError
-from geocells.sphere import pairwise_km, to_xyz
+from pigeon.core.errors import UserError
+from pigeon.core.sphere import pairwise_km, to_xyz
 
 CAPTION = "A photo taken in {region}, {country}."
 DEFAULT_TAU_KM = 65.0

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from geocells.sphere import haversine_km
+from pigeon.core.sphere import haversine_km
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
 GEOGUESSR_SCALE_KM = 1492.7
@@ -61,7 +61,7 @@ def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.nd
     A point at sea (or on a coast the simplified polygons miss) takes the nearest polygon on the
     sphere, so a guess on a beach still counts for its country: geocells' own point assignment.
     """
-    from geocells.geometry import assign_points
+    from pigeon.geocells.geometry import assign_points
 
     adm, geoms, tree, nearest = _admin1_lookup()
     idx, *_ = assign_points(np.asarray(lat, np.float64), np.asarray(lon, np.float64), geoms, tree, nearest)
@@ -76,8 +76,8 @@ def _admin1_lookup():
     """The bundled admin-1 polygons with their STRtree and nearest-boundary index, built once per process."""
     import shapely
 
-    from geocells import bundled
-    from geocells.geometry import NearestIndex
+    from pigeon.geocells import bundled
+    from pigeon.geocells.geometry import NearestIndex
 
     adm = bundled.admin1()
     geoms = np.asarray(adm.geometry.values, dtype=object)

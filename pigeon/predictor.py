@@ -2,8 +2,9 @@
 
 Everything after the backbone forward is vectorised over the batch and precomputed at load time
 (cell unit vectors, cell->country and cell->admin-1 sparse matrices), so that serving costs little
-more than the backbone itself. The answer point is the top cell's centre; refinement inside the
-cell (retrieval over the gallery) plugs in at one place, `_answer_points`.
+more than the backbone itself. The answer point comes from `_answer_points`: PIGEON's refinement
+over the bundle's gallery (`pigeon.index.GalleryRefiner`, options in a `RefineConfig` given to the
+constructor), or the top cell's centre when the bundle has no gallery.
 """
 
 from __future__ import annotations
@@ -14,18 +15,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from scipy import sparse
 
-from geocells.sphere import pairwise_km, to_xyz
-
-from .errors import UserError
+from .backbones import backbone_from_bundle
+from .bundle import Bundle
+from .core.errors import UserError
+from .core.sphere import pairwise_km, to_xyz
+from .datasets import load_image
+from .gallery import has_gallery, load_gallery, recorded_refine_mode
+from .geocells import GeoCells
+from .head import PrototypeHead
+from .index import Gallery, GalleryRefiner, RefineConfig, centre_answers
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def _group_matrix(keys: np.ndarray):
     """Sparse (C, K) one-hot of each cell's group and the K group labels (first-seen order kept stable by np.unique)."""
-    from scipy import sparse
-
     labels, inv = np.unique(keys, return_inverse=True)
     m = sparse.csr_matrix((np.ones(len(keys), np.float32), (np.arange(len(keys)), inv)), shape=(len(keys), len(labels)))
     return m, labels, inv
@@ -34,33 +41,23 @@ def _group_matrix(keys: np.ndarray):
 class Predictor:
     """A loaded bundle ready to answer: `locate(images)` or, for embeddings, `predict_embeddings(emb)`."""
 
-    def __init__(self, cells: Any, head: Any, backbone: Any, bundle: Any = None, device: str = "cpu"):
-        import torch
-
+    def __init__(self, cells: GeoCells, head: PrototypeHead, backbone: Any, bundle: Bundle | None = None, device: str = "cpu",
+                 refine: RefineConfig | None = None, gallery: Gallery | None = None):
+        """`refine`: refinement options (mode None: the one `pigeon build-index` validated for the bundle,
+        else PIGEON's cluster+nn); `gallery`: the loaded gallery to refine with (None: answers are cell centres)."""
         self.cells = cells
         self.head = head.eval()
         self.backbone = backbone
         self.bundle = bundle
         self.device = device
-        from .build_index import recorded_refine_mode
-
-        # the mode `pigeon build-index` chose on validation photos; --refine / PIGEON_REFINE override it
-        self.refine_mode = recorded_refine_mode(bundle)
-        self.refine_temperature = 1.6
-        self.max_refinement_km: float | None = 1000.0
-        self.refine_neighbours = 5
-        self.refine_average = 1
+        self.refine = (refine or RefineConfig()).resolve(recorded_refine_mode(bundle))
         g = cells.gdf
         self.n_cells = len(g)
         if head.n_cells != self.n_cells:
             raise UserError(f"head has {head.n_cells} prototypes but the bundle has {self.n_cells} cells; retrain with `pigeon train`")
         self.centres = np.asarray(cells.centres, dtype=np.float64)
         self.centres_xyz = to_xyz(self.centres[:, 0], self.centres[:, 1])
-        # the gallery is loaded (and checked against the cells and backbone) here, at start-up, so a
-        # mismatched index refuses the bundle instead of failing the first request
-        from .build_index import gallery_refiner
-
-        self.gallery = gallery_refiner(bundle, self.centres)
+        self.gallery = GalleryRefiner(gallery, self.centres) if gallery is not None else None
         self.cell_country = g["country"].fillna("").astype(str).to_numpy()
         self.cell_iso = g["iso_a2"].fillna("").astype(str).to_numpy()
         self.cell_admin1 = g["admin1"].fillna("").astype(str).to_numpy()
@@ -74,14 +71,10 @@ class Predictor:
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, device: str = "cpu") -> "Predictor":
-        """Load cells, head and backbone from a bundle, refusing parts that do not belong together."""
-        from geocells import GeoCells
-
-        from .backbones import backbone_from_bundle
-        from .bundle import Bundle
-        from .head import PrototypeHead
-
+    def from_bundle(cls, path: str | os.PathLike, device: str = "cpu", refine: RefineConfig | None = None) -> "Predictor":
+        """Load cells, head, backbone and (when the bundle has one) the gallery, refusing parts that do
+        not belong together. The gallery is loaded and checked here, at start-up, so a mismatched index
+        refuses the bundle instead of failing the first request."""
         b = Bundle(path)
         b.require("cells", "head")
         cells = GeoCells.load(b.part_path("cells"))
@@ -92,25 +85,23 @@ class Predictor:
             raise UserError(f"bundle {b.path}: head.safetensors was trained with another backbone (hash {want[:12]} vs {bb.hash[:12]}); retrain it with `pigeon train`")
         if head.embed_dim != bb.embed_dim:
             raise UserError(f"bundle {b.path}: head expects {head.embed_dim}-d embeddings, backbone {bb.spec} gives {bb.embed_dim}; retrain with `pigeon train`")
-        return cls(cells, head.to(device), bb, bundle=b, device=device)
+        gallery = load_gallery(b) if has_gallery(b) else None
+        return cls(cells, head.to(device), bb, bundle=b, device=device, refine=refine, gallery=gallery)
 
     # -- array level -----------------------------------------------------------------------------------
     def cell_probs(self, emb: np.ndarray) -> np.ndarray:
         """(n, C) calibrated cell probabilities of (n, D) embeddings."""
-        import torch
-
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(emb, dtype=np.float32), device=self.device)
             z = self._scale * torch.nn.functional.normalize(x - self._centre, dim=-1) @ self._protos.T
             return torch.softmax(z, dim=-1).cpu().numpy()
 
     def _answer_points(self, emb: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """The answer (lat, lon) per image and what refinement did. Today: the top cell's centre.
-
-        This is the one place where retrieval refinement (index package) plugs in."""
-        from .build_index import refine_answers  # PIGEON refinement over the bundle's gallery, if it has one
-
-        return refine_answers(self, emb, probs)
+        """The answer (lat, lon) per image and what refinement did: PIGEON's refinement over the
+        gallery under `self.refine`, else (no gallery) the top cell's centre, reported as mode "cell"."""
+        if self.gallery is None:
+            return centre_answers(probs, self.centres)
+        return self.gallery.answer(emb, probs, self.refine)
 
     def predict_embeddings(self, emb: np.ndarray, top_k: int = 5) -> dict[str, np.ndarray | list]:
         """Batched answers for (n, D) embeddings, as arrays.
@@ -153,15 +144,11 @@ class Predictor:
     # -- images --------------------------------------------------------------------------------------
     def embed(self, images: Sequence[Any]) -> np.ndarray:
         """Embeddings of PIL images or image paths."""
-        from .datasets import load_image
-
         ims = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
         return self.backbone.embed_images(ims)
 
     def locate(self, images: Sequence[Any], top_k: int = 5) -> list[dict[str, Any]]:
         """Answers for PIL images or paths: lat, lon, confidence, radii, top cells, countries, admin-1, refinement, timings."""
-        from .datasets import load_image
-
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
             images = [images]
         if len(images) == 0:
@@ -222,6 +209,15 @@ class Predictor:
         return [tuple(k.split("\x1f", 1)) for k in self._admin_keys]
 
 
+def load(bundle: str | os.PathLike, device: str = "cpu", refine: RefineConfig | str | None = None) -> Predictor:
+    """The one-line way in: a bundle folder -> a ready `Predictor` (every part checked on load).
+
+    `refine`: a `RefineConfig`, or just a mode ("cluster+nn", "cluster", "nn", "none"); None uses the
+    mode `pigeon build-index` validated for the bundle, else PIGEON's cluster+nn."""
+    config = RefineConfig(mode=refine) if isinstance(refine, str) else refine
+    return Predictor.from_bundle(bundle, device=device, refine=config)
+
+
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files from files and folders (folders searched recursively for image suffixes), sorted per folder."""
     out: list[Path] = []
@@ -239,4 +235,4 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-__all__ = ["Predictor", "collect_images", "IMAGE_SUFFIXES"]
+__all__ = ["Predictor", "load", "collect_images", "IMAGE_SUFFIXES"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from .core.errors import UserError
 
 CHECKPOINT_DIR = "pretrain"
 
@@ -196,8 +196,8 @@ def pretrain(
     import torch
     from open_clip.loss import ClipLoss
 
-    from geocells import GeoCells
-    from geocells.io import atomic_path
+    from pigeon.geocells import GeoCells
+    from pigeon.core.io import atomic_path
 
     from .backbones import create_backbone
     from .bundle import Bundle

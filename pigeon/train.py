@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from geocells.io import atomic_path
-from geocells.sphere import haversine_km
+from pigeon.core.io import atomic_path
+from pigeon.core.sphere import haversine_km
 
-from .errors import UserError
+from .core.errors import UserError
 
 STATE_FILE = ".train_state.pt"
 
@@ -69,7 +69,7 @@ class TrainConfig:
 
 
 def _load_cells(bundle: Any):
-    from geocells import GeoCells
+    from pigeon.geocells import GeoCells
 
     bundle.require("cells")
     return GeoCells.load(bundle.part_path("cells"))

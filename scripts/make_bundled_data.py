@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from geocells.geometry import polygonal
+from pigeon.geocells.geometry import polygonal
 
 TOLERANCE_DEG = 0.01
 

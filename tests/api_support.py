@@ -26,7 +26,7 @@ def toy_cells():
     import geopandas as gpd
     from shapely.geometry import box
 
-    from geocells.cells import GeoCells
+    from pigeon.geocells.cells import GeoCells
 
     rows = [
         {"name": f"{a1}, {c}", "iso_a2": iso, "adm0_a3": a3, "country": c, "admin1": a1, "driving_side": ds,

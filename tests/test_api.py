@@ -19,9 +19,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api import Settings, create_app
+from pigeon.api import Settings, create_app
 from api_support import TOY_CELLS, encode, photo, tiny_bundle, tiny_predictor
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 
 torch.set_num_threads(2)
 COUNTRIES = {c[0] for c in TOY_CELLS}

@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api import Settings, create_app
+from pigeon.api import Settings, create_app
 from api_support import encode, photo, tiny_predictor
 
 torch.set_num_threads(2)
@@ -234,7 +234,7 @@ def test_corpus_is_large_and_server_healthy_after(client):
 
 def test_decoded_pixels_are_sensible():
     """CMYK and 16-bit inputs are converted to the same-looking 8-bit RGB, not clipped to white."""
-    from api.uploads import decode_image
+    from pigeon.api.uploads import decode_image
 
     ref = np.asarray(photo(), dtype=np.float32)
     cmyk = np.asarray(decode_image(_cmyk_jpeg()).image, dtype=np.float32)

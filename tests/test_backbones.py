@@ -10,7 +10,7 @@ import torch
 
 from pigeon.backbones import Backbone, backbone_from_bundle, create_backbone, parse_spec
 from pigeon.bundle import Bundle
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 
 torch.set_num_threads(2)
 STREETVIEW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "streetview_mini"

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geocells.sphere import haversine_km
+from pigeon.core.sphere import haversine_km
 from pigeon.build_index import build_index, load_gallery
 from pigeon.bundle import Bundle
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_build_writes_three_parts_that_belong_together(world):
     g = load_gallery(b)
     assert g.index.ntotal == len(g.frame) == half
     np.testing.assert_array_equal(np.bincount(g.frame["cluster"]), g.clusters.frame["size"])
-    cells = __import__("geocells").GeoCells.load(b.part_path("cells"))
+    cells = __import__("pigeon.geocells", fromlist=["GeoCells"]).GeoCells.load(b.part_path("cells"))
     np.testing.assert_array_equal(g.frame["cell"], cells.cell_of(g.frame["lat"], g.frame["lon"]))
     assert not [f for f in bpath.iterdir() if f.name.startswith(".")]   # no staging left behind
 
@@ -69,7 +69,7 @@ def test_bundle_with_other_backbone_or_cells_is_refused(world, tmp_path):
 
 def test_interrupted_build_keeps_the_old_index(world, monkeypatch):
     root, bpath, rep, half, n = world
-    import index.clusters
+    import pigeon.index.clusters
 
     before = {p: (bpath / f).read_bytes() for p, f in (("i", "index.faiss"), ("g", "gallery.parquet"), ("c", "clusters.parquet"))}
     manifest_before = (bpath / "manifest.json").read_text()
@@ -77,7 +77,7 @@ def test_interrupted_build_keeps_the_old_index(world, monkeypatch):
     def die(self, path):
         raise KeyboardInterrupt  # killed while writing the new parts
 
-    monkeypatch.setattr(index.clusters.ClusterTable, "write", die)
+    monkeypatch.setattr(pigeon.index.clusters.ClusterTable, "write", die)
     with pytest.raises(KeyboardInterrupt):
         build_index(root / "world" / "gallery_b.csv", bpath, progress=False, batch_size=32)
     monkeypatch.undo()
@@ -134,12 +134,10 @@ def test_append_then_remove_through_the_cli(world, tmp_path, capsys):
 
 def test_predictor_refines_with_the_gallery(world):
     root, bpath, rep, half, n = world
+    from pigeon.index import RefineConfig
     from pigeon.predictor import Predictor
 
-    from pigeon.build_index import set_refinement
-
-    pred = Predictor.from_bundle(bpath)
-    set_refinement(pred, "cluster+nn")
+    pred = Predictor.from_bundle(bpath, refine=RefineConfig(mode="cluster+nn"))
     q = pd.read_csv(root / "world" / "queries.csv")
     out = pred.locate([str(root / "world" / p) for p in q["image"][:8]], top_k=3)
     g = load_gallery(Bundle(bpath)).frame.set_index("id")
@@ -162,8 +160,8 @@ def test_refinement_beats_the_cell_centre_on_the_synthetic_world(world):
     included: the bundle's own gallery, half of them less val, is too small to show it); a head of
     cell-mean prototypes fitted on the gallery; median error of the top cell's centre vs refinement,
     on the held-out test photos."""
-    from geocells import GeoCells
-    from index import Refiner, build_gallery
+    from pigeon.geocells import GeoCells
+    from pigeon.index import Refiner, build_gallery
     from pigeon.backbones import backbone_from_bundle
     from pigeon.build_index import embed_manifest
     from pigeon.datasets import read_manifest
@@ -227,17 +225,16 @@ def test_locate_refine_options_through_the_cli(world, tmp_path, capsys):
 
 def test_serve_refine_settings(world, monkeypatch, capsys):
     """PIGEON_REFINE / PIGEON_MAX_REFINEMENT_KM reach the Predictor; `serve` refuses a bad mode before listening."""
-    from api.app import Settings
-    from pigeon.build_index import set_refinement
+    from pigeon.api.app import Settings
+    from pigeon.index import RefineConfig
 
     root, bpath, rep, half, n = world
     monkeypatch.setenv("PIGEON_REFINE", "cluster")
     monkeypatch.setenv("PIGEON_MAX_REFINEMENT_KM", "inf")
     s = Settings.from_env()
     assert s.refine == "cluster" and s.max_refinement_km == float("inf")
-    p = type("P", (), {})()
-    set_refinement(p, s.refine, s.max_refinement_km)
-    assert p.refine_mode == "cluster" and p.max_refinement_km is None
+    c = RefineConfig.from_options(s.refine, s.max_refinement_km)
+    assert c.mode == "cluster" and c.guard_km is None and c.temperature == RefineConfig().temperature
     monkeypatch.delenv("PIGEON_REFINE")
     monkeypatch.delenv("PIGEON_MAX_REFINEMENT_KM")
     assert _cli(["serve", "--bundle", str(bpath), "--refine", "nearest"]) == 2
@@ -247,8 +244,8 @@ def test_serve_refine_settings(world, monkeypatch, capsys):
 def test_refine_mode_is_chosen_on_the_val_photos(world):
     """The index record holds the mode with the lowest median km on the held-out val rows and the
     per-mode figures; the `none` figure is recomputed here from the head's top cells."""
-    from geocells.sphere import haversine_km
-    from index.refine import MODES
+    from pigeon.core.sphere import haversine_km
+    from pigeon.index.refine import MODES
     from pigeon.build_index import embed_manifest
     from pigeon.datasets import read_manifest
     from pigeon.predictor import Predictor
@@ -293,13 +290,13 @@ def test_predictor_defaults_to_the_recorded_mode(world, tmp_path, capsys):
     from pigeon.predictor import Predictor
 
     root, bpath, rep, half, n = world
-    assert Predictor.from_bundle(bpath).refine_mode == Bundle(bpath).meta("index")["refine_mode"]
+    assert Predictor.from_bundle(bpath).refine.mode == Bundle(bpath).meta("index")["refine_mode"]
     b2 = tmp_path / "nn"
     shutil.copytree(bpath, b2)
     m = json.loads((b2 / "manifest.json").read_text())
     m["parts"]["index"]["refine_mode"] = "nn"
     (b2 / "manifest.json").write_text(json.dumps(m))
-    assert Predictor.from_bundle(b2).refine_mode == "nn"
+    assert Predictor.from_bundle(b2).refine.mode == "nn"
     q = pd.read_csv(root / "world" / "queries.csv")
     imgs = [str(root / "world" / p) for p in q["image"][:6]]
     got = {}
@@ -314,4 +311,4 @@ def test_predictor_defaults_to_the_recorded_mode(world, tmp_path, capsys):
     assert _cli(["build-index", "--bundle", str(b3), "--images", str(root / "world" / "gallery_a.csv"), "--no-validate", "--batch-size", "32"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "refine_mode" not in out and out["images"] == half and out["held_out_val"] == rep["held_out_val"]
-    assert "refine_mode" not in Bundle(b3).meta("index") and Predictor.from_bundle(b3).refine_mode == "cluster+nn"
+    assert "refine_mode" not in Bundle(b3).meta("index") and Predictor.from_bundle(b3).refine.mode == "cluster+nn"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pigeon.captions import CaptionMaker, compass, load_templates, nearest_towns
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 
 ALL = dict(p_region=1, p_town=1, driving_side=1, facing=1, month=1, hemisphere=1, climate=1)
 
@@ -13,7 +13,7 @@ ALL = dict(p_region=1, p_town=1, driving_side=1, facing=1, month=1, hemisphere=1
 @pytest.fixture(scope="module")
 def cells():
     """Cells = the bundled admin-1 regions of Japan, Australia and France, with their driving side."""
-    from geocells import GeoCells, bundled
+    from pigeon.geocells import GeoCells, bundled
 
     a = bundled.admin1()
     sub = a[a["adm0_a3"].isin(["JPN", "AUS", "FRA"])].reset_index(drop=True)

@@ -55,7 +55,7 @@ def test_build_cells_cli_writes_bundle_and_map(tmp_path, boundaries_file):
     assert "cells from 299 points (1 rows skipped" in r.stderr
     manifest = json.loads((out.parent / "manifest.json").read_text())
     assert manifest["parts"]["cells"]["min_size"] == 20
-    from geocells import GeoCells
+    from pigeon.geocells import GeoCells
 
     assert GeoCells.load(out).gdf["count"].sum() == 299
     assert (tmp_path / "map.png").stat().st_size > 10_000

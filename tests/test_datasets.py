@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pigeon.datasets import EpochSampler, GaussianNoise, ImageDataset, build_train_transform, load_image, rare_cell_weights, read_manifest
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 
 
 def _write_images(folder, n=3, size=(30, 20)):

@@ -8,10 +8,10 @@ import pytest
 import shapely
 
 import geopandas as gpd
-from geocells import GeoCells, build_cells, bundled, load_boundaries
-from geocells.geometry import assign_points
-from geocells.optics import optics_xi_labels
-from geocells.sphere import haversine_km, spherical_mean, to_xyz
+from pigeon.geocells import GeoCells, build_cells, bundled, load_boundaries
+from pigeon.geocells.geometry import assign_points
+from pigeon.geocells.optics import optics_xi_labels
+from pigeon.core.sphere import haversine_km, spherical_mean, to_xyz
 
 from pathlib import Path
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 from pigeon.head import PrototypeHead, cell_captions, mean_prototypes, smoothed_targets
 
 CENTRES = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]])  # 111.195 km apart on the equator

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geocells.errors import UserError
-from geocells.sphere import haversine_km
-from index import ClusterTable, GeoIndex, append_gallery, build_gallery, cluster_points, remove_from_gallery
-from index.clusters import assign_to_existing, optics_labels
-from index.gallery import sidecar_path
+from pigeon.core.errors import UserError
+from pigeon.core.sphere import haversine_km
+from pigeon.index import ClusterTable, GeoIndex, append_gallery, build_gallery, cluster_points, remove_from_gallery
+from pigeon.index.clusters import assign_to_existing, optics_labels
+from pigeon.index.gallery import sidecar_path
 
 KINDS = ["flat", "hnsw", "ivf"]
 

@@ -9,7 +9,7 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, settings
 
-from api import Settings, create_app
+from pigeon.api import Settings, create_app
 from api_support import tiny_predictor
 
 torch.set_num_threads(2)

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geocells.sphere import haversine_km
+from pigeon.core.sphere import haversine_km
 from pigeon.bundle import Bundle
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 from pigeon.predictor import Predictor, collect_images
 
 

@@ -15,7 +15,7 @@ import torch
 
 from pigeon.backbones import backbone_from_bundle, create_backbone
 from pigeon.bundle import Bundle
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 from pigeon.pretrain import PretrainConfig, contrastive_loss, lr_factor, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def toy_cells():
     import geopandas as gpd
     from shapely.geometry import box
 
-    from geocells import GeoCells
+    from pigeon.geocells import GeoCells
 
     gdf = gpd.GeoDataFrame(
         {"admin1": [b[4] for b in BOXES], "country": [b[5] for b in BOXES], "driving_side": [b[6] for b in BOXES]},
@@ -80,7 +80,7 @@ def full_run(world):
 
 
 def test_pretraining_lowers_the_loss(world, full_run):
-    from geocells import GeoCells
+    from pigeon.geocells import GeoCells
     from pigeon.captions import CaptionMaker
     from pigeon.datasets import read_manifest
 

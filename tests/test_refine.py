@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geocells.errors import UserError
-from geocells.sphere import haversine_km, to_xyz
-from index import ClusterTable, Refiner, build_gallery
-from index.refine import MODES
+from pigeon.core.errors import UserError
+from pigeon.core.sphere import haversine_km, to_xyz
+from pigeon.index import ClusterTable, Refiner, build_gallery
+from pigeon.index.refine import MODES
 
 
 def _unit(v):

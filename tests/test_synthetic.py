@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pigeon.datasets.synthetic import make_world, render
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 from pigeon.metrics import reverse_geocode
 
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from geocells import build_cells
-from geocells.sphere import haversine_km, spherical_mean
+from pigeon.geocells import build_cells
+from pigeon.core.sphere import haversine_km, spherical_mean
 from pigeon.bundle import Bundle
 from pigeon.calibration import ece, softmax
-from pigeon.errors import UserError
+from pigeon.core.errors import UserError
 from pigeon.train import TrainConfig, train
 
 

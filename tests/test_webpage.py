@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from api import Settings, create_app
+from pigeon.api import Settings, create_app
 from api_support import TOY_CELLS, encode, photo, tiny_predictor
 
 torch.set_num_threads(2)

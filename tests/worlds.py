@@ -14,7 +14,7 @@ def world_bundle(root: Path, n_images: int, image_size: int, seed: int, min_size
     """
     import torch
 
-    from geocells import build_cells
+    from pigeon.geocells import build_cells
     from pigeon.bundle import Bundle
     from pigeon.datasets.synthetic import make_world
     from pigeon.train import train_zero_shot

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed a gallery of located photos and build the index that refines answers inside cells."""
         from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
-        from pigeon.errors import UserError
+        from pigeon.core.errors import UserError
 
         if images is None and remove_ids is None:
             raise UserError("`pigeon build-index` needs --images MANIFEST (to build or --append) or --remove-ids FILE")

@@ -30,9 +30,9 @@ def build_cells_file(
     When `out` is named `cells.parquet`, its folder is treated as a model bundle and the cells are
     recorded in the bundle's manifest (so later parts can be checked against them).
     """
-    from geocells import build_cells, load_boundaries, load_points
-    from geocells.errors import UserError
-    from geocells.plot import plot_cells
+    from pigeon.geocells import build_cells, load_boundaries, load_points
+    from pigeon.core.errors import UserError
+    from pigeon.geocells.plot import plot_cells
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -61,7 +61,7 @@ def build_cells_file(
     else:
         cells.save(out)
     if geojson:
-        from geocells.io import atomic_path
+        from pigeon.core.io import atomic_path
 
         with atomic_path(geojson) as tmp:
             tmp.write_text(json.dumps(cells.to_geojson()))

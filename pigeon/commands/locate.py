@@ -14,20 +14,22 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
 
     refine / max_refinement_km: gallery refinement mode (cluster+nn, cluster, nn, none) and PIGEON's
-    guard in km (inf = off); None keeps the defaults (the bundle's validated mode, else cluster+nn; 1000 km). Used only when the bundle
-    has a gallery index; without one the answer is always the top cell's centre."""
+    guard in km (inf = off); None keeps `RefineConfig`'s defaults (the bundle's validated mode, else
+    cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
+    top cell's centre."""
+    # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from tqdm.auto import tqdm
 
-    from geocells.io import atomic_path
-    from pigeon.build_index import set_refinement
-    from pigeon.errors import UserError
+    from pigeon.core.errors import UserError
+    from pigeon.core.io import atomic_path
+    from pigeon.index import RefineConfig
     from pigeon.predictor import Predictor, collect_images
 
     if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
         raise UserError(f"--out {out}: give a .csv or .geojson file")
+    config = RefineConfig.from_options(refine, max_refinement_km)
     files = collect_images(inputs)
-    pred = Predictor.from_bundle(bundle, device=device)
-    set_refinement(pred, refine, max_refinement_km)
+    pred = Predictor.from_bundle(bundle, device=device, refine=config)
     answers: list[dict] = []
     for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
         batch = files[s : s + batch_size]
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass"),
         device: str = typer.Option("cpu", help="torch device"),
         refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement (bundles with an index): cluster+nn | cluster | nn | none (top cell's centre); default: the mode `pigeon build-index` chose on val photos, else cluster+nn"),
-        max_refinement_km: float = typer.Option(1000.0, "--max-refinement-km", help="PIGEON's guard: a refined answer farther than this from the top cell's centre is undone (inf = off)"),
+        max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard: a refined answer farther than this from the top cell's centre is undone (default: PIGEON's 1000 km; inf = off)"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
         answers = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,

@@ -29,8 +29,9 @@ def serve(
 
     import uvicorn
 
-    from api.app import Settings, configure_logging, create_app
-    from pigeon.errors import UserError
+    from pigeon.api.app import Settings, configure_logging, create_app
+    from pigeon.core.errors import UserError
+    from pigeon.index import RefineConfig
 
     if workers < 1:
         raise UserError(f"--workers {workers}: give 1 or more")
@@ -43,9 +44,7 @@ def serve(
         "max_refinement_km": max_refinement_km,
     }
     settings = Settings.from_env(**overrides)
-    from pigeon.build_index import check_refinement
-
-    check_refinement(settings.refine, settings.max_refinement_km)  # once, here, rather than in every worker
+    RefineConfig.from_options(settings.refine, settings.max_refinement_km)  # checked once, here, rather than in every worker
     configure_logging(getattr(logging, log_level.upper(), logging.INFO))
     if workers == 1:
         app = create_app(bundle, settings)
@@ -59,7 +58,7 @@ def serve(
     for k, v in overrides.items():
         if v is not None:
             os.environ[f"PIGEON_{k.upper()}"] = str(v)
-    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False)
+    uvicorn.run("pigeon.api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device"),
     ) -> None:
         """Train the prototype head on a manifest (cached frozen embeddings, label smoothing, temperature scaling)."""
-        from pigeon.errors import UserError
+        from pigeon.core.errors import UserError
         from pigeon.train import TrainConfig, train, train_zero_shot
 
         if zero_shot:

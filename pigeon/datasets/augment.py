@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 
 class GaussianNoise:

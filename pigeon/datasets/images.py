@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 
 def load_image(path: str | os.PathLike):

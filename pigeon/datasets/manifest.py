@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 REQUIRED = ("image", "lat", "lon")
 

@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from geocells.errors import UserError
-from geocells.io import atomic_path
-from geocells.sphere import to_xyz
+from pigeon.core.errors import UserError
+from pigeon.core.io import atomic_path
+from pigeon.core.sphere import to_xyz
 
 # Spread over all continents, both hemispheres, both driving sides (L = drives on the left).
 DEFAULT_COUNTRIES: tuple[str, ...] = (
@@ -69,7 +69,7 @@ def _sample_land(n: int, countries: Sequence[str], rng: np.random.Generator):
     """n points inside the admin-1 polygons of `countries`: country uniform, region by area, point uniform in it."""
     import shapely
 
-    from geocells import bundled
+    from pigeon.geocells import bundled
 
     adm = bundled.admin1()
     adm = adm[adm["iso_a2"].isin(list(countries))].reset_index(drop=True)
@@ -244,7 +244,7 @@ def make_world(
     countries = tuple(countries) if countries else DEFAULT_COUNTRIES
     lat, lon, iso, adm1 = _sample_land(n_images, countries, rng)
 
-    from geocells import bundled
+    from pigeon.geocells import bundled
 
     ds = bundled.driving_side().drop_duplicates("iso_a2").set_index("iso_a2")["driving_side"]
     left = pd.Series(iso).map(ds).fillna("right").to_numpy() == "left"

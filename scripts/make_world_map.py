@@ -1,6 +1,6 @@
 """The web page's world map: country outlines from the bundled Natural Earth admin-1 polygons.
 
-`api/static/world.json` is made by `python -m api.world` (dissolve admin-1 into countries,
+`api/static/world.json` is made by `python scripts/make_world_map.py` (dissolve admin-1 into countries,
 simplify, round to 0.01 degree) and shipped with the package, so the page needs no tile server
 and no internet. Equirectangular drawing happens in the browser (static/app.js).
 """
@@ -11,7 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "static" / "world.json"
+import shapely
+from shapely.geometry import mapping
+
+from pigeon.core.io import atomic_path
+from pigeon.geocells import bundled
+
+OUT = Path(__file__).resolve().parents[1] / "api" / "static" / "world.json"
 
 
 def _rounded(coords, nd: int):
@@ -22,12 +28,6 @@ def _rounded(coords, nd: int):
 
 def build_world_outline(out: Path = OUT, tolerance: float = 0.15, min_area: float = 0.05, nd: int = 2) -> Path:
     """Write the simplified country-outline GeoJSON (properties: iso_a2, name) atomically; returns its path."""
-    import shapely
-    from shapely.geometry import mapping
-
-    from geocells import bundled
-    from geocells.io import atomic_path
-
     gdf = bundled.admin1()
     countries = gdf.dissolve(by="adm0_a3", aggfunc={"iso_a2": "first", "country": "first"}).reset_index()
     feats = []
