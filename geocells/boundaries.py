@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import geopandas as gpd
 import pandas as pd
 import shapely
 
@@ -37,8 +38,6 @@ def load_boundaries(source: str | os.PathLike | None = "bundled", columns: Mappi
     `columns` maps normalised names (adm0_a3, iso_a2, country, admin1, admin2) to the file's column
     names, for layouts that are not recognised.
     """
-    import geopandas as gpd
-
     if source is None or str(source) == "bundled":
         g = bundled.admin1().copy()
         g["admin2"] = ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
+import geopandas as gpd
 import pandas as pd
 
 
@@ -21,8 +22,6 @@ def data_path(name: str):
 @lru_cache(maxsize=1)
 def admin1():
     """Admin-1 polygons as a GeoDataFrame: adm0_a3, iso_a2, country, admin1, geometry (EPSG:4326)."""
-    import geopandas as gpd
-
     return gpd.read_parquet(str(data_path("admin1.parquet")))
 
 

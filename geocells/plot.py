@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import os
 
+import matplotlib
 import numpy as np
 
-from .cells import GeoCells
-from pigeon.core.io import atomic_path
+matplotlib.use("Agg")  # this module only writes files: no display needed (or wanted on a server)
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from pigeon.core.io import atomic_path  # noqa: E402
+
+from .cells import GeoCells  # noqa: E402
 
 
 def plot_cells(cells: GeoCells, path: str | os.PathLike, lat=None, lon=None, title: str | None = None, dpi: int = 150) -> None:
     """Draw the cells in random pastel colours with their points on top; writes a PNG atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rng = np.random.default_rng(0)
     colours = rng.uniform(0.35, 0.95, size=(len(cells), 3))
     fig, ax = plt.subplots(figsize=(16, 8.4))

@@ -23,9 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import sparse
+from tqdm import tqdm
 
 from pigeon.core.errors import UserError
 from pigeon.core.sphere import from_xyz, to_xyz
+from pigeon.geocells.optics import optics_xi_labels
 
 CLUSTER_COLUMNS = ["cluster_id", "cell", "lat", "lon", "size"]
 
@@ -40,8 +45,6 @@ def optics_labels(x: np.ndarray, min_samples: int, xi: float) -> np.ndarray:
     with max_eps=inf and min_cluster_size=min_samples. One implementation for the whole project:
     geocells' compiled ordering (numba) with every point weighted 1, then sklearn's own
     `cluster_optics_xi`; ~1-2% of sklearn's time on the few hundred points of one cell."""
-    from pigeon.geocells.optics import optics_xi_labels
-
     x = np.ascontiguousarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != 3:
         raise UserError(f"OPTICS points must be (n, 3) unit-sphere xyz, got shape {x.shape}; convert lat/lon with pigeon.core.sphere.to_xyz")
@@ -91,8 +94,6 @@ def cluster_points(lat: np.ndarray, lon: np.ndarray, cell: np.ndarray, *, min_op
     nxt = 0
     it = range(len(cells))
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(it, desc="clusters", unit="cell", leave=False)
     for i in it:
         idx = order[starts[i]:starts[i] + counts[i]]
@@ -117,8 +118,6 @@ class ClusterTable:
                      emb: np.ndarray) -> "ClusterTable":
         """Centres (spherical mean), prototypes (normalised mean of normalised embeddings) and sizes
         from the members; `cluster` must be 0..K-1 with every cluster holding points of one cell."""
-        from scipy import sparse
-
         cluster = np.asarray(cluster, np.int64)
         cell = np.asarray(cell, np.int64)
         n = len(cluster)
@@ -146,9 +145,6 @@ class ClusterTable:
     # -- persistence: one parquet, prototypes in a fixed-size list column ---------------------
     def write(self, path: str | os.PathLike) -> None:
         """Write `clusters.parquet` to `path` (callers make it atomic: Bundle.write_part / atomic_path)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         k, d = self.prototypes.shape
         tab = pa.Table.from_pandas(self.frame[CLUSTER_COLUMNS], preserve_index=False)
         flat = pa.array(np.ascontiguousarray(self.prototypes, np.float32).reshape(-1))
@@ -158,8 +154,6 @@ class ClusterTable:
     @classmethod
     def read(cls, path: str | os.PathLike) -> "ClusterTable":
         """Read `clusters.parquet` written by `write`."""
-        import pyarrow.parquet as pq
-
         path = Path(path)
         if not path.exists():
             raise UserError(f"clusters file {path} does not exist; build it with `pigeon build-index`")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import faiss
 
 from pigeon.core.errors import UserError
 from pigeon.core.io import atomic_path
@@ -30,8 +31,6 @@ EXACT_RESTRICTED_MAX = 65536  # hnsw/ivf: a restricted search over at most this 
 
 
 def _faiss():
-    import faiss  # heavy import kept local so that `import index` stays cheap
-
     return faiss
 
 

@@ -33,7 +33,7 @@ from .bundle import Bundle
 from .core.errors import UserError
 from .core.sphere import haversine_km
 from .datasets import ImageDataset, read_manifest
-from .gallery import GALLERY_PARTS, load_gallery, save_gallery
+from .gallery import has_gallery, load_gallery, save_gallery
 from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import KINDS, Refiner, append_gallery, build_gallery, remove_from_gallery
@@ -122,39 +122,24 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
     bb = backbone_from_bundle(b, device=device)
     old = None
     if append:
-        if not all(b.has(p) for p in GALLERY_PARTS):
+        if not has_gallery(b):
             raise UserError(f"bundle {b.path} has no index to append to; run `pigeon build-index` without --append first")
         old = load_gallery(b, expect_backbone_hash=bb.hash)
     cells = GeoCells.load(b.part_path("cells"))
     emb, rows = embed_manifest(bb, df, batch_size=batch_size, workers=workers, progress=progress)
     skipped = len(df) - len(rows)
-    df = df.iloc[rows].reset_index(drop=True)
-    is_val = (df["split"] == "val").to_numpy() if "split" in df.columns else np.zeros(len(df), bool)
-    if validate and not is_val.any():
-        raise UserError(f"manifest {images}: --validate needs rows with split == \"val\" (readable images); add a `split` column or drop --validate")
-    if is_val.all():
-        raise UserError(f"manifest {images}: every row has split == \"val\", so none is left for the gallery; mark gallery rows `train`")
-    val_df, val_emb = df[is_val].reset_index(drop=True), emb[is_val]
-    df, emb = df[~is_val].reset_index(drop=True), emb[~is_val]
+    df, emb, val_df, val_emb = _hold_out_val(df.iloc[rows].reset_index(drop=True), emb, images, validate)
     lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
     cell = np.asarray(cells.cell_of(lat, lon), np.int64)
-    if "id" in df.columns:
-        ids = df["id"].to_numpy()
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise UserError(f"manifest {images}: column `id` must hold integers (gallery ids); fix or drop it")
-        ids = ids.astype(np.int64)
-    else:
-        start = int(old.frame["id"].max()) + 1 if old is not None and len(old.frame) else 0
-        ids = np.arange(start, start + len(df), dtype=np.int64)
+    ids = _gallery_ids(df, old, images)
     image = df["image"].astype(str).to_numpy()
     if old is None:
         g = build_gallery(emb, ids, lat, lon, cell, image, kind=kind, progress=progress)
     else:
         g = append_gallery(old, emb, ids, lat, lon, cell, image)
-    chosen: dict[str, Any] = {}
+    # an append without validation photos keeps the last validated choice
+    chosen = {k: b.meta("index")[k] for k in VALIDATION_KEYS if k in b.meta("index")} if old is not None else {}
     note = None
-    if old is not None:  # an append without validation photos keeps the last validated choice
-        chosen = {k: b.meta("index")[k] for k in VALIDATION_KEYS if k in b.meta("index")}
     if len(val_df) and validate is not False:
         probs = _validation_probs(b, cells, bb, val_emb)
         if isinstance(probs, str):
@@ -171,6 +156,27 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
     if note:
         rep["validation_skipped"] = note
     return rep
+
+
+def _hold_out_val(df: pd.DataFrame, emb: np.ndarray, images: Any, validate: bool | None) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]:
+    """(gallery rows, their embeddings, val rows, theirs): val photos never enter the gallery."""
+    is_val = (df["split"] == "val").to_numpy() if "split" in df.columns else np.zeros(len(df), bool)
+    if validate and not is_val.any():
+        raise UserError(f"manifest {images}: --validate needs rows with split == \"val\" (readable images); add a `split` column or drop --validate")
+    if is_val.all():
+        raise UserError(f"manifest {images}: every row has split == \"val\", so none is left for the gallery; mark gallery rows `train`")
+    return df[~is_val].reset_index(drop=True), emb[~is_val], df[is_val].reset_index(drop=True), emb[is_val]
+
+
+def _gallery_ids(df: pd.DataFrame, old: Any, images: Any) -> np.ndarray:
+    """The manifest's integer `id` column, else ids counting on from the existing gallery's largest."""
+    if "id" in df.columns:
+        ids = df["id"].to_numpy()
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"manifest {images}: column `id` must hold integers (gallery ids); fix or drop it")
+        return ids.astype(np.int64)
+    start = int(old.frame["id"].max()) + 1 if old is not None and len(old.frame) else 0
+    return np.arange(start, start + len(df), dtype=np.int64)
 
 
 def read_id_file(path: str | os.PathLike) -> np.ndarray:

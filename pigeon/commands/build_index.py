@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from pigeon.core.errors import UserError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("build-index")
@@ -24,8 +26,8 @@ def register(app: typer.Typer) -> None:
                                                 help="answer the manifest's split == val rows (held out of the gallery) with each refinement mode and record the best; default: when there are any"),
     ) -> None:
         """Embed a gallery of located photos and build the index that refines answers inside cells."""
+        # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
-        from pigeon.core.errors import UserError
 
         if images is None and remove_ids is None:
             raise UserError("`pigeon build-index` needs --images MANIFEST (to build or --append) or --remove-ids FILE")

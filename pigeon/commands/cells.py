@@ -30,46 +30,55 @@ def build_cells_file(
     When `out` is named `cells.parquet`, its folder is treated as a model bundle and the cells are
     recorded in the bundle's manifest (so later parts can be checked against them).
     """
+    # imported here, not at module top: `pigeon --help` should not pay for shapely, geopandas and numba
     from pigeon.geocells import build_cells, load_boundaries, load_points
-    from pigeon.core.errors import UserError
-    from pigeon.geocells.plot import plot_cells
 
     t0 = time.perf_counter()
+    out = _cells_path(out)
+    pts = load_points(points, lat_col, lon_col)
+    b = load_boundaries(boundaries, columns)
+    cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress)
+    meta = {"points_file": str(points), "points": int(len(pts)), "boundaries": str(boundaries), "min_size": int(min_size),
+            "max_size": int(max_size), "seed": int(seed), "content_hash": cells.hash}
+    _write_cells(cells, out, meta, geojson)
+    if plot:
+        from pigeon.geocells.plot import plot_cells  # matplotlib only when a plot is asked for
+
+        plot_cells(cells, plot, pts.lat, pts.lon, title=f"{len(cells)} geocells from {len(pts):,} points ({min_size}-{max_size} per cell)")
+    return {"out": str(out), **_summary(cells, pts, min_size, max_size), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _cells_path(out: Path) -> Path:
+    """The GeoParquet file to write: a folder means FOLDER/cells.parquet (a bundle)."""
+    from pigeon.core.errors import UserError
+
     out = Path(out)
     if out.exists() and out.is_dir():
         out = out / "cells.parquet"
     if out.suffix.lower() not in (".parquet", ".geoparquet"):
         raise UserError(f"--out {out}: cells are written as GeoParquet; give a path ending in .parquet (e.g. BUNDLE/cells.parquet)")
-    pts = load_points(points, lat_col, lon_col)
-    b = load_boundaries(boundaries, columns)
-    cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress)
-    st = cells.stats_
-    meta = {
-        "points_file": str(points),
-        "points": int(len(pts)),
-        "boundaries": str(boundaries),
-        "min_size": int(min_size),
-        "max_size": int(max_size),
-        "seed": int(seed),
-        "content_hash": cells.hash,
-    }
-    if out.name == "cells.parquet":
-        from pigeon.bundle import Bundle
+    return out
 
-        bundle = Bundle(out.parent, create=True)
-        bundle.write_part("cells", lambda tmp: cells.save(tmp), **meta)
+
+def _write_cells(cells, out: Path, meta: dict, geojson: Path | None) -> None:
+    """Write the cells atomically; `cells.parquet` in a folder is recorded in that bundle's manifest."""
+    from pigeon.bundle import Bundle
+    from pigeon.core.io import atomic_path
+
+    if out.name == "cells.parquet":
+        Bundle(out.parent, create=True).write_part("cells", lambda tmp: cells.save(tmp), **meta)
     else:
         cells.save(out)
     if geojson:
-        from pigeon.core.io import atomic_path
-
         with atomic_path(geojson) as tmp:
             tmp.write_text(json.dumps(cells.to_geojson()))
-    if plot:
-        plot_cells(cells, plot, pts.lat, pts.lon, title=f"{len(cells)} geocells from {len(pts):,} points ({min_size}-{max_size} per cell)")
+
+
+def _summary(cells, pts, min_size: int, max_size: int) -> dict:
+    """Sizes and what was lost or left out of bounds: the figures the command prints."""
     counts = cells.gdf["count"].to_numpy()
+    st = cells.stats_
     return {
-        "out": str(out),
         "cells": int(len(cells)),
         "points": int(len(pts)),
         "skipped_rows": int(pts.skipped),
@@ -79,7 +88,6 @@ def build_cells_file(
         "size_max": int(counts.max()),
         "outside_bounds": int(((counts < min_size) | (counts > max_size)).sum()),
         "unsplittable": st.unsplittable,
-        "seconds": round(time.perf_counter() - t0, 2),
     }
 
 

@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device"),
     ) -> None:
         """Score a bundle: share within 1/25/200/750/2500 km, median/mean km, GeoGuessr score, country/admin-1 accuracy."""
+        # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.evaluate import evaluate
 
         m = evaluate(bundle, data, split=None if split == "all" else split, out=out,

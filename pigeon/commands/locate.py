@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from pigeon.core.errors import UserError
+
 
 def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                  refine: str | None = None, max_refinement_km: float | None = None) -> list[dict]:
@@ -19,8 +21,6 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     top cell's centre."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from tqdm.auto import tqdm
-
-    from pigeon.core.errors import UserError
     from pigeon.core.io import atomic_path
     from pigeon.index import RefineConfig
     from pigeon.predictor import Predictor, collect_images

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         """Fine-tune a CLIP-style backbone on photos and synthetic captions (symmetric InfoNCE).
 
         Also runs under `torchrun --nproc_per_node=N -m pigeon.cli pretrain ...` (DDP; --batch-size is global)."""
+        # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.pretrain import PretrainConfig, pretrain
 
         cfg = PretrainConfig(

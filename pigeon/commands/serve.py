@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from pigeon.core.errors import UserError
+
 
 def serve(
     bundle: Path,
@@ -30,7 +32,6 @@ def serve(
     import uvicorn
 
     from pigeon.api.app import Settings, configure_logging, create_app
-    from pigeon.core.errors import UserError
     from pigeon.index import RefineConfig
 
     if workers < 1:

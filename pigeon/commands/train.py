@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from pigeon.core.errors import UserError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
@@ -31,7 +33,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device"),
     ) -> None:
         """Train the prototype head on a manifest (cached frozen embeddings, label smoothing, temperature scaling)."""
-        from pigeon.core.errors import UserError
+        # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.train import TrainConfig, train, train_zero_shot
 
         if zero_shot:
