@@ -103,8 +103,8 @@ def test_locate_files_csv_and_geojson(zs, tmp_path):
 
     root, *_ = zs
     folder = root / "world" / "images"
-    ans = locate_files([folder], root / "bundle", out=tmp_path / "r.csv", top_k=2)
-    assert len(ans) == 240
+    ans, failures = locate_files([folder], root / "bundle", out=tmp_path / "r.csv", top_k=2)
+    assert len(ans) == 240 and failures == []
     table = pd.read_csv(tmp_path / "r.csv")
     assert list(table.columns[:3]) == ["image", "lat", "lon"] and len(table) == 240
     locate_files([folder / "000001.png"], root / "bundle", out=tmp_path / "r.geojson")

@@ -12,47 +12,87 @@ from pigeon.core.errors import UserError
 
 
 def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
-                 refine: str | None = None, max_refinement_km: float | None = None) -> list[dict]:
+                 refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False) -> tuple[list[dict], list[dict]]:
     """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
 
+    Returns (answers, failures): a file that cannot be read is listed in `failures` ({image, error})
+    and the others are still answered, unless `strict` (the first bad file raises UserError).
     refine / max_refinement_km: gallery refinement mode (cluster+nn, cluster, nn, none) and PIGEON's
     guard in km (inf = off); None keeps `RefineConfig`'s defaults (the bundle's validated mode, else
     cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
     top cell's centre."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from tqdm.auto import tqdm
-    from pigeon.core.io import atomic_path
+
+    from pigeon.core.io import check_writable
     from pigeon.index import RefineConfig
     from pigeon.predictor import Predictor, collect_images
 
-    if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
-        raise UserError(f"--out {out}: give a .csv or .geojson file")
+    _check_options(out, top_k, batch_size)
+    if out is not None:
+        check_writable(out)
     config = RefineConfig.from_options(refine, max_refinement_km)
     files = collect_images(inputs)
     pred = Predictor.from_bundle(bundle, device=device, refine=config)
     answers: list[dict] = []
+    failures: list[dict] = []
     for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
-        batch = files[s : s + batch_size]
-        for f, a in zip(batch, pred.locate([str(f) for f in batch], top_k=top_k)):
-            a["image"] = str(f)
+        images, names = _load_batch(files[s : s + batch_size], failures, strict)
+        if not images:
+            continue
+        for name, a in zip(names, pred.locate(images, top_k=top_k)):
+            a["image"] = name
             answers.append(a)
-    if out is not None:
-        with atomic_path(out) as tmp:
-            if out.suffix.lower() == ".csv":
-                import pandas as pd
+    if out is not None and answers:
+        _write_answers(answers, out)
+    return answers, failures
 
-                rows = [{"image": a["image"], "lat": a["lat"], "lon": a["lon"], "confidence": a["confidence"],
-                         "radius_km_50": a["radius_km_50"], "radius_km_90": a["radius_km_90"],
-                         "country": a["countries"][0]["name"] if a["countries"] else "",
-                         "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
-                         "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
-                         "admin1": a["admin1"][0]["name"] if a["admin1"] else ""} for a in answers]
-                pd.DataFrame(rows).to_csv(tmp, index=False)
-            else:
-                feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
-                          "properties": {k: v for k, v in a.items() if k not in ("lat", "lon")}} for a in answers]
-                tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return answers
+
+def _check_options(out: Path | None, top_k: int, batch_size: int) -> None:
+    """Refuse impossible options before the bundle is loaded."""
+    if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
+        raise UserError(f"--out {out}: give a .csv or .geojson file")
+    if top_k < 1:
+        raise UserError(f"--top-k {top_k}: give 1 or more")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give 1 or more")
+
+
+def _load_batch(files: list[Path], failures: list[dict], strict: bool) -> tuple[list, list[str]]:
+    """The readable images of a batch and their names; the others go to `failures` (or raise, if strict)."""
+    from pigeon.datasets import load_image
+
+    images, names = [], []
+    for f in files:
+        try:
+            images.append(load_image(f))
+            names.append(str(f))
+        except UserError as e:
+            if strict:
+                raise UserError(f"{e} (--strict stops at the first bad file; drop it to skip bad files)") from e
+            failures.append({"image": str(f), "error": str(e)})
+    return images, names
+
+
+def _write_answers(answers: list[dict], out: Path) -> None:
+    """Write the answers atomically: CSV (one row per image) or GeoJSON (one point feature per image)."""
+    import pandas as pd
+
+    from pigeon.core.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        if out.suffix.lower() == ".csv":
+            rows = [{"image": a["image"], "lat": a["lat"], "lon": a["lon"], "confidence": a["confidence"],
+                     "radius_km_50": a["radius_km_50"], "radius_km_90": a["radius_km_90"],
+                     "country": a["countries"][0]["name"] if a["countries"] else "",
+                     "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
+                     "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
+                     "admin1": a["admin1"][0]["name"] if a["admin1"] else ""} for a in answers]
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+        else:
+            feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
+                      "properties": {k: v for k, v in a.items() if k not in ("lat", "lon")}} for a in answers]
+            tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
 def register(app: typer.Typer) -> None:
@@ -65,15 +105,20 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass"),
         device: str = typer.Option("cpu", help="torch device"),
         refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement (bundles with an index): cluster+nn | cluster | nn | none (top cell's centre); default: the mode `pigeon build-index` chose on val photos, else cluster+nn"),
+        strict: bool = typer.Option(False, "--strict", help="stop at the first unreadable image (default: skip it, list it on stderr, answer the rest)"),
         max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard: a refined answer farther than this from the top cell's centre is undone (default: PIGEON's 1000 km; inf = off)"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
-        answers = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
-                               refine=refine, max_refinement_km=max_refinement_km)
+        answers, failures = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
+                                         refine=refine, max_refinement_km=max_refinement_km, strict=strict)
+        for f in failures:
+            typer.echo(f"pigeon: skipped {f['image']}: {f['error']}", err=True)
         if out is None:
             for a in answers:
                 c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}
                 typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\t{c['name']} ({c['probability']:.0%})\t"
                            f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km")
         else:
-            typer.echo(f"{len(answers)} images located -> {out}")
+            typer.echo(f"{len(answers)} images located -> {out}" if answers else "no image located; nothing written")
+        if failures and not answers:
+            raise UserError(f"none of the {len(failures)} images could be read; see the lines above")

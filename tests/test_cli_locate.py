@@ -1,0 +1,72 @@
+"""`pigeon locate` on bad options and bad files: one line, exit 2, and the good files still answered."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from pigeon.cli import main
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from worlds import world_bundle
+
+    root = tmp_path_factory.mktemp("loc")
+    manifest, df, bundle, _ = world_bundle(root, n_images=60, image_size=48, seed=11, min_size=8, max_size=16)
+    return root, df, bundle
+
+
+def _run(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--top-k", "0"], "--top-k 0"),
+    (["--top-k", "-1"], "--top-k -1"),
+    (["--out", "/proc/x/y.csv"], "--out /proc/x/y.csv"),
+    (["--out", "r.txt"], "--out r.txt"),
+])
+def test_bad_options_are_one_line_exit_2(small, capsys, extra, needle):
+    root, df, bundle = small
+    img = str(root / "world" / df["image"][0])
+    assert _run(["locate", img, "--bundle", str(bundle), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
+
+
+def test_a_folder_with_bad_files_answers_the_good_ones(small, tmp_path, capsys):
+    root, df, bundle = small
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in df["image"][:3]:
+        shutil.copy(root / "world" / name, folder / f"good_{len(list(folder.iterdir()))}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "r.csv"
+    assert _run(["locate", str(folder), "--bundle", str(bundle), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    table = pd.read_csv(out)
+    assert sorted(p.rsplit("/", 1)[1] for p in table["image"]) == ["good_0.png", "good_1.png", "good_2.png"]
+    skipped = [line for line in cap.err.splitlines() if line.startswith("pigeon: skipped")]
+    assert len(skipped) == 2 and any("broken.jpg" in s for s in skipped) and any("empty.png" in s for s in skipped)
+    # --strict stops at the first bad file and writes nothing
+    out2 = tmp_path / "strict.csv"
+    assert _run(["locate", str(folder), "--bundle", str(bundle), "--out", str(out2), "--strict"]) == 2
+    assert not out2.exists() and "--strict" in capsys.readouterr().err
+
+
+def test_only_bad_files_is_an_error(small, tmp_path, capsys):
+    root, df, bundle = small
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    assert _run(["locate", str(bad), "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "skipped" in err and "none of the 1 images could be read" in err
