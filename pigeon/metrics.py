@@ -11,8 +11,11 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
+import shapely
 
 from pigeon.core.sphere import haversine_km
+from pigeon.geocells import bundled
+from pigeon.geocells.geometry import NearestIndex, assign_points
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
 GEOGUESSR_SCALE_KM = 1492.7
@@ -61,8 +64,6 @@ def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.nd
     A point at sea (or on a coast the simplified polygons miss) takes the nearest polygon on the
     sphere, so a guess on a beach still counts for its country: geocells' own point assignment.
     """
-    from pigeon.geocells.geometry import assign_points
-
     adm, geoms, tree, nearest = _admin1_lookup()
     idx, *_ = assign_points(np.asarray(lat, np.float64), np.asarray(lon, np.float64), geoms, tree, nearest)
     iso = adm["iso_a2"].to_numpy()[idx]
@@ -74,11 +75,6 @@ def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.nd
 @lru_cache(maxsize=1)
 def _admin1_lookup():
     """The bundled admin-1 polygons with their STRtree and nearest-boundary index, built once per process."""
-    import shapely
-
-    from pigeon.geocells import bundled
-    from pigeon.geocells.geometry import NearestIndex
-
     adm = bundled.admin1()
     geoms = np.asarray(adm.geometry.values, dtype=object)
     return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)

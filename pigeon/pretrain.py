@@ -13,6 +13,7 @@ so N processes follow the single-process trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,11 +21,25 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from open_clip.loss import ClipLoss
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
+from pigeon.core.io import atomic_path
+from pigeon.geocells import GeoCells
+
+from .backbones import Backbone, create_backbone, parse_spec
+from .bundle import Bundle
+from .captions import CaptionMaker
 from .core.errors import UserError
+from .datasets import EpochSampler, ImageDataset, build_train_transform, load_image, rare_cell_weights, read_manifest
 
 CHECKPOINT_DIR = "pretrain"
 
@@ -71,6 +86,8 @@ class PretrainResult:
 
 @dataclass
 class _Dist:
+    """This process's place in the job (rank 0 of 1 when run alone) and its device."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -84,9 +101,6 @@ class _Dist:
 
 def _setup_distributed(device: str | None) -> _Dist:
     """Join the process group torchrun describes (WORLD_SIZE > 1), or run alone."""
-    import torch
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -107,10 +121,16 @@ def _setup_distributed(device: str | None) -> _Dist:
 
 
 def _barrier(d: _Dist) -> None:
+    """Wait for every process (the main one writes the bundle while the others wait)."""
     if d.world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
+
+
+def _teardown(d: _Dist) -> None:
+    """Leave the process group once all processes are done, if this run joined it."""
+    _barrier(d)
+    if d.started_here:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +145,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
 
-def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on gains, biases, norms, embeddings' scales and the logit scale (as open_clip)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -138,24 +158,100 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _freeze_batchnorm(model) -> None:
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
     """BatchNorm layers stay in eval mode: small contrastive batches give noisy statistics, and
     per-process statistics would make N processes differ from one."""
-    import torch
-
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 
 # ---------------------------------------------------------------------------------------------
-# data
+# the run's parts
 
 
-def _usable_rows(df, strict: bool) -> tuple[np.ndarray, list[str]]:
+@dataclass
+class _Data:
+    """The training rows and their caption facts: what every epoch draws images and captions from."""
+
+    df: pd.DataFrame
+    skipped: list[str]  # rows left out because their image would not open
+    geocells: GeoCells
+    maker: CaptionMaker
+    facts: pd.DataFrame
+
+
+@dataclass
+class _Plan:
+    """How the rows are walked: dataset, sampler and the step counts the schedule spans."""
+
+    ds: ImageDataset
+    sampler: EpochSampler
+    local_bs: int  # per process, per micro-step
+    step_samples: int  # global samples per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    stop: int  # last optimizer step of this run (max_steps or the schedule's end)
+
+
+@dataclass
+class _Trainer:
+    """The model and what steps it; `train_model` is the DDP wrapper under torchrun, else `model`."""
+
+    bb: Backbone
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: bool
+    amp_dtype: torch.dtype
+    train_model: torch.nn.Module | None = None
+    loss_fn: ClipLoss | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bb.model
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: optimizer steps done (resumed ones included), their losses, images seen here."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    images: int = 0
+
+
+_RESUME_KEYS = ("batch_size", "accum", "epochs", "seed", "unfreeze_last", "lr", "warmup", "oversample", "augment", "hflip", "split")
+
+
+def _checkpoint_path(out: Path) -> Path:
+    """Where `--resume` looks: inside the bundle, next to the loss log."""
+    return Path(out) / CHECKPOINT_DIR / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up: options, data, model, optimiser
+
+
+def _check_options(cfg: PretrainConfig, backbone: str) -> None:
+    """Refuse a bad backbone spec or batch shape before any data is read or process group joined."""
+    parse_spec(backbone)
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
+    if cfg.batch_size < 2:
+        raise UserError(f"--batch-size {cfg.batch_size}: contrastive training needs at least 2 images per batch")
+    if cfg.accum < 1 or cfg.epochs < 1:
+        raise UserError("--accum and --epochs must be at least 1")
+
+
+def _local_batch_size(cfg: PretrainConfig, d: _Dist) -> int:
+    """The batch each process takes: `batch_size` is global, so it must split evenly over the processes."""
+    if cfg.batch_size % d.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is global; it must be a multiple of the {d.world} processes")
+    return cfg.batch_size // d.world
+
+
+def _usable_rows(df: pd.DataFrame, strict: bool) -> tuple[np.ndarray, list[str]]:
     """Rows whose image header opens (cheap: no decoding); the others are skipped and named, or refused when strict."""
-    from PIL import Image
-
     ok = np.zeros(len(df), dtype=bool)
     bad: list[str] = []
     for i, p in enumerate(df["path"].to_numpy()):
@@ -170,20 +266,236 @@ def _usable_rows(df, strict: bool) -> tuple[np.ndarray, list[str]]:
     return ok, bad
 
 
-def _checkpoint_path(out: Path) -> Path:
-    return Path(out) / CHECKPOINT_DIR / "checkpoint.pt"
+def _training_rows(data: str | os.PathLike, cfg: PretrainConfig) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest's rows of `cfg.split` whose images open; enough of them for one optimizer step."""
+    df = read_manifest(data, strict=cfg.strict)
+    if cfg.split and "split" in df.columns and (df["split"] == cfg.split).any():
+        df = df[df["split"] == cfg.split].reset_index(drop=True)
+    elif cfg.split and (df["split"] != "train").all() and cfg.split == "train":
+        raise UserError(f"manifest {data} has no rows with split == 'train'; mark training rows or pass another split")
+    ok, skipped = _usable_rows(df, cfg.strict)
+    df = df[ok].reset_index(drop=True)
+    if len(df) < cfg.batch_size * cfg.accum:
+        raise UserError(f"manifest {data} has {len(df)} readable training images, fewer than one optimizer step needs (batch size {cfg.batch_size} x accum {cfg.accum}); lower --batch-size")
+    return df, skipped
 
 
-_RESUME_KEYS = ("batch_size", "accum", "epochs", "seed", "unfreeze_last", "lr", "warmup", "oversample", "augment", "hflip", "split")
+def _load_data(data: str | os.PathLike, cells: str | os.PathLike | GeoCells, cfg: PretrainConfig) -> _Data:
+    """Training rows plus the geographic facts their captions are composed from (once; wording varies per epoch)."""
+    df, skipped = _training_rows(data, cfg)
+    geocells = cells if isinstance(cells, GeoCells) else GeoCells.load(cells)
+    maker = CaptionMaker(geocells, seed=cfg.seed)
+    facts = maker.facts(df["lat"].to_numpy(), df["lon"].to_numpy(), df["taken_at"], df["heading"].to_numpy())
+    return _Data(df=df, skipped=skipped, geocells=geocells, maker=maker, facts=facts)
+
+
+def _load_backbone(backbone: str, cfg: PretrainConfig, d: _Dist) -> Backbone:
+    """The backbone on this process's device with the freeze policy applied; refuse one with nothing to train."""
+    bb = create_backbone(backbone, device=d.device)
+    if bb.set_trainable(cfg.unfreeze_last) == 0:
+        raise UserError(f"backbone {backbone}: nothing to train with --unfreeze-last {cfg.unfreeze_last}")
+    return bb
+
+
+def _plan(bb: Backbone, data: _Data, cfg: PretrainConfig, d: _Dist, local_bs: int) -> _Plan:
+    """Dataset (augmented or plain), the shared global sample order, and the step counts of the schedule."""
+    transform = build_train_transform(bb.image_size, bb.mean, bb.std, hflip=cfg.hflip) if cfg.augment else bb.preprocess
+    ds = ImageDataset(data.df, transform, strict=cfg.strict, seed=cfg.seed)
+    weights = rare_cell_weights(data.facts["cell"].to_numpy(), cfg.oversample) if cfg.oversample > 0 else None
+    step_samples = cfg.batch_size * cfg.accum
+    sampler = EpochSampler(len(data.df), seed=cfg.seed, weights=weights, rank=d.rank, world_size=d.world, drop_last_multiple=step_samples)
+    steps_per_epoch = len(sampler.global_order()) // step_samples
+    total_steps = steps_per_epoch * cfg.epochs
+    stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    return _Plan(ds=ds, sampler=sampler, local_bs=local_bs, step_samples=step_samples, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, stop=stop)
+
+
+def _optimiser(bb: Backbone, cfg: PretrainConfig, d: _Dist, total_steps: int) -> _Trainer:
+    """AdamW with warm-up and cosine decay over all epochs; bf16 (or fp16 with loss scaling) autocast on CUDA."""
+    warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total_steps))
+    opt = torch.optim.AdamW(_param_groups(bb.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+    cuda = d.device.startswith("cuda")
+    amp = cuda if cfg.amp is None else (cfg.amp and cuda)
+    amp_dtype = torch.bfloat16 if (cuda and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    return _Trainer(bb=bb, opt=opt, sched=sched, scaler=scaler, amp=amp, amp_dtype=amp_dtype)
+
+
+def _wrap_for_training(tr: _Trainer, d: _Dist) -> None:
+    """DDP under torchrun (after any resume, so every process starts from the loaded weights) and the
+    global-batch loss: features are all-gathered with gradients, so N processes follow one."""
+    tr.train_model = tr.model
+    if d.world > 1:
+        cuda = d.device.startswith("cuda")
+        tr.train_model = DDP(tr.model, device_ids=[d.local_rank] if cuda else None, broadcast_buffers=False)
+    tr.loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=d.rank, world_size=d.world)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _check_checkpoint(state: dict[str, Any], ckpt: Path, bb: Backbone, cfg: PretrainConfig, n_rows: int) -> None:
+    """Refuse to resume a checkpoint of another backbone, other options or other data, naming what differs."""
+    if state["spec"] != bb.spec:
+        raise UserError(f"--resume: the checkpoint {ckpt} trains {state['spec']!r}, not {bb.spec!r}; give the same --backbone or start afresh")
+    diff = [k for k in _RESUME_KEYS if state["config"].get(k) != asdict(cfg).get(k)]
+    if diff:
+        raise UserError(f"--resume: options {', '.join(diff)} differ from the checkpoint's ({', '.join(k + '=' + repr(state['config'].get(k)) for k in diff)}); use the same options or start afresh")
+    if state["n_rows"] != n_rows:
+        raise UserError(f"--resume: the checkpoint was trained on {state['n_rows']} images, the manifest now has {n_rows}; use the same data or start afresh")
+
+
+def _resume(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, n_rows: int) -> _Progress:
+    """Load model, optimiser, schedule and scaler from the checkpoint so the run continues exactly."""
+    if not ckpt.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    _check_checkpoint(state, ckpt, tr.bb, cfg, n_rows)
+    tr.model.load_state_dict(state["model"])
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.sched.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        tr.scaler.load_state_dict(state["scaler"])
+    return _Progress(step=int(state["step"]), losses=list(state["losses"]))
+
+
+def _save_checkpoint(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, n_rows: int, prog: _Progress, d: _Dist) -> None:
+    """Write everything `--resume` needs (main process only, atomically: a killed run leaves the last good one)."""
+    if not d.main:
+        return
+    state = {
+        "spec": tr.bb.spec,
+        "config": asdict(cfg),
+        "n_rows": n_rows,
+        "step": prog.step,
+        "losses": prog.losses,
+        "model": tr.model.state_dict(),
+        "optimizer": tr.opt.state_dict(),
+        "scheduler": tr.sched.state_dict(),
+        "scaler": tr.scaler.state_dict() if tr.scaler.is_enabled() else None,
+    }
+    with atomic_path(ckpt) as tmp:
+        torch.save(state, tmp)
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 
+def _micro_step(tr: _Trainer, batch: tuple[torch.Tensor, torch.Tensor], captions: list[str], cfg: PretrainConfig, d: _Dist, sync: bool) -> float:
+    """Forward and backward of one micro-batch (gradients synchronised across processes only when `sync`)."""
+    x, idx = batch
+    tokens = tr.bb.tokenize([captions[i] for i in idx.tolist()])
+    x, tokens = x.to(d.device, non_blocking=True), tokens.to(d.device, non_blocking=True)
+    ctx = tr.train_model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
+    with ctx:
+        with torch.autocast("cuda", dtype=tr.amp_dtype, enabled=tr.amp):
+            out_ = tr.train_model(image=x, text=tokens)
+            img_f, txt_f, scale = (out_["image_features"], out_["text_features"], out_["logit_scale"]) if isinstance(out_, dict) else out_[:3]
+            loss = tr.loss_fn(img_f.float(), txt_f.float(), scale.float())
+        tr.scaler.scale(loss / cfg.accum).backward()
+    return float(loss.detach())
+
+
+def _optimizer_step(tr: _Trainer, it: Iterator, captions: list[str], cfg: PretrainConfig, d: _Dist, prog: _Progress) -> float:
+    """One optimizer step over `accum` micro-batches; returns its loss (the mean over the micro-batches)."""
+    tr.opt.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for micro in range(cfg.accum):
+        batch = next(it)
+        if batch is None:
+            raise UserError("a whole batch of images was unreadable; check the manifest's files")
+        sync = micro == cfg.accum - 1 or d.world == 1
+        step_loss += _micro_step(tr, batch, captions, cfg, d, sync) / cfg.accum
+        prog.images += len(batch[1]) * d.world
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
+    tr.sched.step()
+    with torch.no_grad():
+        ls = getattr(tr.model, "logit_scale", None)
+        if isinstance(ls, torch.nn.Parameter):
+            ls.clamp_(0, math.log(100))
+    return step_loss
+
+
+def _run_epoch(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress,
+               pbar: tqdm | None, ckpt: Path) -> None:
+    """Train from `prog.step` to the end of its epoch (or `plan.stop`): this epoch's order, augmentations and
+    caption wording, a checkpoint every `checkpoint_every` steps. The loader ends with the call."""
+    epoch, in_epoch = divmod(prog.step, plan.steps_per_epoch)
+    plan.sampler.set_epoch(epoch, skip=in_epoch * plan.step_samples)
+    plan.ds.set_epoch(epoch)
+    captions = data.maker.compose(data.facts, np.random.default_rng([cfg.seed, epoch]))
+    loader = torch.utils.data.DataLoader(
+        plan.ds, batch_size=plan.local_bs, sampler=plan.sampler, collate_fn=ImageDataset.collate, num_workers=cfg.num_workers,
+        drop_last=True, persistent_workers=False, pin_memory=d.device.startswith("cuda"),
+    )
+    it = iter(loader)
+    while prog.step < plan.stop and prog.step // plan.steps_per_epoch == epoch:
+        step_loss = _optimizer_step(tr, it, captions, cfg, d, prog)
+        prog.step += 1
+        prog.losses.append(step_loss)
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{tr.sched.get_last_lr()[-1]:.2e}")
+        if cfg.checkpoint_every and prog.step % cfg.checkpoint_every == 0 and prog.step < plan.stop:
+            _save_checkpoint(ckpt, tr, cfg, len(data.df), prog, d)
+
+
+def _train(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress, ckpt: Path, progress: bool) -> float:
+    """Run epochs until `plan.stop` (a progress bar on the main process); returns the seconds it took."""
+    pbar = None
+    if progress and d.main:
+        pbar = tqdm(total=plan.stop, initial=min(prog.step, plan.stop), desc=f"pretrain {tr.bb.spec}", unit="step")
+    t0 = time.perf_counter()
+    tr.model.train()
+    _freeze_batchnorm(tr.model)
+    while prog.step < plan.stop:
+        _run_epoch(tr, plan, data, cfg, d, prog, pbar, ckpt)
+    seconds = time.perf_counter() - t0
+    if pbar is not None:
+        pbar.close()
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# the result
+
+
+def _write_bundle(out: Path, data_arg: str | os.PathLike, tr: _Trainer, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress) -> str | None:
+    """Write backbone.safetensors (recorded in the bundle's manifest) and the loss log; main process only,
+    so the others return None for the hash."""
+    tr.model.eval()
+    tr.bb.invalidate_hash()
+    if not d.main:
+        return None
+    bb = tr.bb
+    backbone_hash = bb.hash
+    bundle = Bundle(out, create=True)
+    bundle.write_part(
+        "backbone",
+        bb.save_weights,
+        base_spec=bb.spec,
+        backbone_hash=backbone_hash,
+        data=str(data_arg),
+        caption_cells_hash=data.geocells.hash,
+        steps=prog.step,
+        images=int(len(data.df)),
+        config=asdict(cfg),
+        world_size=d.world,
+    )
+    bundle.set_backbone(bb.spec, backbone_hash)
+    with atomic_path(out / CHECKPOINT_DIR / "losses.json") as tmp:
+        tmp.write_text(json.dumps({"losses": prog.losses, "steps": prog.step, "world_size": d.world}))
+    return backbone_hash
+
+
 def pretrain(
     data: str | os.PathLike,
-    cells: str | os.PathLike | Any,
+    cells: str | os.PathLike | GeoCells,
     backbone: str,
     out: str | os.PathLike,
     config: PretrainConfig | None = None,
@@ -193,224 +505,32 @@ def pretrain(
 ) -> PretrainResult:
     """Fine-tune `backbone` on the manifest `data` with captions from `cells` (a path or a GeoCells);
     write `backbone.safetensors` into the bundle folder `out` and return the loss trajectory."""
-    import torch
-    from open_clip.loss import ClipLoss
-
-    from pigeon.geocells import GeoCells
-    from pigeon.core.io import atomic_path
-
-    from .backbones import create_backbone
-    from .bundle import Bundle
-    from .captions import CaptionMaker
-    from .datasets import EpochSampler, ImageDataset, rare_cell_weights, read_manifest
-
     cfg = config or PretrainConfig()
-    from .backbones import parse_spec
-
-    parse_spec(backbone)  # a bad spec fails before any data is read
-    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
-    if cfg.batch_size < 2:
-        raise UserError(f"--batch-size {cfg.batch_size}: contrastive training needs at least 2 images per batch")
-    if cfg.accum < 1 or cfg.epochs < 1:
-        raise UserError("--accum and --epochs must be at least 1")
+    _check_options(cfg, backbone)
     out = Path(out)
     d = _setup_distributed(device)
-    if cfg.batch_size % d.world:
-        raise UserError(f"--batch-size {cfg.batch_size} is global; it must be a multiple of the {d.world} processes")
-    local_bs = cfg.batch_size // d.world
-
-    # -- data and captions -------------------------------------------------------------------
-    df = read_manifest(data, strict=cfg.strict)
-    if cfg.split and "split" in df.columns and (df["split"] == cfg.split).any():
-        df = df[df["split"] == cfg.split].reset_index(drop=True)
-    elif cfg.split and (df["split"] != "train").all() and cfg.split == "train":
-        raise UserError(f"manifest {data} has no rows with split == 'train'; mark training rows or pass another split")
-    ok, skipped = _usable_rows(df, cfg.strict)
-    df = df[ok].reset_index(drop=True)
-    step_samples = cfg.batch_size * cfg.accum
-    if len(df) < step_samples:
-        raise UserError(f"manifest {data} has {len(df)} readable training images, fewer than one optimizer step needs (batch size {cfg.batch_size} x accum {cfg.accum}); lower --batch-size")
-    geocells = cells if isinstance(cells, GeoCells) else GeoCells.load(cells)
-    maker = CaptionMaker(geocells, seed=cfg.seed)
-    facts = maker.facts(df["lat"].to_numpy(), df["lon"].to_numpy(), df["taken_at"], df["heading"].to_numpy())
-
-    # -- model -------------------------------------------------------------------------------
-    bb = create_backbone(backbone, device=d.device)
-    model = bb.model
-    n_train = bb.set_trainable(cfg.unfreeze_last)
-    if n_train == 0:
-        raise UserError(f"backbone {backbone}: nothing to train with --unfreeze-last {cfg.unfreeze_last}")
-    from .datasets.augment import build_train_transform
-
-    transform = build_train_transform(bb.image_size, bb.mean, bb.std, hflip=cfg.hflip) if cfg.augment else bb.preprocess
-    ds = ImageDataset(df, transform, strict=cfg.strict, seed=cfg.seed)
-    weights = rare_cell_weights(facts["cell"].to_numpy(), cfg.oversample) if cfg.oversample > 0 else None
-    sampler = EpochSampler(len(df), seed=cfg.seed, weights=weights, rank=d.rank, world_size=d.world, drop_last_multiple=step_samples)
-    steps_per_epoch = len(sampler.global_order()) // step_samples
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total_steps))
-
-    groups = _param_groups(model, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
-    cuda = d.device.startswith("cuda")
-    amp = cuda if cfg.amp is None else (cfg.amp and cuda)
-    amp_dtype = torch.bfloat16 if (cuda and torch.cuda.is_bf16_supported()) else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-
-    step, losses = 0, []
+    local_bs = _local_batch_size(cfg, d)
+    rows = _load_data(data, cells, cfg)
+    bb = _load_backbone(backbone, cfg, d)
+    plan = _plan(bb, rows, cfg, d, local_bs)
+    tr = _optimiser(bb, cfg, d, plan.total_steps)
     ckpt = _checkpoint_path(out)
-    if resume:
-        if not ckpt.exists():
-            raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["spec"] != bb.spec:
-            raise UserError(f"--resume: the checkpoint {ckpt} trains {state['spec']!r}, not {bb.spec!r}; give the same --backbone or start afresh")
-        diff = [k for k in _RESUME_KEYS if state["config"].get(k) != asdict(cfg).get(k)]
-        if diff:
-            raise UserError(f"--resume: options {', '.join(diff)} differ from the checkpoint's ({', '.join(k + '=' + repr(state['config'].get(k)) for k in diff)}); use the same options or start afresh")
-        if state["n_rows"] != len(df):
-            raise UserError(f"--resume: the checkpoint was trained on {state['n_rows']} images, the manifest now has {len(df)}; use the same data or start afresh")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, losses = int(state["step"]), list(state["losses"])
-
-    train_model = model
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[d.local_rank] if cuda else None, broadcast_buffers=False)
-    loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=d.rank, world_size=d.world)
-
-    def save_checkpoint() -> None:
-        if not d.main:
-            return
-        state = {
-            "spec": bb.spec,
-            "config": asdict(cfg),
-            "n_rows": len(df),
-            "step": step,
-            "losses": losses,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        }
-        with atomic_path(ckpt) as tmp:
-            torch.save(state, tmp)
-
-    stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
-    pbar = None
-    if progress and d.main:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=stop, initial=min(step, stop), desc=f"pretrain {bb.spec}", unit="step")
-    images = 0
-    t0 = time.perf_counter()
-    model.train()
-    _freeze_batchnorm(model)
-    while step < stop:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, skip=in_epoch * step_samples)
-        ds.set_epoch(epoch)
-        captions = maker.compose(facts, np.random.default_rng([cfg.seed, epoch]))
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=local_bs, sampler=sampler, collate_fn=ImageDataset.collate, num_workers=cfg.num_workers, drop_last=True,
-            persistent_workers=False, pin_memory=cuda,
-        )
-        it = iter(loader)
-        while step < stop and step // steps_per_epoch == epoch:
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(cfg.accum):
-                batch = next(it)
-                if batch is None:
-                    raise UserError("a whole batch of images was unreadable; check the manifest's files")
-                x, idx = batch
-                tokens = bb.tokenize([captions[i] for i in idx.tolist()])
-                x, tokens = x.to(d.device, non_blocking=True), tokens.to(d.device, non_blocking=True)
-                sync = micro == cfg.accum - 1 or d.world == 1
-                ctx = train_model.no_sync() if (d.world > 1 and not sync) else _null()
-                with ctx:
-                    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
-                        out_ = train_model(image=x, text=tokens)
-                        img_f, txt_f, scale = (out_["image_features"], out_["text_features"], out_["logit_scale"]) if isinstance(out_, dict) else out_[:3]
-                        loss = loss_fn(img_f.float(), txt_f.float(), scale.float())
-                    scaler.scale(loss / cfg.accum).backward()
-                step_loss += float(loss.detach()) / cfg.accum
-                images += len(idx) * d.world
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            with torch.no_grad():
-                ls = getattr(model, "logit_scale", None)
-                if isinstance(ls, torch.nn.Parameter):
-                    ls.clamp_(0, math.log(100))
-            step += 1
-            losses.append(step_loss)
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[-1]:.2e}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop:
-                save_checkpoint()
-        del it, loader
-    seconds = time.perf_counter() - t0
-    if pbar is not None:
-        pbar.close()
-    save_checkpoint()
-    skipped_all = skipped + ds.skipped
-
-    backbone_hash = None
-    model.eval()
-    bb.invalidate_hash()
-    if d.main:
-        backbone_hash = bb.hash
-        bundle = Bundle(out, create=True)
-        bundle.write_part(
-            "backbone",
-            bb.save_weights,
-            base_spec=bb.spec,
-            backbone_hash=backbone_hash,
-            data=str(data),
-            caption_cells_hash=geocells.hash,
-            steps=step,
-            images=int(len(df)),
-            config=asdict(cfg),
-            world_size=d.world,
-        )
-        bundle.set_backbone(bb.spec, backbone_hash)
-        with atomic_path(out / CHECKPOINT_DIR / "losses.json") as tmp:
-            tmp.write_text(json.dumps({"losses": losses, "steps": step, "world_size": d.world}))
-    _barrier(d)
-    if d.started_here:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    prog = _resume(ckpt, tr, cfg, len(rows.df)) if resume else _Progress()
+    _wrap_for_training(tr, d)
+    seconds = _train(tr, plan, rows, cfg, d, prog, ckpt, progress)
+    _save_checkpoint(ckpt, tr, cfg, len(rows.df), prog, d)
+    backbone_hash = _write_bundle(out, data, tr, rows, cfg, d, prog)
+    _teardown(d)
     return PretrainResult(
-        losses=losses, steps=step, images=images, seconds=seconds, images_per_s=images / seconds if seconds > 0 else 0.0,
-        backbone_hash=backbone_hash, bundle=str(out), skipped=skipped_all,
+        losses=prog.losses, steps=prog.step, images=prog.images, seconds=seconds,
+        images_per_s=prog.images / seconds if seconds > 0 else 0.0,
+        backbone_hash=backbone_hash, bundle=str(out), skipped=rows.skipped + plan.ds.skipped,
     )
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def contrastive_loss(backbone, df, captions: list[str], batch_size: int = 64) -> float:
+def contrastive_loss(backbone: Backbone, df: pd.DataFrame, captions: list[str], batch_size: int = 64) -> float:
     """Mean symmetric InfoNCE of a backbone over (image, caption) pairs in fixed batches, eval mode,
     no augmentation: a deterministic yardstick for what pretraining did."""
-    import torch
-    from open_clip.loss import ClipLoss
-
-    from .datasets import load_image
-
     loss_fn = ClipLoss()
     was = backbone.model.training
     backbone.model.eval()

@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
 
         Also runs under `torchrun --nproc_per_node=N -m pigeon.cli pretrain ...` (DDP; --batch-size is global)."""
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
+        # imported here, not at module top: `pigeon --help` should not pay for torch and open_clip
         from pigeon.pretrain import PretrainConfig, pretrain
 
         cfg = PretrainConfig(

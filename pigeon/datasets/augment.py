@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
+from torchvision import transforms as T
 
 from ..core.errors import UserError
 
@@ -22,8 +24,6 @@ class GaussianNoise:
         self.p = float(p)
 
     def __call__(self, x):
-        import torch
-
         if self.std <= 0 or torch.rand(()) >= self.p:
             return x
         return x + torch.randn_like(x) * self.std
@@ -43,8 +43,6 @@ def build_train_transform(
 ):
     """The augmenting transform PIL -> Tensor(3, S, S): random resized crop, flip, colour jitter,
     normalise, random erasing with zeros ("black holes"), Gaussian noise."""
-    from torchvision import transforms as T
-
     steps = [
         T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
     ]

@@ -8,14 +8,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import UserError
 
 
 def load_image(path: str | os.PathLike):
     """Open an image as RGB with its EXIF orientation applied; UserError naming the path if unreadable."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -52,8 +52,6 @@ class ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import torch
-
         try:
             im = load_image(self.paths[i])
         except UserError:
@@ -76,8 +74,6 @@ class ImageDataset:
     @staticmethod
     def collate(batch: list):
         """Stack (tensor, index) pairs, dropping unreadable items: (Tensor(B,3,H,W), LongTensor(B))."""
-        import torch
-
         batch = [b for b in batch if b is not None]
         if not batch:
             return None

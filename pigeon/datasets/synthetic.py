@@ -26,10 +26,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import shapely
+from PIL import Image
 
 from pigeon.core.errors import UserError
 from pigeon.core.io import atomic_path
 from pigeon.core.sphere import to_xyz
+from pigeon.geocells import bundled
 
 # Spread over all continents, both hemispheres, both driving sides (L = drives on the left).
 DEFAULT_COUNTRIES: tuple[str, ...] = (
@@ -67,10 +70,6 @@ def _country_colour(iso_a2: np.ndarray) -> np.ndarray:
 
 def _sample_land(n: int, countries: Sequence[str], rng: np.random.Generator):
     """n points inside the admin-1 polygons of `countries`: country uniform, region by area, point uniform in it."""
-    import shapely
-
-    from pigeon.geocells import bundled
-
     adm = bundled.admin1()
     adm = adm[adm["iso_a2"].isin(list(countries))].reset_index(drop=True)
     missing = sorted(set(countries) - set(adm["iso_a2"]))
@@ -123,6 +122,88 @@ def _solar_elevation(lat: np.ndarray, doy: np.ndarray, hour: np.ndarray) -> np.n
     return np.degrees(np.arcsin(np.clip(s, -1, 1)))
 
 
+def _location_field(lat: np.ndarray, lon: np.ndarray, fourier_seed: int) -> np.ndarray:
+    """Smooth location field (n, 6) in [-1, 1]: random Fourier features of the unit vector, the same
+    world for every seed, so nearby places look alike and far ones do not."""
+    frng = np.random.default_rng(fourier_seed)
+    w = frng.normal(size=(_N_FOURIER, 3)) * (6371.0 / _FOURIER_KM)
+    ph = frng.uniform(0, 2 * np.pi, size=_N_FOURIER)
+    feats = np.sin(to_xyz(lat, lon) @ w.T + ph).astype(np.float32)        # (n, F) in [-1, 1]
+    mix = frng.normal(size=(_N_FOURIER, 6)).astype(np.float32) / np.sqrt(_N_FOURIER)
+    return np.tanh(feats @ mix)                                             # (n, 6)
+
+
+def _sky(yy: np.ndarray, xx: np.ndarray, horizon: np.ndarray, lat: np.ndarray, elev: np.ndarray, hour: np.ndarray,
+         heading: np.ndarray) -> np.ndarray:
+    """Sky (n, H, W, 3): the sun's height sets its colour (high: saturated blue; low: pale, warm), and the
+    sun disc sits at its elevation, left or right by its azimuth relative to the heading."""
+    e1 = np.clip(elev / 90.0, -0.1, 1.0)
+    zen = np.stack([0.15 + 0.5 * (1 - e1), 0.35 + 0.3 * e1, 0.55 + 0.4 * e1], -1)   # (n, 3)
+    hor = np.stack([0.85 + 0.1 * (1 - e1), 0.75 + 0.1 * e1, 0.60 + 0.3 * e1], -1)
+    t = np.clip(yy / np.maximum(horizon, 1e-3), 0, 1)[..., None]           # (n,H,1,1)
+    sky = (1 - t) * zen[:, None, None, :] + t * hor[:, None, None, :]       # (n,H,1,3)
+    south = np.where(lat >= 0, 180.0, 0.0)                                  # noon sun is equatorward
+    az = south + 15.0 * (hour - 12.0) * np.where(lat >= 0, 1.0, -1.0)
+    rel = ((az - heading + 180.0) % 360.0) - 180.0                          # -180..180
+    sx = (0.5 + rel / 90.0).astype(np.float32)[:, None, None]
+    sy = (horizon[:, 0, 0] * (1 - np.clip(elev, 0, 90) / 90.0)).astype(np.float32)[:, None, None]
+    sun = np.exp(-((xx - sx) ** 2 + (yy - sy) ** 2) / (2 * 0.05**2)) * (elev[:, None, None] > 0)
+    return sky + sun[..., None] * np.array([1.0, 0.95, 0.7], np.float32)  # (n,H,W,3)
+
+
+def _ground(yy: np.ndarray, xx: np.ndarray, lat: np.ndarray, doy: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """Ground (n, H, W, 3): climate-belt colour by |lat| (snow in the local winter far from the
+    equator), a location tint and a location-dependent stripe texture."""
+    alat = np.abs(lat)
+    belt = np.stack([np.interp(alat, _BELT_LAT, _BELT_RGB[:, c]) for c in range(3)], -1)
+    winter = np.cos(2 * np.pi * (doy - 172) / 365.0) * np.sign(lat)           # +1 northern summer
+    snow = np.clip((alat - 42.0) / 15.0, 0, 1) * np.clip(-winter, 0, 1)
+    belt = belt * (1 - snow[:, None]) + np.array([0.92, 0.93, 0.96]) * snow[:, None]
+    tint = 0.18 * field[:, 1:4]
+    ground_rgb = np.clip(belt + tint, 0, 1).astype(np.float32)             # (n, 3)
+    freq = (6.0 + 5.0 * (field[:, 4] + 1))[:, None, None]
+    ang = (np.pi * field[:, 5])[:, None, None]
+    tex = np.sin(freq * (np.cos(ang) * xx + np.sin(ang) * yy) * 2 * np.pi)  # (n,H,W)
+    return ground_rgb[:, None, None, :] * (1 + 0.18 * tex[..., None])
+
+
+def _draw_road(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, horizon: np.ndarray, driving_left: np.ndarray) -> np.ndarray:
+    """A perspective road from the horizon to the bottom; its dashed centre line sits on the camera's
+    left when driving on the right, on its right when driving on the left (the driving-side cue)."""
+    below = np.clip((yy - horizon) / np.maximum(1 - horizon, 1e-3), 0, 1)  # 0 at horizon .. 1 bottom
+    half = 0.03 + 0.45 * below
+    road = ((np.abs(xx - 0.5) < half) & (yy > horizon)).astype(np.float32)
+    side = np.where(driving_left, 1.0, -1.0).astype(np.float32)[:, None, None]
+    cx = 0.5 + side * 0.22 * below
+    dash = (np.sin(below * 30.0) > 0).astype(np.float32)
+    line = (np.abs(xx - cx) < 0.012 + 0.02 * below) * road * dash
+    img = img * (1 - road[..., None]) + road[..., None] * np.float32(0.35)
+    return img * (1 - line[..., None]) + line[..., None] * np.float32(0.95)
+
+
+def _draw_signpost(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, horizon: np.ndarray, iso_a2: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """A country-coloured panel on a pole, on a random side, in 85% of the images (the country cue)."""
+    n = len(iso_a2)
+    has = rng.random(n) < 0.85
+    px = np.where(rng.random(n) < 0.5, 0.12, 0.88) + rng.uniform(-0.04, 0.04, n)
+    pw = rng.uniform(0.14, 0.22, n)
+    py = (horizon[:, 0, 0] - rng.uniform(0.02, 0.10, n))
+    ph_ = rng.uniform(0.12, 0.20, n)
+    px, pw, py, ph_ = (a.astype(np.float32)[:, None, None] for a in (px, pw, py, ph_))
+    panel = (np.abs(xx - px) < pw / 2) & (np.abs(yy - py) < ph_ / 2) & has[:, None, None]
+    pole = (np.abs(xx - px) < 0.01) & (yy > py) & (yy < horizon + 0.15) & has[:, None, None]
+    img = np.where(pole[..., None], np.float32(0.25), img)
+    return np.where(panel[..., None], _country_colour(iso_a2)[:, None, None, :], img)
+
+
+def _expose(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Exposure jitter and pixel noise, then 8-bit: no two photos of a place are alike."""
+    img = img * rng.uniform(0.85, 1.15, (len(img), 1, 1, 1)).astype(np.float32)
+    img = img + rng.normal(0, 0.04, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def render(
     lat: np.ndarray,
     lon: np.ndarray,
@@ -136,86 +217,18 @@ def render(
     fourier_seed: int = 1234,
 ) -> np.ndarray:
     """Render images (n, size, size, 3) uint8 of the given places and times; fully vectorised."""
-    n = len(lat)
-    H = W = size
-    yy = (np.arange(H, dtype=np.float32) + 0.5)[None, :, None] / H   # 0 top .. 1 bottom
-    xx = (np.arange(W, dtype=np.float32) + 0.5)[None, None, :] / W
-
-    # Smooth location field: random Fourier features of the unit vector (same world for every seed).
-    frng = np.random.default_rng(fourier_seed)
-    w = frng.normal(size=(_N_FOURIER, 3)) * (6371.0 / _FOURIER_KM)
-    ph = frng.uniform(0, 2 * np.pi, size=_N_FOURIER)
-    feats = np.sin(to_xyz(lat, lon) @ w.T + ph).astype(np.float32)        # (n, F) in [-1, 1]
-    mix = frng.normal(size=(_N_FOURIER, 6)).astype(np.float32) / np.sqrt(_N_FOURIER)
-    field = np.tanh(feats @ mix)                                            # (n, 6)
-
+    yy = (np.arange(size, dtype=np.float32) + 0.5)[None, :, None] / size   # 0 top .. 1 bottom
+    xx = (np.arange(size, dtype=np.float32) + 0.5)[None, None, :] / size
+    field = _location_field(lat, lon, fourier_seed)
     elev = _solar_elevation(lat, doy, hour).astype(np.float32)
-    e = np.clip(elev / 90.0, -0.1, 1.0)[:, None, None]
-
-    # Horizon height varies with the local terrain field.
-    horizon = (0.42 + 0.08 * field[:, 0])[:, None, None]
-    sky_mask = (yy < horizon).astype(np.float32)                            # (n, H, 1)
-
-    # Sky: high sun -> saturated blue; low sun -> pale, warm; gradient towards the horizon.
-    e1 = e[:, 0, 0]
-    zen = np.stack([0.15 + 0.5 * (1 - e1), 0.35 + 0.3 * e1, 0.55 + 0.4 * e1], -1)   # (n, 3)
-    hor = np.stack([0.85 + 0.1 * (1 - e1), 0.75 + 0.1 * e1, 0.60 + 0.3 * e1], -1)
-    t = np.clip(yy / np.maximum(horizon, 1e-3), 0, 1)[..., None]           # (n,H,1,1)
-    sky = (1 - t) * zen[:, None, None, :] + t * hor[:, None, None, :]       # (n,H,1,3)
-
-    # Sun disc: height from elevation, left/right from its azimuth relative to the heading.
-    south = np.where(lat >= 0, 180.0, 0.0)                                  # noon sun is equatorward
-    az = south + 15.0 * (hour - 12.0) * np.where(lat >= 0, 1.0, -1.0)
-    rel = ((az - heading + 180.0) % 360.0) - 180.0                          # -180..180
-    sx = (0.5 + rel / 90.0).astype(np.float32)[:, None, None]
-    sy = (horizon[:, 0, 0] * (1 - np.clip(elev, 0, 90) / 90.0)).astype(np.float32)[:, None, None]
-    sun = np.exp(-((xx - sx) ** 2 + (yy - sy) ** 2) / (2 * 0.05**2)) * (elev[:, None, None] > 0)
-    sky = sky + sun[..., None] * np.array([1.0, 0.95, 0.7], np.float32)   # (n,H,W,3)
-
-    # Ground: climate belt colour (snow in the local winter at high |lat|) + location tint + texture.
-    alat = np.abs(lat)
-    belt = np.stack([np.interp(alat, _BELT_LAT, _BELT_RGB[:, c]) for c in range(3)], -1)
-    winter = np.cos(2 * np.pi * (doy - 172) / 365.0) * np.sign(lat)           # +1 northern summer
-    snow = np.clip((alat - 42.0) / 15.0, 0, 1) * np.clip(-winter, 0, 1)
-    belt = belt * (1 - snow[:, None]) + np.array([0.92, 0.93, 0.96]) * snow[:, None]
-    tint = 0.18 * field[:, 1:4]
-    ground_rgb = np.clip(belt + tint, 0, 1).astype(np.float32)             # (n, 3)
-    freq = (6.0 + 5.0 * (field[:, 4] + 1))[:, None, None]
-    ang = (np.pi * field[:, 5])[:, None, None]
-    tex = np.sin(freq * (np.cos(ang) * xx + np.sin(ang) * yy) * 2 * np.pi)  # (n,H,W)
-    ground = ground_rgb[:, None, None, :] * (1 + 0.18 * tex[..., None])
-
-    img = sky_mask[..., None] * sky + (1 - sky_mask[..., None]) * ground    # (n,H,W,3)
-
-    # Road: a perspective trapezoid from the horizon to the bottom; the dashed centre line sits on the
-    # camera's left when driving on the right, on its right when driving on the left.
-    below = np.clip((yy - horizon) / np.maximum(1 - horizon, 1e-3), 0, 1)  # 0 at horizon .. 1 bottom
-    half = 0.03 + 0.45 * below
-    road = ((np.abs(xx - 0.5) < half) & (yy > horizon)).astype(np.float32)
-    side = np.where(driving_left, 1.0, -1.0).astype(np.float32)[:, None, None]
-    cx = 0.5 + side * 0.22 * below
-    dash = (np.sin(below * 30.0) > 0).astype(np.float32)
-    line = (np.abs(xx - cx) < 0.012 + 0.02 * below) * road * dash
-    img = img * (1 - road[..., None]) + road[..., None] * np.float32(0.35)
-    img = img * (1 - line[..., None]) + line[..., None] * np.float32(0.95)
-
-    # Signpost: country-coloured panel on a pole, on a random side (85% of images).
-    has = rng.random(n) < 0.85
-    px = np.where(rng.random(n) < 0.5, 0.12, 0.88) + rng.uniform(-0.04, 0.04, n)
-    pw = rng.uniform(0.14, 0.22, n)
-    py = (horizon[:, 0, 0] - rng.uniform(0.02, 0.10, n))
-    ph_ = rng.uniform(0.12, 0.20, n)
-    px, pw, py, ph_ = (a.astype(np.float32)[:, None, None] for a in (px, pw, py, ph_))
-    panel = (np.abs(xx - px) < pw / 2) & (np.abs(yy - py) < ph_ / 2) & has[:, None, None]
-    pole = (np.abs(xx - px) < 0.01) & (yy > py) & (yy < horizon + 0.15) & has[:, None, None]
-    col = _country_colour(iso_a2)
-    img = np.where(pole[..., None], np.float32(0.25), img)
-    img = np.where(panel[..., None], col[:, None, None, :], img)
-
-    # Exposure jitter and noise.
-    img = img * rng.uniform(0.85, 1.15, (n, 1, 1, 1)).astype(np.float32)
-    img = img + rng.normal(0, 0.04, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    horizon = (0.42 + 0.08 * field[:, 0])[:, None, None]                   # varies with the local terrain field
+    sky_mask = (yy < horizon).astype(np.float32)[..., None]                 # (n, H, 1, 1)
+    sky = _sky(yy, xx, horizon, lat, elev, hour, heading)
+    ground = _ground(yy, xx, lat, doy, field)
+    img = sky_mask * sky + (1 - sky_mask) * ground                          # (n,H,W,3)
+    img = _draw_road(img, yy, xx, horizon, driving_left)
+    img = _draw_signpost(img, yy, xx, horizon, iso_a2, rng)
+    return _expose(img, rng)
 
 
 def make_world(
@@ -232,8 +245,6 @@ def make_world(
     The manifest has columns image (path relative to the manifest), lat, lon, taken_at (ISO UTC),
     heading (degrees), split (train/val/test), plus country (ISO a2) and admin1 for reference.
     """
-    from PIL import Image
-
     if n_images < 1:
         raise UserError(f"synthetic world: n_images must be at least 1, got {n_images}")
     if fmt not in ("png", "jpg"):
@@ -243,8 +254,6 @@ def make_world(
     rng = np.random.default_rng(seed)
     countries = tuple(countries) if countries else DEFAULT_COUNTRIES
     lat, lon, iso, adm1 = _sample_land(n_images, countries, rng)
-
-    from pigeon.geocells import bundled
 
     ds = bundled.driving_side().drop_duplicates("iso_a2").set_index("iso_a2")["driving_side"]
     left = pd.Series(iso).map(ds).fillna("right").to_numpy() == "left"
