@@ -6,7 +6,7 @@ way out (cheap with pydantic 2). Extra keys the predictor may add later pass thr
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,13 +89,32 @@ class Location(_Open):
     explain: Optional[Explanation] = None
 
 
+class ItemError(BaseModel):
+    """Why one file of a batch was refused: the code, a sentence naming the file, and the HTTP status it would have had alone."""
+
+    error: str = Field(..., examples=["bad_image"])
+    detail: str = Field(..., examples=["images[1] (b.png) is a damaged PNG: its image data is corrupt; send the complete, original file"])
+    status: int = Field(..., examples=[400])
+
+
 class BatchItem(BaseModel):
+    """A located file."""
+
+    model_config = ConfigDict(extra="forbid")
     filename: Optional[str] = None
     result: Location
 
 
+class BatchItemError(BaseModel):
+    """A refused file (the others of the batch are still answered)."""
+
+    model_config = ConfigDict(extra="forbid")
+    filename: Optional[str] = None
+    error: ItemError
+
+
 class BatchResponse(BaseModel):
-    results: list[BatchItem]
+    results: list[Union[BatchItem, BatchItemError]] = Field(..., description="one entry per file, in the order sent: a result or an error")
     timings_ms: dict[str, float]
 
 

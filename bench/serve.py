@@ -9,13 +9,30 @@ preprocessed image, no grad, in this process) with one request, so both see the 
 load; concurrency 4 follows. Then a soak on `tiny`:
 constant load for `--soak-s` seconds, counting errors and the server's resident memory.
 
-Prints one JSON line. Example:
+`--mode overload` (on `tiny`): goodput when clients ignore Retry-After. For 1, 4 and 64 clients
+(`--overload-clients`), each client loops on one keep-alive connection for `--overload-s` seconds
+(127.0.0.1 only), sending the same POST /locate and retrying a 503 at once. It counts answers by
+status and reports the 200s per second and the latency of the admitted (200) requests; the server's
+own access log gives how long it took to refuse (503): at once, or held until the client's last
+Retry-After had passed (see pigeon.api.service.Admission). The clients are raw asyncio sockets in
+this process (an HTTP client library would spend more CPU than the server); `--client-nice N`
+lowers their priority (default 0: the same as the server's).
+
+`--mode memory` (on `tiny`): 16 PNGs of 7000x7000 (49 Mpx each, a smooth gradient: a small upload)
+in one /locate/batch, which is over the per-request pixel budget (413 before decoding); then 4 of
+them (196 Mpx, within the 200 Mpx budget), decoded one at a time and reduced: the server's RSS
+before, at its peak (sampled every 5 ms) and after, and the time taken.
+
+Prints one JSON line. Examples:
     .venv/bin/python bench/serve.py --soak-s 120
+    .venv/bin/python bench/serve.py --mode overload --overload-s 20
+    .venv/bin/python bench/serve.py --mode memory
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -180,46 +197,212 @@ def load(url: str, jpeg: bytes, concurrency: int, n_requests: int | None = None,
     }
 
 
+def _post_bytes(jpeg: bytes, port: int) -> bytes:
+    """One complete keep-alive POST /locate (multipart, one image), built once and sent as is."""
+    b = "benchB0undary"
+    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"b.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + jpeg
+    body += f"\r\n--{b}--\r\n".encode()
+    head = (f"POST /locate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary={b}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, server closes) of one HTTP/1.1 response with a Content-Length; the body is read and dropped."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers.get("connection", "").lower() == "close"
+
+
+async def _client(port: int, request: bytes, stop_at: float, out: list) -> None:
+    """One client that ignores Retry-After: send, read, repeat at once, until `stop_at`."""
+    reader = writer = None
+    while time.perf_counter() < stop_at:
+        if writer is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t = time.perf_counter()
+        try:
+            writer.write(request)
+            await writer.drain()
+            status, closing = await _read_response(reader)
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            out.append((type(e).__name__, (time.perf_counter() - t) * 1000))
+            writer.close()
+            writer = None
+            continue
+        out.append((status, (time.perf_counter() - t) * 1000))
+        if closing:
+            writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+
+
+def overload_level(port: int, jpeg: bytes, clients: int, seconds: float) -> dict:
+    """`clients` clients hammering POST /locate for `seconds`: answers by status, goodput, admitted latency."""
+    request = _post_bytes(jpeg, port)
+    out: list = []
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_client(port, request, t0 + seconds, out) for _ in range(clients)))
+        return time.perf_counter() - t0
+
+    wall = asyncio.run(run())
+    ok = [ms for st, ms in out if st == 200]
+    by_status: dict[str, int] = {}
+    for st, _ in out:
+        by_status[str(st)] = by_status.get(str(st), 0) + 1
+    pct = lambda a, q: round(float(np.percentile(a, q)), 2) if a else None  # noqa: E731
+    return {"clients": clients, "seconds": round(wall, 2), "answers": by_status, "goodput_rps": round(len(ok) / wall, 2),
+            "admitted_p50_ms": pct(ok, 50), "admitted_p99_ms": pct(ok, 99),
+            "refused_p50_ms_client": pct([ms for st, ms in out if st == 503], 50)}
+
+
+def server_refusal_ms(srv: "Server") -> dict:
+    """From the server's JSON access log: how long its 503s took (duration_ms: gate in to answer out).
+    `immediate`: refusals answered at once; `held`: those of clients that had not waited their last
+    Retry-After, answered when it had passed (~retry_after_s)."""
+    srv.log.seek(0)
+    ms = []
+    for line in srv.log.read().decode("utf-8", "replace").splitlines():
+        if line.startswith("{") and '"status": 503' in line:
+            ms.append(json.loads(line)["duration_ms"])
+    now = [m for m in ms if m < 100]
+    pct = lambda a, q: round(float(np.percentile(a, q)), 3) if a else None  # noqa: E731
+    return {"immediate": {"count": len(now), "p50_ms": pct(now, 50), "p99_ms": pct(now, 99)}, "held": {"count": len(ms) - len(now)}}
+
+
+def run_overload(args: argparse.Namespace, tmp: Path, jpeg: bytes) -> dict:
+    """The overload mode: 1, 4, 64 clients that ignore Retry-After, on `tiny`."""
+    srv = Server(make_bundle(tmp / "overload", "tiny", args.cells), args.threads)
+    if args.client_nice:
+        os.nice(args.client_nice)  # after the server started: only this process (the clients) yields
+    try:
+        overload_level(srv.port, jpeg, 4, 3.0)  # warm-up
+        levels = [overload_level(srv.port, jpeg, int(n), args.overload_s) for n in args.overload_clients.split(",")]
+        out: dict = {"levels": levels, "server_503_time": server_refusal_ms(srv), "max_concurrency": 1, "max_queue": 16,
+                     "client_nice": args.client_nice}
+    finally:
+        srv.stop()
+    by_n = {lv["clients"]: lv for lv in levels}
+    if 4 in by_n and 64 in by_n:
+        c4, c64 = by_n[4], by_n[64]
+        out["goodput_64_over_4"] = round(c64["goodput_rps"] / c4["goodput_rps"], 3) if c4["goodput_rps"] else None
+        out["admitted_p99_over_p50_at_64"] = round(c64["admitted_p99_ms"] / c64["admitted_p50_ms"], 2) if c64["admitted_p50_ms"] else None
+    return out
+
+
+def _big_png(side: int = 7000) -> bytes:
+    """A side x side RGB PNG of smooth gradients: 49 Mpx in ~160 KB."""
+    from PIL import Image
+
+    x = np.linspace(0, 255, side, dtype=np.float32)
+    arr = np.empty((side, side, 3), np.uint8)
+    arr[..., 0], arr[..., 1], arr[..., 2] = x, x[::-1], 128
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _timed_with_peak_rss(srv: "Server", send) -> tuple[object, float, float]:
+    """Run `send()` while sampling the server's RSS every 5 ms: (its result, seconds, peak RSS MB)."""
+    peak, stop = [srv.rss_mb()], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], srv.rss_mb())
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    t = time.perf_counter()
+    try:
+        res = send()
+    finally:
+        stop.set()
+        th.join()
+    return res, time.perf_counter() - t, peak[0]
+
+
+def run_memory(args: argparse.Namespace, tmp: Path, jpeg: bytes) -> dict:
+    """The memory mode: a batch of 16 x 49 Mpx PNGs (refused by the budget), then 4 of them (served)."""
+    import httpx
+
+    png = _big_png()
+    srv = Server(make_bundle(tmp / "memory", "tiny", args.cells), args.threads)
+    out: dict = {"png_bytes": len(png), "image": "7000x7000 RGB PNG"}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=300) as c:
+            for _ in range(3):
+                c.post("/locate", files={"image": ("b.jpg", jpeg, "image/jpeg")})
+            for n in (16, 4):
+                files = [("images", (f"{i}.png", png, "image/png")) for i in range(n)]
+                rss0 = srv.rss_mb()
+                r, secs, peak = _timed_with_peak_rss(srv, lambda: c.post("/locate/batch", files=files))
+                time.sleep(0.5)
+                out[f"batch_{n}"] = {"status": r.status_code, "error": r.json().get("error") if r.status_code != 200 else None,
+                                     "seconds": round(secs, 2), "rss_before_mb": round(rss0, 1), "rss_peak_mb": round(peak, 1),
+                                     "rss_after_mb": round(srv.rss_mb(), 1), "peak_growth_mb": round(peak - rss0, 1)}
+    finally:
+        srv.stop()
+    return out
+
+
+def run_timing(args: argparse.Namespace, tmp: Path, jpeg: bytes) -> dict:
+    """The default mode: /locate against the bare forward pass, concurrency 4, then the soak on `tiny`."""
+    out: dict = {}
+    bundle = make_bundle(tmp / "timing", args.backbone, args.cells)
+    srv = Server(bundle, args.threads)
+    try:
+        fwd, req = interleaved_c1(srv.url, args.backbone, jpeg, n=args.requests)
+        out["bare_forward_p50_ms"] = round(statistics.median(fwd), 2)
+        out["bare_forward_p99_ms"] = round(float(np.percentile(fwd, 99)), 2)
+        out["c1"] = {"concurrency": 1, "requests": len(req), "errors": 0, "p50_ms": round(statistics.median(req), 2),
+                     "p99_ms": round(float(np.percentile(req, 99)), 2), "throughput_rps": round(1000 * len(req) / sum(req), 2)}
+        out["c4"] = load(srv.url, jpeg, 4, n_requests=args.requests)
+        out["locate_p50_over_forward_p50"] = round(out["c1"]["p50_ms"] / out["bare_forward_p50_ms"], 3)
+    finally:
+        srv.stop()
+    if args.soak_s > 0:
+        srv = Server(make_bundle(tmp / "soak", "tiny", args.cells), args.threads)
+        try:
+            load(srv.url, jpeg, args.soak_concurrency, seconds=min(20.0, args.soak_s / 4))  # settle allocators
+            rss0 = srv.rss_mb()
+            soak = load(srv.url, jpeg, args.soak_concurrency, seconds=args.soak_s)
+            rss1 = srv.rss_mb()
+            soak.update(seconds=args.soak_s, rss_start_mb=round(rss0, 1), rss_end_mb=round(rss1, 1), rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
+            out["soak_tiny"] = soak
+        finally:
+            srv.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("timing", "overload", "memory"), default="timing")
     ap.add_argument("--backbone", default="open_clip:ViT-B-32:none")
     ap.add_argument("--cells", type=int, default=300)
     ap.add_argument("--requests", type=int, default=40, help="requests per concurrency level")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, in the server and for the bare forward (1: on a shared machine two OpenMP threads stall each other)")
     ap.add_argument("--soak-s", type=float, default=120.0, help="soak duration on `tiny` (0 to skip)")
     ap.add_argument("--soak-concurrency", type=int, default=2)
+    ap.add_argument("--overload-s", type=float, default=20.0, help="seconds per client count in --mode overload")
+    ap.add_argument("--overload-clients", default="1,4,64", help="client counts in --mode overload")
+    ap.add_argument("--client-nice", type=int, default=0, help="nice increment of the load generator in --mode overload (0: same priority as the server)")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     jpeg = test_jpeg()
-    out: dict = {"backbone": args.backbone, "cells": args.cells, "image": "1024x768 JPEG", "threads": args.threads}
+    out: dict = {"mode": args.mode, "backbone": args.backbone if args.mode == "timing" else "tiny", "cells": args.cells,
+                 "image": "1024x768 JPEG", "threads": args.threads}
+    run = {"timing": run_timing, "overload": run_overload, "memory": run_memory}[args.mode]
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-serve-") as tmp:
-        bundle = make_bundle(Path(tmp) / "timing", args.backbone, args.cells)
-        srv = Server(bundle, args.threads)
-        try:
-            fwd, req = interleaved_c1(srv.url, args.backbone, jpeg, n=args.requests)
-            out["bare_forward_p50_ms"] = round(statistics.median(fwd), 2)
-            out["bare_forward_p99_ms"] = round(float(np.percentile(fwd, 99)), 2)
-            out["c1"] = {"concurrency": 1, "requests": len(req), "errors": 0, "p50_ms": round(statistics.median(req), 2),
-                         "p99_ms": round(float(np.percentile(req, 99)), 2), "throughput_rps": round(1000 * len(req) / sum(req), 2)}
-            out["c4"] = load(srv.url, jpeg, 4, n_requests=args.requests)
-            out["locate_p50_over_forward_p50"] = round(out["c1"]["p50_ms"] / out["bare_forward_p50_ms"], 3)
-        finally:
-            srv.stop()
-        if args.soak_s > 0:
-            tiny = make_bundle(Path(tmp) / "soak", "tiny", args.cells)
-            srv = Server(tiny, args.threads)
-            try:
-                load(srv.url, jpeg, args.soak_concurrency, seconds=min(20.0, args.soak_s / 4))  # settle allocators
-                rss0 = srv.rss_mb()
-                soak = load(srv.url, jpeg, args.soak_concurrency, seconds=args.soak_s)
-                rss1 = srv.rss_mb()
-                soak.update(seconds=args.soak_s, rss_start_mb=round(rss0, 1), rss_end_mb=round(rss1, 1), rss_growth_pct=round(100 * (rss1 - rss0) / rss0, 2))
-                out["soak_tiny"] = soak
-            finally:
-                srv.stop()
+        out.update(run(args, Path(tmp), jpeg))
     print(json.dumps(out))
 
 

@@ -1,7 +1,7 @@
 """Benchmark: the head on the synthetic world (tiny) and on streetview_mini (lite), zero-shot and trained.
 
 Prints one JSON line. Synthetic: median km and 25/200/750 km shares of `tiny` against the oracle
-bound (the true cell's centre) and the centroid baseline; head-training speed in embeddings/s.
+bound (the true cell's centre) and the centroid baseline; head-training speed in training examples/s.
 streetview_mini (../shared/data/real/streetview_mini, split by location_id): median km and country
 accuracy of `lite`, zero-shot and trained.
 
@@ -52,7 +52,7 @@ def synthetic(tmp: Path, n_images: int) -> dict:
         "tiny_country_acc": round(m["country_accuracy"], 3),
         "oracle_cell_median_km": round(m["oracle_cell_median_km"], 1), "centroid_median_km": round(m["baseline_centroid_median_km"], 1),
         "ece_before": round(rep["ece_before"], 3), "ece_after": round(rep["ece_after"], 3),
-        "head_train_embeddings_per_s": round(rep["embeddings_per_s"]),
+        "head_train_examples_per_s": round(rep["head_examples_per_s"]),
     }
 
 

@@ -1,8 +1,9 @@
 """Geocells: admin regions merged and split (OPTICS + Voronoi) into cells that tile all land.
 
 Public surface: `build_cells`, `GeoCells`, `load_boundaries`, `load_points`, `default_optics_rounds`,
-`UserError`, and the `bundled` data module. Imports neither `pigeon` nor `index`. Names are loaded on
-first use, so `import geocells.io` (as every CLI start does) does not pay for numba and shapely.
+`UserError`, and the `bundled` data module. Installed as `pigeon.geocells`; imports only `pigeon.core`
+(never the index, model, api or cli layers). Names are loaded on first use, so importing one module
+(`pigeon.geocells.bundled`, say) does not pay for numba and shapely.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Guarantees, each checked by the tests: every point lands in exactly one cell; th
 boundaries' land (empty polygons join a neighbour, Voronoi pieces are clipped to their parent, so no
 gap and no overlap appears); every cell holds between min_size and max_size points, except where no
 split can exist (one location holding more than max_size photos, or fewer than min_size points in
-all). Distances are on the sphere (unit vectors); the antimeridian needs no special case.
+all). Distances are on the sphere (unit vectors); the antimeridian needs no special case. Each cell
+is labelled by the (country, admin-1) place holding most of its points, and records every place's
+share of them (its composition).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
+import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
@@ -25,7 +29,8 @@ from shapely import STRtree
 from tqdm.auto import tqdm
 
 from . import bundled
-from .cells import GeoCells
+from .boundaries import load_boundaries
+from .cells import COMPOSITION, PLACE_KEYS, GeoCells, encode_composition
 from pigeon.core.errors import UserError
 from .geometry import adjacency, assign_points, from_local, local_points, nearest_polygon, polygonal, to_local
 from .optics import optics_xi_labels
@@ -73,9 +78,50 @@ def build_cells(
 
     Returns a `GeoCells` whose `labels_` gives each input point's cell and `stats_` what happened.
     """
-    from .boundaries import load_boundaries
-
     t_all = time.perf_counter()
+    lat, lon = _checked_points(lat, lon, min_size, max_size)
+    rounds = list(optics_rounds) if optics_rounds is not None else default_optics_rounds(min_size)
+    b = load_boundaries("bundled") if boundaries is None else boundaries
+    if len(b) == 0:
+        raise UserError("boundaries hold no polygons")
+    st = BuildStats(points=len(lat), admin_polygons=len(b))
+    geoms = np.asarray(b.geometry.values, dtype=object)
+    tree = STRtree(geoms)
+
+    with _timed(st, "assign"):  # 1. points -> admin polygon (sea points: nearest polygon, snapped onto it)
+        pidx, slat, slon, sea = assign_points(lat, lon, geoms, tree, snap=True)
+        st.at_sea = int(sea.sum())
+    with _timed(st, "adjacency"):  # 2. adjacency; empty polygons join a neighbour (same country first) so cells tile the land
+        loc = _Locations.of(slat, slon, pidx)
+        st.unique_locations = len(loc.key)
+        pw = np.bincount(pidx, minlength=len(b))
+        st.polygons_with_points = int((pw > 0).sum())
+        ai, aj = adjacency(geoms, tree)
+        owner = _fill_empty(b, geoms, pw, ai, aj)
+    with _timed(st, "merge"):  # 3. merge small units into neighbours: same admin-1, then same country, then any
+        unit_of_poly, st.merges = _merge_small(b, pw, owner, ai, aj, loc.poly, loc.xyz, loc.w, min_size)
+    with _timed(st, "dissolve"):  # 4. unit geometry
+        units = np.unique(unit_of_poly)
+        unit_geom = _dissolve(geoms, unit_of_poly, units)
+    with _timed(st, "split"):  # 5. split oversized units (OPTICS + Voronoi)
+        ucell, cell_geoms = _split_units(loc, unit_of_poly[loc.poly], units, unit_geom, min_size, max_size, rounds, seed, st, progress)
+    with _timed(st, "assemble"):  # 6. cells with their labels and composition, ids in a stable order
+        cells = _assemble(b, cell_geoms, ucell[loc.inv], pidx, lat, lon)
+    st.seconds["total"] = time.perf_counter() - t_all
+    cells.stats_ = st
+    return cells
+
+
+@contextmanager
+def _timed(st: BuildStats, name: str) -> Iterator[None]:
+    """Record the seconds a build step takes in `st.seconds[name]` (the CLI's and the benchmark's stage times)."""
+    t = time.perf_counter()
+    yield
+    st.seconds[name] = time.perf_counter() - t
+
+
+def _checked_points(lat, lon, min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 arrays, longitudes wrapped to [-180, 180); UserError for inputs no cells can come from."""
     lat = np.asarray(lat, dtype=np.float64)
     lon = (np.asarray(lon, dtype=np.float64) + 180.0) % 360.0 - 180.0
     if lat.shape != lon.shape or lat.ndim != 1:
@@ -86,73 +132,50 @@ def build_cells(
         raise UserError("points must have finite latitudes in [-90, 90]; load them with pigeon.geocells.load_points to skip bad rows")
     if min_size < 1 or max_size < 2 * min_size:
         raise UserError(f"cell sizes min={min_size}, max={max_size}: need min >= 1 and max >= 2*min so that any oversized cell can be split into two legal ones")
-    rounds = list(optics_rounds) if optics_rounds is not None else default_optics_rounds(min_size)
-    b = load_boundaries("bundled") if boundaries is None else boundaries
-    if len(b) == 0:
-        raise UserError("boundaries hold no polygons")
-    st = BuildStats(points=len(lat), admin_polygons=len(b))
-    geoms = np.asarray(b.geometry.values, dtype=object)
-    tree = STRtree(geoms)
+    return lat, lon
 
-    # 1. points -> admin polygon (sea points: nearest polygon, snapped onto it)
-    t = time.perf_counter()
-    pidx, slat, slon, sea = assign_points(lat, lon, geoms, tree, snap=True)
-    st.at_sea = int(sea.sum())
-    st.seconds["assign"] = time.perf_counter() - t
 
-    # unique locations (after snapping) carry integer weights: duplicates cost nothing below
-    t = time.perf_counter()
-    key = np.column_stack([slat, slon])
-    ukey, uinv, w = np.unique(key, axis=0, return_inverse=True, return_counts=True)
-    uinv = uinv.ravel()
-    upoly = np.empty(len(ukey), dtype=np.int64)
-    upoly[uinv] = pidx
-    uxyz = to_xyz(ukey[:, 0], ukey[:, 1])
-    st.unique_locations = len(ukey)
-    pw = np.bincount(pidx, minlength=len(b))
-    st.polygons_with_points = int((pw > 0).sum())
+@dataclass
+class _Locations:
+    """Distinct (snapped) locations with integer weights: duplicates cost nothing in the steps below."""
 
-    # 2. adjacency, and empty polygons join a neighbour (same country first) so cells tile the land
-    ai, aj = adjacency(geoms, tree)
-    owner = _fill_empty(b, geoms, pw, ai, aj)
-    st.seconds["adjacency"] = time.perf_counter() - t
+    key: np.ndarray   # (L, 2) lat, lon
+    inv: np.ndarray   # (n,) location of each point
+    w: np.ndarray     # (L,) points per location
+    poly: np.ndarray  # (L,) admin polygon of each location
+    xyz: np.ndarray   # (L, 3) unit vectors
 
-    # 3. merge small units into neighbours: same admin-1, then same country, then any
-    t = time.perf_counter()
-    unit_of_poly, merges = _merge_small(b, pw, owner, ai, aj, upoly, uxyz, w, min_size)
-    st.merges = merges
-    st.seconds["merge"] = time.perf_counter() - t
+    @classmethod
+    def of(cls, slat: np.ndarray, slon: np.ndarray, pidx: np.ndarray) -> "_Locations":
+        key, inv, w = np.unique(np.column_stack([slat, slon]), axis=0, return_inverse=True, return_counts=True)
+        inv = inv.ravel()
+        poly = np.empty(len(key), dtype=np.int64)
+        poly[inv] = pidx
+        return cls(key, inv, w, poly, to_xyz(key[:, 0], key[:, 1]))
 
-    # 4. unit geometry, then split oversized units
-    t = time.perf_counter()
-    units = np.unique(unit_of_poly)
-    unit_geom = _dissolve(geoms, unit_of_poly, units)
-    uunit = unit_of_poly[upoly]  # unit of each unique location
-    st.seconds["dissolve"] = time.perf_counter() - t
 
-    t = time.perf_counter()
+def _split_units(loc: _Locations, uunit: np.ndarray, units: np.ndarray, unit_geom: list, min_size: int, max_size: int,
+                 rounds: list, seed: int, st: BuildStats, progress: bool) -> tuple[np.ndarray, list]:
+    """Cell of each location, and the cells' polygons: units within max_size are cells as they are,
+    bigger ones are split (in threads: numba's OPTICS and shapely release the GIL; results keep their order)."""
     cell_geoms: list = []
-    ucell = np.full(len(ukey), -1, dtype=np.int64)
+    ucell = np.full(len(loc.key), -1, dtype=np.int64)
     order = np.argsort(uunit, kind="stable")
-    bounds = np.searchsorted(uunit[order], units, side="left")
-    bounds = np.r_[bounds, len(order)]
-    big = [k for k, u in enumerate(units) if w[order[bounds[k]:bounds[k + 1]]].sum() > max_size]
-    bigset = set(big)
-    for k, u in enumerate(units):
-        if k in bigset:
-            continue
+    bounds = np.r_[np.searchsorted(uunit[order], units, side="left"), len(order)]
+    heavy = np.add.reduceat(loc.w[order], bounds[:-1]) > max_size if len(order) else np.zeros(0, bool)
+    for k in np.flatnonzero(~heavy):
         ucell[order[bounds[k]:bounds[k + 1]]] = len(cell_geoms)
         cell_geoms.append(unit_geom[k])
+    big = np.flatnonzero(heavy).tolist()
     st.split_units = len(big)
     seeds = np.random.default_rng(seed).integers(1 << 31, size=len(big))
 
     def split_one(job: tuple[int, int]):
         k, s = job
         members = order[bounds[k]:bounds[k + 1]]
-        labels, info = _split_unit(uxyz[members], w[members], min_size, max_size, rounds, np.random.default_rng(s))
-        return members, labels, info, _voronoi_pieces(ukey[members], labels, unit_geom[k])
+        labels, info = _split_unit(loc.xyz[members], loc.w[members], min_size, max_size, rounds, np.random.default_rng(s))
+        return members, labels, info, _voronoi_pieces(loc.key[members], labels, unit_geom[k])
 
-    # numba's OPTICS and shapely release the GIL: threads use every core; results keep their order
     workers = max(1, min(len(big), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(split_one, zip(big, seeds.tolist()))
@@ -163,16 +186,7 @@ def build_cells(
             for g in range(labels.max() + 1):
                 ucell[members[labels == g]] = len(cell_geoms)
                 cell_geoms.append(pieces[g])
-    st.seconds["split"] = time.perf_counter() - t
-
-    # 5. cells with metadata, ids in a stable order
-    t = time.perf_counter()
-    labels = ucell[uinv]
-    cells = _assemble(b, cell_geoms, labels, pidx, lat, lon)
-    st.seconds["assemble"] = time.perf_counter() - t
-    st.seconds["total"] = time.perf_counter() - t_all
-    cells.stats_ = st
-    return cells
+    return ucell, cell_geoms
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,14 +219,39 @@ def _fill_empty(b, geoms, pw, ai, aj) -> np.ndarray:
     return owner
 
 
-def _merge_small(b, pw, owner, ai, aj, upoly, uxyz, w, min_size):
-    """Union small units into a neighbour until all hold >= min_size points (or one unit is left)."""
-    n = len(b)
-    a3 = b["adm0_a3"].to_numpy()
-    a1 = b["admin1"].to_numpy()
-    parent = np.arange(n)
+@dataclass
+class _UnitGraph:
+    """Merge state: union-find over polygons, and per live unit (a root) its point weight, summed unit
+    vectors (its centre), touching units, and the country and admin-1 of its heaviest part."""
 
-    def find(x: int) -> int:
+    parent: np.ndarray
+    weight: dict[int, int]
+    vsum: dict[int, np.ndarray]
+    nbr: dict[int, set[int]]
+    country: dict[int, str]
+    admin1: dict[int, tuple[str, str]]
+
+    @classmethod
+    def of(cls, b, pw, owner, ai, aj, upoly, uxyz, w) -> "_UnitGraph":
+        """One unit per polygon with points; empty polygons' contacts count as their owner's contacts."""
+        n = len(b)
+        a3 = b["adm0_a3"].to_numpy()
+        a1 = b["admin1"].to_numpy()
+        roots = np.flatnonzero(owner == np.arange(n))
+        vec = np.zeros((n, 3))
+        np.add.at(vec, upoly, uxyz * w[:, None])
+        oi, oj = owner[ai], owner[aj]
+        keep = oi != oj
+        nbr: dict[int, set[int]] = {int(r): set() for r in roots}
+        for x, y in zip(oi[keep].tolist(), oj[keep].tolist()):
+            nbr[x].add(y)
+            nbr[y].add(x)
+        return cls(np.arange(n), {int(r): int(pw[r]) for r in roots}, {int(r): vec[r].copy() for r in roots}, nbr,
+                   {int(r): a3[r] for r in roots}, {int(r): (a3[r], a1[r]) for r in roots})
+
+    def find(self, x: int) -> int:
+        """Root of x, with path compression."""
+        parent = self.parent
         r = x
         while parent[r] != r:
             r = parent[r]
@@ -220,67 +259,74 @@ def _merge_small(b, pw, owner, ai, aj, upoly, uxyz, w, min_size):
             parent[x], x = r, parent[x]
         return r
 
-    roots = np.flatnonzero(owner == np.arange(n))
-    weight = {int(r): int(pw[r]) for r in roots}
-    vec = np.zeros((n, 3))
-    np.add.at(vec, upoly, uxyz * w[:, None])
-    vsum = {int(r): vec[r].copy() for r in roots}
-    # empty polygons' contacts count as their owner's contacts
-    oi, oj = owner[ai], owner[aj]
-    keep = oi != oj
-    nbr: dict[int, set[int]] = {int(r): set() for r in roots}
-    for x, y in zip(oi[keep].tolist(), oj[keep].tolist()):
-        nbr[x].add(y)
-        nbr[y].add(x)
-    country = {int(r): a3[r] for r in roots}
-    admin1 = {int(r): (a3[r], a1[r]) for r in roots}
+    def centre(self, u: int) -> np.ndarray:
+        return _unit(self.vsum[u][None])[0]
 
-    heap = [(weight[r], r) for r in weight if weight[r] < min_size]
-    heapq.heapify(heap)
-    merges = 0
-    kd_roots = np.array(sorted(weight), dtype=np.int64)
-    kd = cKDTree(_unit(np.array([vsum[r] for r in kd_roots]))) if len(kd_roots) else None
-    while heap and len(weight) > 1:
-        wu, u = heapq.heappop(heap)
-        if u not in weight or weight[u] != wu or wu >= min_size:
-            continue
-        cu = _unit(vsum[u][None])[0]
-        cand = [v for v in nbr[u] if v in weight]
-        if not cand:
-            # an island: nearest units by centre (roots found through the initial tree, resolved)
-            k = min(len(kd_roots), 16)
-            while True:
-                _, ii = kd.query(cu, k=k)
-                cand = sorted({find(int(kd_roots[i])) for i in np.atleast_1d(ii)} - {u})
-                if cand or k >= len(kd_roots):
-                    break
-                k = min(len(kd_roots), k * 4)
-            if not cand:
-                break
-        cv = _unit(np.array([vsum[v] for v in cand]))
-        dist = np.linalg.norm(cv - cu, axis=1)
-        pref = np.array([0 if admin1[v] == admin1[u] else 1 if country[v] == country[u] else 2 for v in cand])
-        if not nbr[u]:
-            # islands: same country only when it is not much farther than the nearest unit
-            pref = np.where((pref < 2) & (dist <= 1.5 * dist.min() + 1e-12), pref, 2)
-        v = cand[int(np.lexsort((dist, pref))[0])]
-        # merge u into v
-        parent[u] = v
-        if weight[u] > weight[v]:
-            country[v], admin1[v] = country[u], admin1[u]
-        weight[v] += weight.pop(u)
-        vsum[v] = vsum[v] + vsum.pop(u)
+    def absorb(self, u: int, v: int) -> None:
+        """Merge unit u into unit v (v keeps the labels of the heavier of the two)."""
+        self.parent[u] = v
+        if self.weight[u] > self.weight[v]:
+            self.country[v], self.admin1[v] = self.country[u], self.admin1[u]
+        self.weight[v] += self.weight.pop(u)
+        self.vsum[v] = self.vsum[v] + self.vsum.pop(u)
+        nbr = self.nbr
         for x in nbr.pop(u):
             if x != v and x in nbr:
                 nbr[x].discard(u)
                 nbr[x].add(v)
                 nbr[v].add(x)
         nbr[v].discard(u)
+
+
+def _merge_small(b, pw, owner, ai, aj, upoly, uxyz, w, min_size) -> tuple[np.ndarray, int]:
+    """Union small units into a neighbour until all hold >= min_size points (or one unit is left).
+
+    Returns the unit (root polygon) of every polygon and the number of merges."""
+    g = _UnitGraph.of(b, pw, owner, ai, aj, upoly, uxyz, w)
+    heap = [(g.weight[r], r) for r in g.weight if g.weight[r] < min_size]
+    heapq.heapify(heap)
+    merges = 0
+    kd_roots = np.array(sorted(g.weight), dtype=np.int64)
+    kd = cKDTree(_unit(np.array([g.vsum[r] for r in kd_roots]))) if len(kd_roots) else None
+    while heap and len(g.weight) > 1:
+        wu, u = heapq.heappop(heap)
+        if u not in g.weight or g.weight[u] != wu or wu >= min_size:
+            continue
+        cand = [v for v in g.nbr[u] if v in g.weight] or _nearest_units(g, u, kd, kd_roots)
+        if not cand:
+            break
+        v = _merge_target(g, u, cand)
+        g.absorb(u, v)
         merges += 1
-        if weight[v] < min_size:
-            heapq.heappush(heap, (weight[v], v))
-    unit_of_poly = np.array([find(int(owner[p])) for p in range(n)], dtype=np.int64)
+        if g.weight[v] < min_size:
+            heapq.heappush(heap, (g.weight[v], v))
+    unit_of_poly = np.array([g.find(int(owner[p])) for p in range(len(b))], dtype=np.int64)
     return unit_of_poly, merges
+
+
+def _nearest_units(g: _UnitGraph, u: int, kd: cKDTree, kd_roots: np.ndarray) -> list[int]:
+    """For an island (no touching unit): the live units nearest to its centre, found through the
+    KD-tree of the initial units and resolved to their current roots (widening the search until one is found)."""
+    cu = g.centre(u)
+    k = min(len(kd_roots), 16)
+    while True:
+        _, ii = kd.query(cu, k=k)
+        cand = sorted({g.find(int(kd_roots[i])) for i in np.atleast_1d(ii)} - {u})
+        if cand or k >= len(kd_roots):
+            return cand
+        k = min(len(kd_roots), k * 4)
+
+
+def _merge_target(g: _UnitGraph, u: int, cand: list[int]) -> int:
+    """The unit u merges into: same admin-1, else same country, else any; the nearest centre within the best group.
+    Islands take the same country only when it is not much farther (1.5x) than the nearest unit of any country."""
+    cu = g.centre(u)
+    cv = _unit(np.array([g.vsum[v] for v in cand]))
+    dist = np.linalg.norm(cv - cu, axis=1)
+    pref = np.array([0 if g.admin1[v] == g.admin1[u] else 1 if g.country[v] == g.country[u] else 2 for v in cand])
+    if not g.nbr[u]:
+        pref = np.where((pref < 2) & (dist <= 1.5 * dist.min() + 1e-12), pref, 2)
+    return cand[int(np.lexsort((dist, pref))[0])]
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -410,51 +456,75 @@ def _voronoi_pieces(latlon: np.ndarray, labels: np.ndarray, unit_geom) -> list:
 
 
 def _assemble(b, cell_geoms, labels, pidx, lat, lon) -> GeoCells:
-    import geopandas as gpd
-
+    """The cells' table: centre (spherical mean of the points), count, labels and composition, then ids in a stable order."""
     ncell = len(cell_geoms)
-    xyz = to_xyz(lat, lon)
     vs = np.zeros((ncell, 3))
-    np.add.at(vs, labels, xyz)
+    np.add.at(vs, labels, to_xyz(lat, lon))
     clat, clon = from_xyz(vs)
     count = np.bincount(labels, minlength=ncell)
-    # dominant country / admin-1 by number of points, and every admin-1 that contributed points
-    df = pd.DataFrame({"cell": labels, "a3": b["adm0_a3"].to_numpy()[pidx], "a1": b["admin1"].to_numpy()[pidx]})
-    a3 = df.groupby(["cell", "a3"]).size().reset_index(name="n").sort_values(["cell", "n", "a3"], ascending=[True, False, True]).drop_duplicates("cell").set_index("cell")["a3"]
-    g1 = df.groupby(["cell", "a1"]).size().reset_index(name="n").sort_values(["cell", "n", "a1"], ascending=[True, False, True])
-    a1_main = g1.drop_duplicates("cell").set_index("cell")["a1"]
-    a1_all = g1.groupby("cell")["a1"].agg(lambda s: "; ".join(s))
-    table = bundled.driving_side().set_index("adm0_a3")
-    meta_b = b.drop_duplicates("adm0_a3").set_index("adm0_a3")
-    idx = np.arange(ncell)
-    a3v = a3.reindex(idx).fillna("").to_numpy()
-    iso = meta_b["iso_a2"].reindex(a3v).fillna("").to_numpy()
-    country = meta_b["country"].reindex(a3v).fillna("").to_numpy()
-    drive = table["driving_side"].reindex(a3v).fillna("unknown").to_numpy()
+    place = _label_cells(b, labels, pidx, count)
+    drive = bundled.driving_side().set_index("adm0_a3")["driving_side"]
     gdf = gpd.GeoDataFrame(
         {
             "lat": clat,
             "lon": clon,
             "count": count.astype(np.int64),
-            "iso_a2": iso,
-            "adm0_a3": a3v,
-            "country": country,
-            "admin1": a1_main.reindex(idx).fillna("").to_numpy(),
-            "admin1_all": a1_all.reindex(idx).fillna("").to_numpy(),
-            "driving_side": drive,
+            **{c: place[c].to_numpy() for c in ["iso_a2", "adm0_a3", "country", "admin1", "admin1_all"]},
+            "driving_side": drive.reindex(place["adm0_a3"]).fillna("unknown").to_numpy(),
             "hemisphere": np.where(clat >= 0, "north", "south"),
-            "old": idx,
+            COMPOSITION: place[COMPOSITION].to_numpy(),
+            "old": np.arange(ncell),
         },
         geometry=np.asarray(cell_geoms, dtype=object),
         crs="EPSG:4326",
     )
+    gdf, remap = _order_and_name(gdf)
+    cells = GeoCells.from_frame(gdf)
+    cells.labels_ = remap[labels]
+    return cells
+
+
+def _label_cells(b, labels: np.ndarray, pidx: np.ndarray, count: np.ndarray) -> pd.DataFrame:
+    """Each cell's label and composition, from the admin polygon each of its points fell in.
+
+    A place is a whole (adm0_a3, iso_a2, country, admin1) row of the boundaries, so a cell's country
+    codes, country name and admin-1 always come from one place and agree with each other. The label is
+    the country holding most of the cell's points, then that country's admin-1 holding most of them
+    (ties: the first in sorted order), so a cell whose points lie mostly in Andorra is Andorra even when
+    one Spanish province holds more of them than any one Andorran parish; the composition lists every
+    place's share of the points, largest first. Vectorised: np.unique over (cell, place) codes.
+    """
+    ncell = len(count)
+    keys = b[PLACE_KEYS].fillna("").astype(str)
+    place_of_poly = keys.groupby(PLACE_KEYS, sort=True).ngroup().to_numpy()
+    places = keys.groupby(PLACE_KEYS, sort=True).size().index.to_frame(index=False)
+    code, n = np.unique(labels.astype(np.int64) * len(places) + place_of_poly[pidx], return_counts=True)
+    cell, place = code // len(places), code % len(places)
+    country = places.groupby([k for k in PLACE_KEYS if k != "admin1"], sort=True).ngroup().to_numpy()[place]
+    cc, cc_inv = np.unique(cell * (country.max() + 1) + country, return_inverse=True)
+    in_country = np.bincount(cc_inv, weights=n)[cc_inv]  # the cell's points in this place's country
+    o = np.lexsort((place, -n, -in_country, cell))  # per cell: biggest country, then its biggest admin-1
+    lc, lp = cell[o], place[o]
+    first = np.r_[True, lc[1:] != lc[:-1]]
+    out = pd.DataFrame({k: np.full(ncell, "", dtype=object) for k in PLACE_KEYS})
+    out.loc[lc[first], PLACE_KEYS] = places.iloc[lp[first]].to_numpy()
+    o = np.lexsort((place, -n, cell))  # the composition: largest share first
+    cell, place, n = cell[o], place[o], n[o]
+    out[COMPOSITION] = encode_composition(cell, place, places, n / count[cell], ncell)
+    names = pd.DataFrame({"cell": cell, "admin1": places["admin1"].to_numpy()[place]}).drop_duplicates()
+    out["admin1_all"] = names.groupby("cell")["admin1"].agg("; ".join).reindex(np.arange(ncell)).fillna("").to_numpy()
+    return out
+
+
+def _order_and_name(gdf) -> tuple[Any, np.ndarray]:
+    """Sort cells by country, admin-1 and position (north to south, west to east), number them 0..n-1 and
+    name them ISO-admin1-k after their label; returns the frame and the old -> new id map."""
+    ncell = len(gdf)
     gdf = gdf.sort_values(["adm0_a3", "admin1", "lat", "lon"], ascending=[True, True, False, True], kind="stable").reset_index(drop=True)
     remap = np.empty(ncell, dtype=np.int64)
     remap[gdf["old"].to_numpy()] = np.arange(ncell)
     gdf = gdf.drop(columns="old")
     gdf.insert(0, "cell_id", np.arange(ncell, dtype=np.int64))
     seq = gdf.groupby(["iso_a2", "admin1"]).cumcount().to_numpy()
-    gdf.insert(1, "name", [f"{i or a}-{r}-{s}" for i, a, r, s in zip(gdf["iso_a2"], gdf["adm0_a3"], gdf["admin1"], seq)])
-    cells = GeoCells.from_frame(gdf)
-    cells.labels_ = remap[labels]
-    return cells
+    gdf.insert(1, "name", [f"{i or a}-{r}-{k}" for i, a, r, k in zip(gdf["iso_a2"], gdf["adm0_a3"], gdf["admin1"], seq)])
+    return gdf, remap

@@ -8,15 +8,44 @@ import os
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
 from shapely import STRtree
 
 from pigeon.core.errors import UserError
-from .geometry import assign_points
 from pigeon.core.io import atomic_path
+from pigeon.core.sphere import to_xyz
+
+from .geometry import NearestIndex, adjacency, assign_points
 
 COLUMNS = ["cell_id", "name", "lat", "lon", "count", "iso_a2", "adm0_a3", "country", "admin1", "admin1_all", "driving_side", "hemisphere"]
+# written by build_cells; files without it (older builds) load with the one label at share 1.0
+COMPOSITION = "composition"
+PLACE_KEYS = ["adm0_a3", "iso_a2", "country", "admin1"]
+
+
+def encode_composition(cell: np.ndarray, place: np.ndarray, places: pd.DataFrame, share: np.ndarray, n_cells: int) -> np.ndarray:
+    """One JSON string per cell, `[{"adm0_a3", "iso_a2", "country", "admin1", "share"}, ...]`, from long-format
+    rows (`cell` id, `place` row of `places` (PLACE_KEYS columns), `share`) in the order to keep.
+
+    JSON strings keep the column a plain string column: GeoParquet reads it as fast as any other, and
+    the GeoJSON export needs no conversion. Each place is encoded once, then indexed per row."""
+    head = np.array(["{" + ", ".join(f"{json.dumps(k)}: {json.dumps(str(v), ensure_ascii=False)}" for k, v in zip(PLACE_KEYS, row)) + ', "share": '
+                     for row in places[PLACE_KEYS].itertuples(index=False)], dtype=object)
+    parts = pd.Series(head[np.asarray(place)] + np.array([f"{float(x)!r}}}" for x in share], dtype=object))
+    joined = parts.groupby(np.asarray(cell), sort=True).agg(", ".join)
+    out = np.full(n_cells, "[]", dtype=object)
+    out[joined.index.to_numpy()] = ("[" + joined + "]").to_numpy()
+    return out
+
+
+def label_composition(gdf) -> np.ndarray:
+    """The composition of cells that carry no record of it: each cell's own label at share 1.0."""
+    n = len(gdf)
+    places = gdf[PLACE_KEYS].fillna("").astype(str).reset_index(drop=True)
+    return encode_composition(np.arange(n), np.arange(n), places, np.ones(n), n)
 
 
 class GeoCells:
@@ -27,6 +56,7 @@ class GeoCells:
         self._tree: STRtree | None = None
         self._nbr: list[np.ndarray] | None = None
         self._nearest = None
+        self._composition: pd.DataFrame | None = None
         self.labels_: np.ndarray | None = None  # set by build_cells: cell of each input point
         self.stats_: Any = None
 
@@ -34,8 +64,6 @@ class GeoCells:
     @classmethod
     def from_frame(cls, gdf) -> "GeoCells":
         """From a GeoDataFrame with the columns of `COLUMNS` plus geometry; missing optional columns are filled."""
-        import geopandas as gpd
-
         if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry is None:
             raise UserError("cells must be a GeoDataFrame with a geometry column")
         gdf = gdf.copy()
@@ -52,7 +80,10 @@ class GeoCells:
         if "hemisphere" not in gdf.columns:
             gdf["hemisphere"] = np.where(gdf["lat"] >= 0, "north", "south")
         gdf["cell_id"] = np.arange(n, dtype=np.int64)
-        gdf = gdf[COLUMNS + ["geometry"]].reset_index(drop=True)
+        gdf = gdf.reset_index(drop=True)
+        if COMPOSITION not in gdf.columns:
+            gdf[COMPOSITION] = label_composition(gdf)
+        gdf = gdf[COLUMNS + [COMPOSITION, "geometry"]]
         if gdf.crs is None:
             gdf = gdf.set_crs("EPSG:4326")
         return cls(gdf)
@@ -60,8 +91,6 @@ class GeoCells:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GeoCells":
         """Read cells written by `save` (GeoParquet)."""
-        import geopandas as gpd
-
         path = Path(path)
         if not path.exists():
             raise UserError(f"cells file {path} does not exist; build it with `pigeon build-cells --points FILE --out {path}`")
@@ -74,7 +103,10 @@ class GeoCells:
             raise UserError(f"cells file {path} lacks columns {missing}; rebuild it with `pigeon build-cells`")
         if not np.array_equal(gdf["cell_id"].to_numpy(), np.arange(len(gdf))):
             raise UserError(f"cells file {path}: cell_id must be 0..n-1 in row order; rebuild it with `pigeon build-cells`")
-        return cls(gdf.reset_index(drop=True))
+        gdf = gdf.reset_index(drop=True)
+        if COMPOSITION not in gdf.columns:  # written before cells recorded their composition
+            gdf.insert(len(COLUMNS), COMPOSITION, label_composition(gdf))
+        return cls(gdf)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write GeoParquet atomically (a temp file renamed into place)."""
@@ -94,6 +126,22 @@ class GeoCells:
         for wkb in shapely.to_wkb(g.geometry.values, output_dimension=2):
             h.update(wkb)
         return h.hexdigest()
+
+    def composition(self, level: str = "admin1") -> pd.DataFrame:
+        """Each cell's share of training points per place, long format (rows of one cell by share, largest first).
+
+        level "admin1": cell_id, adm0_a3, iso_a2, country, admin1, share; level "country": the same
+        without admin1, shares summed per country. A cell's shares sum to 1; its label (the columns
+        adm0_a3/iso_a2/country/admin1) is its largest admin-1 share."""
+        if level not in ("admin1", "country"):
+            raise UserError(f"composition level {level!r} is unknown; use 'admin1' or 'country'")
+        if self._composition is None:
+            self._composition = _decode_composition(self.gdf[COMPOSITION].to_numpy())
+        comp = self._composition
+        if level == "country":
+            keys = ["cell_id", "adm0_a3", "iso_a2", "country"]
+            comp = comp.groupby(keys, sort=False, as_index=False)["share"].sum()
+        return comp.copy()
 
     # -- lookups ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -125,8 +173,6 @@ class GeoCells:
             i = int(np.flatnonzero(bad)[0])
             raise UserError(f"point {i} ({lat[i]}, {lon[i]}) is not a valid latitude/longitude")
         if self._nearest is None:
-            from .geometry import NearestIndex
-
             self._nearest = NearestIndex(self.geoms)
         idx, *_ = assign_points(lat, lon, self.geoms, self.tree, self._nearest)
         return idx
@@ -134,8 +180,6 @@ class GeoCells:
     def neighbours(self, cell_id: int) -> np.ndarray:
         """Ids of the cells that touch this one."""
         if self._nbr is None:
-            from .geometry import adjacency
-
             i, j = adjacency(self.geoms, self.tree)
             n = len(self)
             src, dst = np.r_[i, j], np.r_[j, i]
@@ -159,3 +203,20 @@ class GeoCells:
             rec = {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
             feats.append({"type": "Feature", "id": rec["cell_id"], "properties": rec, "geometry": json.loads(gj)})
         return {"type": "FeatureCollection", "features": feats}
+
+
+def _decode_composition(col: np.ndarray) -> pd.DataFrame:
+    """Long-format table of the per-cell JSON lists (one `json.loads` for all cells)."""
+    try:
+        recs = json.loads("[" + ",".join(col.astype(str)) + "]")
+        flat = pd.DataFrame([e for r in recs for e in r], columns=PLACE_KEYS + ["share"])
+        lens = np.array([len(r) for r in recs])
+        share = flat["share"].to_numpy(np.float64)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"cells' {COMPOSITION} column is not JSON lists of places with shares ({e}); rebuild the cells with `pigeon build-cells`") from e
+    cell_id = np.repeat(np.arange(len(recs), dtype=np.int64), lens)
+    if len(recs) != len(col) or not (np.isfinite(share) & (share >= 0)).all() or not (np.bincount(cell_id, share, len(col)) > 0).all():
+        raise UserError(f"cells' {COMPOSITION} column has a cell with no places or a bad share; rebuild the cells with `pigeon build-cells`")
+    flat.insert(0, "cell_id", cell_id)
+    flat[PLACE_KEYS] = flat[PLACE_KEYS].fillna("").astype(str)
+    return flat

@@ -4,23 +4,35 @@ Parts: `cells.parquet`, `backbone.safetensors` (only when fine-tuned), `head.saf
 `index.faiss`, `gallery.parquet`, `clusters.parquet`. `manifest.json` records, for each part, its
 content hash, what built it, and the hashes of the parts it depends on (`cells`, `backbone`), so a
 head trained on other cells or an index built with another backbone is refused by name.
-Every write is atomic (temp file, then rename).
+
+Swaps are atomic as a whole: every part but the cells is written into a fresh version folder
+(`v-<id>/head.safetensors`, `v-<id>/index.faiss`, ...), and the manifest, replaced by one rename,
+names the files in force. A kill at any moment leaves either the old manifest with the old files
+(untouched) or the new one with the new files; what no manifest names any more (old versions, the
+folders of an interrupted write) is removed after the next successful switch. `verify` checks each
+part's sha256 against the manifest before a bundle serves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
+import uuid
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
-from pigeon.core.io import atomic_path
+from pigeon.core.io import atomic_path, pause_point
 
 from .core.errors import UserError
 
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"  # (size, mtime, sha256) of parts already checked: big parts are hashed once
+FORMAT = 1
 PART_FILES = {
     "cells": "cells.parquet",
     "backbone": "backbone.safetensors",
@@ -42,8 +54,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("pigeon-geo")
     except Exception:  # not installed (running from a source tree)
         return "0+unknown"
@@ -56,25 +66,26 @@ class Bundle:
         self.path = Path(path)
         if not self.path.exists():
             if not create:
-                raise UserError(f"bundle folder {self.path} does not exist; build one with `pigeon build-cells --out {self.path}/cells.parquet` first")
+                raise UserError(f"bundle folder {self.path} does not exist; build one with `pigeon build-cells --points FILE --out {self.path}/cells.parquet` first")
             self.path.mkdir(parents=True)
         elif not self.path.is_dir():
             raise UserError(f"bundle path {self.path} is a file, not a folder; give a folder")
-        mpath = self.path / MANIFEST
-        if mpath.exists():
-            try:
-                self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise UserError(f"bundle manifest {mpath} is unreadable ({e}); rebuild the bundle or remove the file") from e
-        else:
-            self.manifest = {"format": 1, "pigeon_version": _version(), "backbone": None, "parts": {}}
+        self.manifest = _read_manifest(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
+        self.has_manifest = self.manifest is not None
+        if self.manifest is None:
+            self.manifest = {"format": FORMAT, "pigeon_version": _version(), "backbone": None, "parts": {}}
 
     # -- reading -----------------------------------------------------------------------------
     def part_path(self, part: str) -> Path:
-        return self.path / PART_FILES[part]
+        """Where the part in force lives: the file the manifest names (relative to the bundle)."""
+        return self.path / (self.meta(part).get("file") or PART_FILES[part])
+
+    def listed(self, part: str) -> bool:
+        """Whether the manifest lists the part (its file may still be missing: `require` says so)."""
+        return part in self.manifest["parts"]
 
     def has(self, part: str) -> bool:
-        return part in self.manifest["parts"] and self.part_path(part).exists()
+        return self.listed(part) and self.part_path(part).exists()
 
     def meta(self, part: str) -> dict[str, Any]:
         return self.manifest["parts"].get(part, {})
@@ -95,7 +106,12 @@ class Bundle:
 
     def require(self, *parts: str) -> None:
         """Refuse a bundle that lacks a part or whose parts do not belong together; name the part and why."""
+        if not self.has_manifest and any(p != "cells" for p in parts):
+            raise UserError(f"bundle {self.path} has no {MANIFEST} (it ties the parts together and records their hashes); "
+                            f"restore it, or rebuild the bundle from `pigeon build-cells`")
         for p in parts:
+            if self.listed(p) and not self.part_path(p).exists():
+                raise UserError(f"bundle {self.path}: the manifest lists {PART_FILES[p]} but {self.part_path(p)} is missing; {_HOW_TO_BUILD[p]}")
             if not self.has(p):
                 raise UserError(f"bundle {self.path} has no {PART_FILES[p]}; {_HOW_TO_BUILD[p]}")
         for p in parts:
@@ -105,36 +121,122 @@ class Bundle:
             if "backbone_hash" in m and self.backbone_hash and m["backbone_hash"] != self.backbone_hash:
                 raise UserError(f"bundle {self.path}: {PART_FILES[p]} was built with another backbone (hash {m['backbone_hash'][:12]} vs {self.backbone_hash[:12]}, spec {self.backbone_spec}); rebuild it: {_HOW_TO_BUILD[p]}")
 
+    def verify(self, *parts: str) -> None:
+        """Check each listed part's bytes against the sha256 in the manifest (all listed parts if none
+        given); refuse a missing or changed part by name. A part verified before and unchanged since
+        (same size and mtime, recorded in `.verified.json`) is not hashed again: a multi-GB index costs
+        its hash once, not at every start."""
+        cache = _read_json(self.path / VERIFIED) or {}
+        fresh = {}
+        for p in parts or tuple(self.manifest["parts"]):
+            if p not in PART_FILES or not self.listed(p):
+                continue
+            f = self.part_path(p)
+            want = self.meta(p).get("sha256")
+            if not f.is_file():
+                raise UserError(f"bundle {self.path}: the manifest lists {PART_FILES[p]} but {f} is missing; {_HOW_TO_BUILD[p]}")
+            st = f.stat()
+            key, stamp = f.relative_to(self.path).as_posix(), [st.st_size, st.st_mtime_ns, want]
+            if want and cache.get(key) != stamp:
+                if file_sha256(f) != want:
+                    raise UserError(f"bundle {self.path}: {key} does not match the sha256 in {MANIFEST} (corrupt, or changed by hand); "
+                                    f"restore the file or rebuild it: {_HOW_TO_BUILD[p]}")
+            fresh[key] = stamp
+        if fresh != {k: cache.get(k) for k in fresh}:
+            with contextlib.suppress(OSError):  # a read-only bundle just verifies again next time
+                with atomic_path(self.path / VERIFIED) as tmp:
+                    tmp.write_text(json.dumps({**cache, **fresh}))
+
     # -- writing -----------------------------------------------------------------------------
     def set_backbone(self, spec: str, backbone_hash: str) -> None:
         self.manifest["backbone"] = {"spec": spec, "hash": backbone_hash}
         self.save_manifest()
 
     def write_part(self, part: str, writer: Callable[[Path], None], **meta: Any) -> Path:
-        """Write a part atomically with `writer(tmp_path)`, then record its hash and `meta` in the manifest."""
-        dest = self.part_path(part)
-        with atomic_path(dest) as tmp:
-            writer(tmp)
-            digest = file_sha256(tmp)
-        self.manifest["parts"][part] = {
-            "file": dest.name,
-            "sha256": digest,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "pigeon_version": _version(),
-            **meta,
-        }
-        self.save_manifest()
-        return dest
+        """Write one part with `writer(path)` and switch to it atomically (see `write_parts`)."""
+        return self.write_parts({part: writer}, {part: meta})[part]
+
+    def write_parts(self, writers: dict[str, Callable[[Path], None]], metas: dict[str, dict[str, Any]] | None = None,
+                    **common: Any) -> dict[str, Path]:
+        """Write parts together and switch to all of them with one manifest rename.
+
+        The cells are written in place (atomic rename; everything else depends on them anyway); other
+        parts go into a fresh `v-<id>/` folder, so the files in force are never touched until the
+        manifest names the new ones. Then whatever the manifest no longer names is removed."""
+        metas = metas or {}
+        version_dir = self.path / f"v-{uuid.uuid4().hex[:12]}"
+        records, paths = {}, {}
+        try:
+            for part, writer in writers.items():
+                dest = self.path / PART_FILES[part] if part == "cells" else version_dir / PART_FILES[part]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(dest) as tmp:
+                    writer(tmp)
+                    digest = file_sha256(tmp)
+                pause_point("part-written")
+                records[part] = {"file": dest.relative_to(self.path).as_posix(), "sha256": digest,
+                                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                 "pigeon_version": _version(), **common, **metas.get(part, {})}
+                paths[part] = dest
+        except BaseException:
+            shutil.rmtree(version_dir, ignore_errors=True)  # an error (not a kill): leave nothing behind
+            raise
+        pause_point("before-switch")
+        self.manifest["parts"].update(records)
+        self.save_manifest()  # the switch: one rename
+        pause_point("after-switch")
+        self.remove_unreferenced()
+        return paths
+
+    def remove_unreferenced(self) -> None:
+        """Remove version folders and staging folders that the manifest no longer names (old versions,
+        interrupted writes). Safe to repeat; never touches a file in force."""
+        live = {self.part_path(p).resolve() for p in self.manifest["parts"]}
+        live_dirs = {f.parent for f in live}
+        for d in [*self.path.glob("v-*"), *self.path.glob(".build-index.*")]:
+            if d.is_dir() and d.resolve() not in live_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        for part in self.manifest["parts"]:  # top-level files of parts written before version folders
+            f = self.path / PART_FILES.get(part, "")
+            if part != "cells" and f.is_file() and f.resolve() not in live:
+                f.unlink(missing_ok=True)
 
     def save_manifest(self) -> None:
         with atomic_path(self.path / MANIFEST) as tmp:
             tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
+        self.has_manifest = True
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_manifest(mpath: Path) -> dict[str, Any]:
+    """Read and check `manifest.json`: a JSON object with a known `format` and a `parts` object."""
+    try:
+        m = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"bundle manifest {mpath} is unreadable ({type(e).__name__}); restore it or rebuild the bundle") from e
+    if not isinstance(m, dict) or not isinstance(m.get("parts"), dict):
+        raise UserError(f"bundle manifest {mpath} is not a pigeon manifest (a JSON object with `parts`); restore it or rebuild the bundle")
+    if m.get("format", FORMAT) != FORMAT:
+        raise UserError(f"bundle manifest {mpath} has format {m.get('format')!r}; this pigeon reads format {FORMAT}: upgrade pigeon or rebuild the bundle")
+    bad = [p for p, rec in m["parts"].items() if p not in PART_FILES or not isinstance(rec, dict)]
+    if bad:
+        raise UserError(f"bundle manifest {mpath}: part {bad[0]!r} is unknown or not a record; restore the manifest or rebuild the bundle")
+    if m.get("backbone") is not None and not (isinstance(m["backbone"], dict) and isinstance(m["backbone"].get("spec"), str)):
+        raise UserError(f"bundle manifest {mpath}: `backbone` must be {{spec, hash}}; restore the manifest or rebuild the bundle")
+    return m
 
 
 _HOW_TO_BUILD = {
     "cells": "run `pigeon build-cells --points FILE --out BUNDLE/cells.parquet`",
-    "backbone": "run `pigeon pretrain --bundle BUNDLE ...` (or leave it out to use the stock backbone)",
-    "head": "run `pigeon train --bundle BUNDLE --data MANIFEST` (or `pigeon train --zero-shot`)",
+    "backbone": "run `pigeon pretrain --data MANIFEST --cells BUNDLE/cells.parquet --out BUNDLE` (or leave it out to use the stock backbone)",
+    "head": "run `pigeon train --bundle BUNDLE --data MANIFEST` (or `pigeon train --bundle BUNDLE --zero-shot`)",
     "index": "run `pigeon build-index --bundle BUNDLE --images MANIFEST`",
     "gallery": "run `pigeon build-index --bundle BUNDLE --images MANIFEST`",
     "clusters": "run `pigeon build-index --bundle BUNDLE --images MANIFEST`",

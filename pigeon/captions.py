@@ -1,6 +1,8 @@
 """Synthetic captions for contrastive pretraining, after PIGEON (CVPR 2024).
 
-From a photo's (lat, lon, taken_at, heading) and the geocells: the region and country of its cell,
+From a photo's (lat, lon, taken_at, heading) and the geocells: the region and country of its cell
+(the cell's label: the (country, admin-1) pair holding most of its training points, so the two always
+agree, and photo captions and zero-shot cell prompts name the same place),
 the nearest town (bundled GeoNames cities, KD-tree on unit vectors), the driving side of its cell,
 the hemisphere, the month and the facing direction. A base sentence names the place; extras are
 added with their probabilities, in random order. The wording and probabilities are data
@@ -13,15 +15,15 @@ import json
 import os
 from functools import lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.spatial import cKDTree
 
 from .core.errors import UserError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pigeon.geocells import GeoCells
+from .core.sphere import chord_to_km, to_xyz
+from .geocells import GeoCells, bundled
 
 EXTRAS = ("driving_side", "facing", "month", "hemisphere", "climate")
 
@@ -40,19 +42,12 @@ def load_templates(path: str | os.PathLike | None = None) -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def _town_index():
     """KD-tree over the bundled cities' unit vectors, and their names."""
-    from scipy.spatial import cKDTree
-
-    from pigeon.geocells import bundled
-    from pigeon.core.sphere import to_xyz
-
     c = bundled.cities()
     return cKDTree(to_xyz(c["lat"].to_numpy(), c["lon"].to_numpy())), c["name"].astype(str).to_numpy()
 
 
 def nearest_towns(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Name of, and great-circle km to, the nearest bundled town for each point (vectorised)."""
-    from pigeon.core.sphere import chord_to_km, to_xyz
-
     tree, names = _town_index()
     d, i = tree.query(to_xyz(np.atleast_1d(lat), np.atleast_1d(lon)))
     return names[i], chord_to_km(d)
@@ -85,6 +80,7 @@ class CaptionMaker:
             self.p[k] = float(v)
         self._rng = np.random.default_rng(self.seed)
         g = cells.gdf
+        # the cells' labels (their majority (country, admin-1) pair): photo captions and cell prompts share them
         self._region = g["admin1"].fillna("").astype(str).to_numpy()
         self._country = g["country"].fillna("").astype(str).to_numpy()
         self._drive = g["driving_side"].fillna("unknown").astype(str).to_numpy()
@@ -174,7 +170,8 @@ class CaptionMaker:
         return self.compose(f)[0]
 
     def cell_caption(self, cell_id: int) -> str:
-        """The zero-shot prompt of a cell: 'A photo taken in {region}, {country}.'"""
+        """The zero-shot prompt of a cell: 'A photo taken in {region}, {country}.' (the cell's label; the
+        country alone when the cell has no admin-1 of its own)."""
         if not 0 <= int(cell_id) < len(self._region):
             raise UserError(f"cell id {cell_id} is out of range (0..{len(self._region) - 1})")
         region, country = self._region[int(cell_id)], self._country[int(cell_id)]

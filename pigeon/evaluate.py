@@ -1,6 +1,7 @@
 """`pigeon evaluate`: how far off a bundle's guesses are on a manifest split.
 
-Writes metrics.json (the field's standard figures), per_country.csv (n, median km, country
+Writes metrics.json (the field's standard figures, and how often the 50% / 90% uncertainty circles
+hold the truth), per_country.csv (n, median km, country
 accuracy per true country), predictions.csv, error_cdf.png and world_map.png (guesses vs truths
 over the bundled admin-1 outlines). Country and admin-1 accuracy compare the guess's and the truth's
 admin-1 polygons (bundled Natural Earth), so they do not depend on how the cells were drawn.
@@ -17,10 +18,14 @@ import numpy as np
 import pandas as pd
 
 from pigeon.core.io import atomic_path
-from pigeon.core.sphere import haversine_km
+from pigeon.core.sphere import haversine_km, spherical_mean
 
+from .calibration import coverage
 from .core.errors import UserError
+from .datasets import read_manifest
+from .embed_cache import embed_paths
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
+from .predictor import Predictor
 
 
 def evaluate(
@@ -34,10 +39,6 @@ def evaluate(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the bundle on the `split` rows of `data` (all rows if None); returns the metrics dict."""
-    from .datasets import read_manifest
-    from .embed_cache import embed_paths
-    from .predictor import Predictor
-
     pred = Predictor.from_bundle(bundle_dir, device=device)
     df = read_manifest(data)
     if split:
@@ -51,36 +52,46 @@ def evaluate(
     p_iso, p_country, p_adm = reverse_geocode(p["lat"], p["lon"])
     m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm)
     # Baselines that say what the figures are worth on this data.
-    from pigeon.core.sphere import spherical_mean
-
     clat, clon = spherical_mean(tlat, tlon)
     m["baseline_centroid_median_km"] = float(np.median(haversine_km(clat, clon, tlat, tlon)))
     true_cell = pred.cells.cell_of(tlat, tlon)
     m["oracle_cell_median_km"] = float(np.median(haversine_km(pred.centres[true_cell, 0], pred.centres[true_cell, 1], tlat, tlon)))
     m["cell_accuracy"] = float(np.mean(p["top_cells"][:, 0] == true_cell))
     km = haversine_km(p["lat"], p["lon"], tlat, tlon)
+    m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), radii_calibrated=bool(pred.radius_model.calibrated))
     per = pd.DataFrame({"iso_a2": t_iso, "country": t_country, "km": km, "ok": p_iso == t_iso})
     table = per.groupby(["iso_a2", "country"]).agg(n=("km", "size"), median_km=("km", "median"), country_accuracy=("ok", "mean")).reset_index()
     table = table.sort_values("n", ascending=False).reset_index(drop=True)
     m["split"] = split or "all"
     m["bundle"] = str(bundle_dir)
     if out is not None:
-        o = Path(out)
-        o.mkdir(parents=True, exist_ok=True)
-        with atomic_path(o / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(m, indent=2))
-        with atomic_path(o / "per_country.csv") as tmp:
-            table.to_csv(tmp, index=False, float_format="%.4g")
         preds = pd.DataFrame({"image": df["image"], "lat": tlat, "lon": tlon, "pred_lat": p["lat"], "pred_lon": p["lon"],
                               "km": km, "confidence": p["confidence"], "radius_km_50": p["radius_km_50"],
                               "radius_km_90": p["radius_km_90"], "true_country": t_iso, "pred_country": p_iso})
-        with atomic_path(o / "predictions.csv") as tmp:
-            preds.to_csv(tmp, index=False, float_format="%.6g")
-        if plots:
-            plot_error_cdf(km, o / "error_cdf.png")
-            plot_world_map(tlat, tlon, p["lat"], p["lon"], o / "world_map.png")
+        _write_outputs(Path(out), m, table, preds, plots)
     m["per_country"] = table.to_dict(orient="records")
     return m
+
+
+def _write_outputs(o: Path, m: dict[str, Any], table: pd.DataFrame, preds: pd.DataFrame, plots: bool) -> None:
+    """metrics.json, per_country.csv, predictions.csv and (with `plots`) the two figures, each written atomically."""
+    o.mkdir(parents=True, exist_ok=True)
+    with atomic_path(o / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(m, indent=2))
+    with atomic_path(o / "per_country.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4g")
+    with atomic_path(o / "predictions.csv") as tmp:
+        preds.to_csv(tmp, index=False, float_format="%.6g")
+    if plots:
+        km = preds["km"].to_numpy()
+        plot_error_cdf(km, o / "error_cdf.png")
+        plot_world_map(preds["lat"].to_numpy(), preds["lon"].to_numpy(), preds["pred_lat"].to_numpy(), preds["pred_lon"].to_numpy(), o / "world_map.png")
+
+
+def radius_coverage(km: np.ndarray, r50: np.ndarray, r90: np.ndarray) -> dict[str, float]:
+    """Share of photos whose error is within their 50% / 90% radius (nominal 0.5 / 0.9), and the median radii."""
+    return {"share_within_radius_50": coverage(km, r50), "share_within_radius_90": coverage(km, r90),
+            "median_radius_km_50": float(np.median(r50)), "median_radius_km_90": float(np.median(r90))}
 
 
 def plot_error_cdf(km: np.ndarray, dest: Path) -> None:
@@ -141,4 +152,4 @@ def plot_world_map(tlat, tlon, plat, plon, dest: Path, max_lines: int = 2000) ->
     plt.close(fig)
 
 
-__all__ = ["evaluate", "plot_error_cdf", "plot_world_map"]
+__all__ = ["evaluate", "radius_coverage", "plot_error_cdf", "plot_world_map"]

@@ -1,18 +1,14 @@
 """The gallery's side of a bundle: `index.faiss`, `gallery.parquet` and `clusters.parquet`, loaded
 and saved together (model layer: it knows the `Bundle`, which `pigeon.index` does not).
 
-The three parts are written to a staging folder first and then moved into the bundle with
-`Bundle.write_part` (atomic, hashed, with the cells' and backbone's hashes and one shared `build_id`
-in the manifest); parts from two different builds are refused on load.
+The three parts are written into a fresh version folder and switched to with one manifest rename
+(`Bundle.write_parts`: hashed, with the cells' and backbone's hashes and one shared `build_id`);
+parts from two different builds are refused on load.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
 
 from .bundle import Bundle
@@ -29,15 +25,20 @@ def has_gallery(bundle: Bundle | None) -> bool:
 
 
 def recorded_refine_mode(bundle: Bundle | None) -> str | None:
-    """The refinement mode `pigeon build-index` validated for this bundle's gallery (None when none)."""
-    mode = bundle.meta("index").get("refine_mode") if bundle is not None and bundle.has("index") else None
-    return mode if mode in MODES else None
+    """The refinement mode `pigeon build-index` validated for this bundle's gallery (None when none);
+    an unknown recorded mode is refused by name."""
+    mode = bundle.meta("index").get("refine_mode") if bundle is not None and bundle.listed("index") else None
+    if mode is not None and mode not in MODES:
+        raise UserError(f"bundle {bundle.path}: the index record names refinement mode {mode!r}, not one of {', '.join(MODES)}; "
+                        f"rerun `pigeon build-index` or fix manifest.json")
+    return mode
 
 
 def load_gallery(bundle: Bundle, expect_backbone_hash: str | None = None) -> Gallery:
     """The bundle's gallery (index.Gallery), refusing parts built on other cells / another backbone,
     or left from two different builds."""
     bundle.require("cells", *GALLERY_PARTS)
+    bundle.verify(*GALLERY_PARTS)
     metas = {p: bundle.meta(p) for p in GALLERY_PARTS}
     builds = {m.get("build_id") for m in metas.values()}
     if len(builds) != 1:
@@ -53,21 +54,13 @@ def load_gallery(bundle: Bundle, expect_backbone_hash: str | None = None) -> Gal
 
 
 def save_gallery(bundle: Bundle, gallery: Gallery, backbone_hash: str, index_meta: dict[str, Any] | None = None, **meta: Any) -> str:
-    """Write the three parts atomically (staged, then moved in by `Bundle.write_part`); returns the build id.
+    """Write the three parts into a fresh version folder and switch to them with one manifest rename
+    (`Bundle.write_parts`): a kill at any point leaves the previous gallery loadable. Returns the build id.
     `index_meta` goes only into the index part's record (e.g. the validated refinement mode)."""
     build_id = uuid.uuid4().hex
-    common = dict(cells_hash=bundle.cells_hash, backbone_hash=backbone_hash, build_id=build_id, count=int(gallery.index.ntotal))
-    stage = Path(tempfile.mkdtemp(prefix=".build-index.", dir=bundle.path))
-    try:
-        # everything slow (writing 2 GB of vectors, parquet encoding) happens here, away from the bundle
-        staged = {"index": stage / "index.faiss", "gallery": stage / "gallery.parquet", "clusters": stage / "clusters.parquet"}
-        gallery.index.write(staged["index"])
-        write_gallery_frame(gallery.frame, staged["gallery"])
-        gallery.clusters.write(staged["clusters"])
-        extra = {"index": {"kind": gallery.index.kind, "dim": gallery.index.dim, **(index_meta or {})},
-                 "gallery": {}, "clusters": {"n_clusters": len(gallery.clusters)}}
-        for part in ("gallery", "clusters", "index"):
-            bundle.write_part(part, lambda tmp, src=staged[part]: os.replace(src, tmp), **common, **extra[part], **meta)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    common = dict(cells_hash=bundle.cells_hash, backbone_hash=backbone_hash, build_id=build_id, count=int(gallery.index.ntotal), **meta)
+    writers = {"index": gallery.index.write, "gallery": lambda p: write_gallery_frame(gallery.frame, p), "clusters": gallery.clusters.write}
+    metas = {"index": {"kind": gallery.index.kind, "dim": gallery.index.dim, **(index_meta or {})},
+             "gallery": {}, "clusters": {"n_clusters": len(gallery.clusters)}}
+    bundle.write_parts(writers, metas, **common)
     return build_id

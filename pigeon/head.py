@@ -20,6 +20,8 @@ from torch import nn
 from pigeon.core.errors import UserError
 from pigeon.core.sphere import pairwise_km, to_xyz
 
+from .calibration import RadiusModel
+
 CAPTION = "A photo taken in {region}, {country}."
 DEFAULT_TAU_KM = 65.0
 
@@ -29,7 +31,9 @@ class PrototypeHead(nn.Module):
 
     `centre` (zero for a zero-shot text head) is the mean training embedding: embeddings of one
     backbone share a large common component (the "cone" effect), and removing it lets the cosine
-    see the differences between places.
+    see the differences between places. `radius` (set by `pigeon train`, saved with the head) is
+    each cell's spread and the radii's calibration (`pigeon.calibration.RadiusModel`); None for a
+    head that has none (zero-shot, or trained before radii had spreads).
     """
 
     def __init__(self, prototypes: torch.Tensor | np.ndarray, scale: float = 30.0, temperature: float = 1.0, centre: torch.Tensor | np.ndarray | None = None):
@@ -40,6 +44,7 @@ class PrototypeHead(nn.Module):
         c = torch.zeros(p.shape[1]) if centre is None else torch.as_tensor(np.asarray(centre, dtype=np.float32))
         self.centre = nn.Parameter(c.clone())
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+        self.radius: RadiusModel | None = None
 
     @property
     def n_cells(self) -> int:
@@ -55,15 +60,19 @@ class PrototypeHead(nn.Module):
         return logits / self.temperature if calibrated else logits
 
     def state_arrays(self) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "prototypes": nn.functional.normalize(self.prototypes.detach(), dim=-1).contiguous().cpu(),
             "log_scale": self.log_scale.detach().reshape(1).cpu(),
             "centre": self.centre.detach().contiguous().cpu(),
             "temperature": self.temperature.detach().reshape(1).cpu(),
         }
+        if self.radius is not None:
+            out.update(self.radius.to_tensors())
+        return out
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """safetensors file with prototypes (C, D), log_scale (1,), temperature (1,)."""
+        """safetensors file with prototypes (C, D), log_scale (1,), centre (D,), temperature (1,), and
+        with a radius model radius_spread_km (C, K), radius_levels (L,), radius_scales (L,), radius_calibrated (1,)."""
         from safetensors.torch import save_file
 
         save_file(self.state_arrays(), str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
@@ -83,6 +92,9 @@ class PrototypeHead(nn.Module):
         head = cls(t["prototypes"].float(), scale=1.0, temperature=float(t["temperature"][0]), centre=t.get("centre"))
         with torch.no_grad():
             head.log_scale.fill_(float(t["log_scale"][0]))
+        head.radius = RadiusModel.from_tensors(t)
+        if head.radius is not None and head.radius.spread_km.shape[0] != head.n_cells:
+            raise UserError(f"head file {path} has spreads for {head.radius.spread_km.shape[0]} cells but {head.n_cells} prototypes; retrain it with `pigeon train`")
         return head
 
 

@@ -20,10 +20,11 @@ from scipy import sparse
 
 from .backbones import backbone_from_bundle
 from .bundle import Bundle
+from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixture_radii
 from .core.errors import UserError
-from .core.sphere import pairwise_km, to_xyz
+from .core.sphere import to_xyz
 from .datasets import load_image
-from .gallery import has_gallery, load_gallery, recorded_refine_mode
+from .gallery import GALLERY_PARTS, load_gallery, recorded_refine_mode
 from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import Gallery, GalleryRefiner, RefineConfig, centre_answers
@@ -31,11 +32,15 @@ from .index import Gallery, GalleryRefiner, RefineConfig, centre_answers
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
-def _group_matrix(keys: np.ndarray):
-    """Sparse (C, K) one-hot of each cell's group and the K group labels (first-seen order kept stable by np.unique)."""
+def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Sparse (C, K) share of each cell's training points per group, rows summing to 1, and the K sorted
+    group labels (`key_cols` joined by "\x1f"), from a `GeoCells.composition` table: probs (n, C) @ it
+    splits the mass of a cell that straddles a border between the groups its points fell in."""
+    keys = comp[key_cols[0]].str.cat([comp[c] for c in key_cols[1:]], sep="\x1f").to_numpy(str)
     labels, inv = np.unique(keys, return_inverse=True)
-    m = sparse.csr_matrix((np.ones(len(keys), np.float32), (np.arange(len(keys)), inv)), shape=(len(keys), len(labels)))
-    return m, labels, inv
+    m = sparse.csr_matrix((comp["share"].to_numpy(np.float64), (comp["cell_id"].to_numpy(), inv.ravel())), shape=(n_cells, len(labels)))
+    m = sparse.diags(1.0 / np.asarray(m.sum(axis=1)).ravel()) @ m
+    return sparse.csr_matrix(m, dtype=np.float32), labels
 
 
 class Predictor:
@@ -58,11 +63,15 @@ class Predictor:
         self.centres = np.asarray(cells.centres, dtype=np.float64)
         self.centres_xyz = to_xyz(self.centres[:, 0], self.centres[:, 1])
         self.gallery = GalleryRefiner(gallery, self.centres) if gallery is not None else None
+        # Each cell's spread and the radii's calibration, from `pigeon train`; a head without them
+        # (zero-shot) spreads each cell's photos evenly over a disk of its area, uncalibrated.
+        self.radius_model = getattr(head, "radius", None) or RadiusModel(geometric_spread_km(cells.geoms, self.centres))
         self.cell_country = g["country"].fillna("").astype(str).to_numpy()
         self.cell_iso = g["iso_a2"].fillna("").astype(str).to_numpy()
         self.cell_admin1 = g["admin1"].fillna("").astype(str).to_numpy()
-        self._country_m, self._country_keys, _ = _group_matrix(np.char.add(np.char.add(self.cell_iso, "\x1f"), self.cell_country))
-        self._admin_m, self._admin_keys, _ = _group_matrix(np.char.add(np.char.add(self.cell_admin1, "\x1f"), self.cell_country))
+        # country and admin-1 probabilities from each cell's composition, not its one label
+        self._country_m, self._country_keys = _group_matrix(cells.composition("country"), ["iso_a2", "country"], self.n_cells)
+        self._admin_m, self._admin_keys = _group_matrix(cells.composition("admin1"), ["admin1", "country"], self.n_cells)
         # Head weights as plain tensors: inference is two matmuls, no autograd.
         with torch.no_grad():
             self._protos = torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).to(device)
@@ -77,6 +86,7 @@ class Predictor:
         refuses the bundle instead of failing the first request."""
         b = Bundle(path)
         b.require("cells", "head")
+        b.verify()  # every listed part against its sha256: a missing or changed part is refused by name
         cells = GeoCells.load(b.part_path("cells"))
         head = PrototypeHead.load(b.part_path("head"))
         bb = backbone_from_bundle(b, device=device)
@@ -85,7 +95,13 @@ class Predictor:
             raise UserError(f"bundle {b.path}: head.safetensors was trained with another backbone (hash {want[:12]} vs {bb.hash[:12]}); retrain it with `pigeon train`")
         if head.embed_dim != bb.embed_dim:
             raise UserError(f"bundle {b.path}: head expects {head.embed_dim}-d embeddings, backbone {bb.spec} gives {bb.embed_dim}; retrain with `pigeon train`")
-        gallery = load_gallery(b) if has_gallery(b) else None
+        gallery = load_gallery(b) if any(b.listed(p) for p in GALLERY_PARTS) else None
+        if gallery is not None and gallery.index.dim != bb.embed_dim:
+            raise UserError(f"bundle {b.path}: index.faiss holds {gallery.index.dim}-d vectors, backbone {bb.spec} gives {bb.embed_dim}; "
+                            f"rerun `pigeon build-index`")
+        if gallery is None and refine is not None and refine.mode not in (None, "none"):
+            raise UserError(f"--refine {refine.mode}: bundle {b.path} has no gallery index to refine with; "
+                            f"build one with `pigeon build-index`, or use --refine none")
         return cls(cells, head.to(device), bb, bundle=b, device=device, refine=refine, gallery=gallery)
 
     # -- array level -----------------------------------------------------------------------------------
@@ -129,17 +145,15 @@ class Predictor:
             "refinement": ref,
         }
 
-    def radii(self, lat: np.ndarray, lon: np.ndarray, probs: np.ndarray, levels: Sequence[float] = (0.5, 0.9)) -> tuple[np.ndarray, ...]:
-        """Km from each answer within which the cell centres hold `levels` of the probability mass."""
-        d = pairwise_km(to_xyz(lat, lon), self.centres_xyz)  # (n, C)
-        order = np.argsort(d, axis=1)
-        cum = np.cumsum(np.take_along_axis(probs, order, 1), axis=1)
-        ds = np.take_along_axis(d, order, 1)
-        out = []
-        for lv in levels:
-            i = np.minimum((cum < lv - 1e-9).sum(axis=1), d.shape[1] - 1)
-            out.append(ds[np.arange(len(ds)), i])
-        return tuple(out)
+    def radii(self, lat: np.ndarray, lon: np.ndarray, probs: np.ndarray, levels: Sequence[float] = RADIUS_LEVELS) -> tuple[np.ndarray, ...]:
+        """Km from each answer within which the truth lies with each of `levels`' probability.
+
+        The truth follows the mixture of the cells' spreads around their centres, weighted by the cell
+        probabilities (`pigeon.calibration.mixture_radii`); each level's radius is then multiplied by
+        its scale factor fitted on validation photos at `pigeon train` (1 when uncalibrated). Never 0:
+        every cell spreads at least MIN_SPREAD_KM."""
+        r = mixture_radii(to_xyz(lat, lon), probs, self.centres_xyz, self.radius_model.spread_km, levels)
+        return tuple(r * self.radius_model.scale_at(levels)[:, None])
 
     # -- images --------------------------------------------------------------------------------------
     def embed(self, images: Sequence[Any]) -> np.ndarray:

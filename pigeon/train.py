@@ -5,9 +5,10 @@ into a soft target over all cells; the frozen backbone's embeddings are computed
 disk; the prototype head (initialised from each cell's mean image embedding, or from its caption's
 text embedding) is trained with soft-target cross-entropy, with early stopping on the validation
 split; one temperature is then fitted on validation (ECE reported before/after) and stored in the
-head. `--unfreeze-last-block` trains the image tower's last block with the head (no cache: the
-embeddings move) and writes the tuned backbone into the bundle. `--zero-shot` needs no data: the
-head is the text embeddings of one caption per cell.
+head, with each cell's spread (its training photos' distances to its centre) and the uncertainty
+radii's scale factors fitted on the same validation photos. `--unfreeze-last-block` trains the image
+tower's last block with the head (no cache: the embeddings move) and writes the tuned backbone into
+the bundle. `--zero-shot` needs no data: the head is the text embeddings of one caption per cell.
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from pigeon.core.io import atomic_path
 from pigeon.core.sphere import haversine_km
 
+from .backbones import DEFAULT_SPEC, backbone_from_bundle, create_backbone
+from .bundle import Bundle
+from .calibration import calibrate_radii, cell_spread_km, ece, fit_temperature, geometric_spread_km, softmax
 from .core.errors import UserError
+from .datasets import EpochSampler, build_train_transform, load_image, rare_cell_weights, read_manifest
+from .embed_cache import embed_paths
+from .geocells import GeoCells
+from .head import PrototypeHead, mean_prototypes, smoothed_targets, text_prototypes, write_head
 
 STATE_FILE = ".train_state.pt"
 
@@ -68,17 +78,13 @@ class TrainConfig:
             raise UserError(f"--init must be 'mean' or 'text', got {self.init!r}")
 
 
-def _load_cells(bundle: Any):
-    from pigeon.geocells import GeoCells
-
+def _load_cells(bundle: Any) -> GeoCells:
     bundle.require("cells")
     return GeoCells.load(bundle.part_path("cells"))
 
 
 def _backbone_for(bundle: Any, spec: str | None, device: str):
     """The bundle's backbone; set it from `spec` (or the default) when the bundle names none."""
-    from .backbones import DEFAULT_SPEC, backbone_from_bundle, create_backbone
-
     if bundle.backbone_spec is None:
         bb = create_backbone(spec or DEFAULT_SPEC, device=device)
         bundle.set_backbone(bb.spec, bb.hash)
@@ -98,9 +104,6 @@ def _zero_shot_scale(bb: Any) -> float:
 
 def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Write a text-prototype head (one caption per cell): zero-shot geolocation, no data needed."""
-    from .bundle import Bundle
-    from .head import PrototypeHead, text_prototypes, write_head
-
     b = Bundle(bundle_dir)
     cells = _load_cells(b)
     bb = _backbone_for(b, backbone, device)
@@ -124,15 +127,260 @@ def _splits(df, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return tr, va
 
 
-def _soft_ce(logits, target):
-    import torch
-
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
 def _run_key(data: str, cfg: TrainConfig, cells_hash: str, bb_hash: str) -> str:
     keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "progress", "cache_dir", "epochs", "patience")}
     return hashlib.sha1(json.dumps([str(Path(data).resolve()), keep, cells_hash, bb_hash], sort_keys=True).encode()).hexdigest()
+
+
+def _per_s(count: int, seconds: float) -> float | None:
+    """A rate, or None when nothing was counted or no time measured."""
+    return count / seconds if count and seconds > 0 else None
+
+
+class _CountingBackbone:
+    """The backbone as `embed_paths` sees it, counting the images it really embeds (cache misses)."""
+
+    def __init__(self, bb: Any):
+        self._bb = bb
+        self.images = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bb, name)
+
+    def embed_images(self, images: Any, **kw: Any) -> np.ndarray:
+        self.images += len(images)
+        return self._bb.embed_images(images, **kw)
+
+
+@dataclass
+class _Loop:
+    """Where the epoch loop stands; all but the speed counters are saved for `--resume`."""
+
+    start_epoch: int = 0
+    best: float = math.inf
+    best_state: dict[str, Any] | None = None
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    n_seen: int = 0
+    n_steps: int = 0
+    seconds: float = 0.0
+
+
+class _Run:
+    """One `pigeon train` run, as named steps sharing the bundle, the photos and the head."""
+
+    def __init__(self, data: str | os.PathLike, bundle_dir: str | os.PathLike, backbone: str | None, cfg: TrainConfig, device: str):
+        self.cfg, self.data = cfg, str(data)
+        self.bundle = Bundle(bundle_dir)
+        self.cells = _load_cells(self.bundle)
+        df = read_manifest(data)
+        self.bb = _backbone_for(self.bundle, backbone, device)
+        self.centres = np.asarray(self.cells.centres, dtype=np.float64)
+        self.tr, self.va = _splits(df, cfg)
+        self.lat, self.lon = df["lat"].to_numpy(), df["lon"].to_numpy()
+        self.cell = np.asarray(self.cells.cell_of(self.lat, self.lon), dtype=np.int64)
+        self.paths = df["path"].astype(str).tolist()
+        self.counter = _CountingBackbone(self.bb)
+        self.loop = _Loop()
+
+    # -- embeddings --------------------------------------------------------------------------------
+    def embed(self) -> None:
+        """Frozen-backbone embeddings of the train and val photos (cached), plus `--augment` views."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.E_tr = self._embed_rows(self.tr)
+        self.E_va = self._embed_rows(self.va) if len(self.va) else np.zeros((0, self.bb.embed_dim), np.float32)
+        views_idx, views_emb = [self.tr], [self.E_tr]
+        if cfg.augment and not cfg.unfreeze_last_block:
+            tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0)
+            for k in range(cfg.augment):
+                torch.manual_seed(cfg.seed * 1000 + k)  # each view is a fixed, reproducible augmentation
+                views_idx.append(self.tr)
+                views_emb.append(self._embed_rows(self.tr, view=f"aug{k}-seed{cfg.seed}", transform=tf))
+        self.X_idx = np.concatenate(views_idx)
+        self.X = torch.from_numpy(np.concatenate(views_emb, 0))
+        self.n_embeddings = len(self.X_idx) + len(self.va)
+        self.embed_seconds = time.perf_counter() - t0
+
+    def _embed_rows(self, idx: np.ndarray, view: str = "plain", transform: Callable | None = None) -> np.ndarray:
+        return embed_paths(self.counter, [self.paths[i] for i in idx], cache_dir=self.cfg.cache_dir,
+                           progress=self.cfg.progress, transform=transform, view=view)
+
+    # -- head, targets, optimiser ---------------------------------------------------------------------
+    def init_head(self) -> None:
+        """Prototypes from cell means (text for empty cells) or captions; soft targets; AdamW."""
+        cfg, C = self.cfg, len(self.cells)
+        text = None
+        if cfg.init == "text" or np.bincount(self.cell[self.tr], minlength=C).min() == 0:
+            text = text_prototypes(self.bb, self.cells.gdf)
+        centre = None if cfg.init == "text" else self.E_tr.mean(0)
+        protos = text if cfg.init == "text" else mean_prototypes(self.E_tr, self.cell[self.tr], C, fallback=text, centre=centre)
+        self.head = PrototypeHead(protos, scale=_zero_shot_scale(self.bb) if cfg.init == "text" else 30.0, centre=centre)
+        # Soft targets for every photo (train and val), from its true position.
+        self.targets = torch.from_numpy(smoothed_targets(self.lat, self.lon, self.cell, self.centres, cfg.tau))
+        params = [{"params": self.head.parameters(), "lr": cfg.lr}]
+        if cfg.unfreeze_last_block:
+            self.bb.set_trainable(1)
+            module = self.bb.model.visual if hasattr(self.bb.model, "visual") else self.bb.model
+            params.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
+        self.opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+        self.img_tf = None
+        if cfg.unfreeze_last_block:
+            self.img_tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0) if cfg.augment else self.bb.preprocess
+
+    # -- resume and checkpoints ------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.bundle.path / STATE_FILE
+
+    @property
+    def run_key(self) -> str:
+        return _run_key(self.data, self.cfg, self.bundle.cells_hash or "", self.bb.hash)
+
+    def resume(self) -> None:
+        """Continue the run saved in .train_state.pt (same data, options, cells and backbone) with `--resume`."""
+        if not (self.cfg.resume and self.state_path.exists()):
+            return
+        st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if st.get("run_key") != self.run_key:
+            raise UserError(f"{self.state_path} belongs to another run (other data, options, cells or backbone); drop --resume or delete the file")
+        self.head.load_state_dict(st["head"])
+        self.opt.load_state_dict(st["opt"])
+        if self.cfg.unfreeze_last_block and "backbone" in st:
+            self.bb.model.load_state_dict(st["backbone"])
+        self.loop = _Loop(st["epoch"], st["best"], st["best_state"], st["bad_epochs"], st["history"])
+
+    def checkpoint(self, epoch: int) -> None:
+        """Save the loop's state atomically after each epoch (what `--resume` reads)."""
+        lp = self.loop
+        st = {"run_key": self.run_key, "head": self.head.state_dict(), "opt": self.opt.state_dict(), "epoch": epoch + 1,
+              "best": lp.best, "best_state": lp.best_state, "bad_epochs": lp.bad_epochs, "history": lp.history}
+        if self.cfg.unfreeze_last_block:
+            st["backbone"] = self.bb.model.state_dict()
+        with atomic_path(self.state_path) as tmp:
+            torch.save(st, tmp)
+
+    # -- the epochs ---------------------------------------------------------------------------------------
+    def embed_batch(self, rows: np.ndarray) -> torch.Tensor:
+        """Embeddings of sampled rows: cached vectors, or a forward through the unfrozen block."""
+        if not self.cfg.unfreeze_last_block:
+            return self.X[rows]
+        x = torch.stack([self.img_tf(load_image(self.paths[self.X_idx[r]])) for r in rows])
+        return self.bb.encode_image(x, normalize=True)
+
+    def val_logits(self) -> np.ndarray:
+        """Uncalibrated logits of the val photos (re-embedded when the backbone trains)."""
+        with torch.no_grad():
+            if self.cfg.unfreeze_last_block:
+                Ev = torch.from_numpy(embed_paths(self.bb, [self.paths[i] for i in self.va], use_cache=False, progress=False))
+            else:
+                Ev = torch.from_numpy(self.E_va)
+            return self.head(Ev).numpy()
+
+    def fit(self) -> None:
+        """Epochs of soft-target cross-entropy, early stopping on val loss; ends with the best state loaded."""
+        cfg, lp = self.cfg, self.loop
+        weights = rare_cell_weights(self.cell[self.X_idx], power=1.0) if cfg.balanced else None
+        sampler = EpochSampler(len(self.X_idx), seed=cfg.seed, weights=weights)
+        for epoch in range(lp.start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            rec = self.epoch(epoch, np.fromiter(iter(sampler), dtype=np.int64))
+            score = self.score(rec)
+            lp.history.append(rec)
+            if score < lp.best - 1e-6:
+                lp.best, lp.bad_epochs = score, 0
+                lp.best_state = {"head": {k: v.clone() for k, v in self.head.state_dict().items()}}
+                if cfg.unfreeze_last_block:
+                    lp.best_state["backbone"] = {k: v.detach().clone() for k, v in self.bb.model.state_dict().items()}
+            else:
+                lp.bad_epochs += 1
+            self.checkpoint(epoch)
+            if lp.bad_epochs >= cfg.patience:
+                break
+        if lp.best_state is not None:
+            self.head.load_state_dict(lp.best_state["head"])
+            if cfg.unfreeze_last_block and "backbone" in lp.best_state:
+                self.bb.model.load_state_dict(lp.best_state["backbone"])
+        self.head.eval()
+
+    def epoch(self, epoch: int, order: np.ndarray) -> dict[str, float]:
+        """One pass over `order` in batches of optimiser steps; returns the epoch's train loss."""
+        cfg = self.cfg
+        self.head.train()
+        if cfg.unfreeze_last_block:
+            self.bb.model.train()
+        ts, losses = time.perf_counter(), []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
+        for s in bar:
+            rows = order[s : s + cfg.batch_size]
+            loss = _soft_ce(self.head(self.embed_batch(rows)), self.targets[self.X_idx[rows]])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            losses.append(float(loss.detach()))
+        self.loop.seconds += time.perf_counter() - ts
+        self.loop.n_seen += len(order)
+        self.loop.n_steps += len(losses)
+        self.head.eval()
+        if cfg.unfreeze_last_block:
+            self.bb.model.eval()
+        return {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+
+    def score(self, rec: dict[str, float]) -> float:
+        """Adds the val loss and val median km (top cell's centre) to `rec`; the early-stopping score."""
+        if not len(self.va):
+            return rec["train_loss"]
+        lv = self.val_logits()
+        rec["val_loss"] = float(_soft_ce(torch.from_numpy(lv), self.targets[self.va]))
+        top = lv.argmax(1)
+        rec["val_median_km"] = float(np.median(haversine_km(self.centres[top, 0], self.centres[top, 1], self.lat[self.va], self.lon[self.va])))
+        return rec["val_loss"]
+
+    # -- calibration and output -------------------------------------------------------------------------
+    def calibrate(self) -> dict[str, Any]:
+        """Temperature on val (ECE before/after); each cell's spread from the train photos; the radii's
+        scale factors on val (uncalibrated, and said so, without enough val photos)."""
+        out: dict[str, Any] = {}
+        probs = np.zeros((len(self.va), len(self.centres)))
+        if len(self.va) >= 2:
+            lv = self.val_logits()
+            y = self.cell[self.va]
+            T = fit_temperature(lv, y)
+            out.update(temperature=T, ece_before=ece(softmax(lv), y), ece_after=ece(softmax(lv, T), y))
+            self.head.temperature.fill_(T)
+            probs = softmax(lv, T)
+        fallback = geometric_spread_km(self.cells.geoms, self.centres)
+        spread = cell_spread_km(self.lat[self.tr], self.lon[self.tr], self.cell[self.tr], self.centres, fallback=fallback)
+        self.head.radius, rep = calibrate_radii(spread, probs, self.lat[self.va], self.lon[self.va], self.centres)
+        out.update(rep)
+        return out
+
+    def write(self) -> None:
+        """The tuned backbone (with `--unfreeze-last-block`) and the head, through the bundle."""
+        cfg, b, bb = self.cfg, self.bundle, self.bb
+        if cfg.unfreeze_last_block:
+            bb.model.eval()
+            b.write_part("backbone", bb.save_weights, spec=bb.spec, tuned="last block, by pigeon train")
+            bb.invalidate_hash()
+            b.set_backbone(bb.spec, bb.hash)
+        write_head(b, self.head, bb.hash, init=cfg.init, trained="true", tau_km=cfg.tau,
+                   radius_calibrated=str(bool(self.head.radius is not None and self.head.radius.calibrated)).lower())
+
+    def speeds(self) -> dict[str, Any]:
+        """Each figure named for what it measures: the embedding step, and the head's optimiser steps."""
+        lp = self.loop
+        return {
+            "embed_seconds": self.embed_seconds,
+            "images_embedded": self.counter.images,               # backbone forwards (cache misses)
+            "embeddings_from_cache": self.n_embeddings - self.counter.images,
+            "images_embedded_per_s": _per_s(self.counter.images, self.embed_seconds),
+            "train_seconds": lp.seconds,
+            "head_steps_per_s": _per_s(lp.n_steps, lp.seconds),
+            "head_examples_per_s": _per_s(lp.n_seen, lp.seconds),  # training examples through the head
+        }
 
 
 def train(
@@ -143,181 +391,20 @@ def train(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Train the bundle's head on `data` (a manifest); returns a report (also saved as train_report.json)."""
-    import torch
-
-    from .bundle import Bundle
-    from .calibration import ece, fit_temperature, softmax
-    from .datasets import read_manifest
-    from .embed_cache import embed_paths
-    from .head import PrototypeHead, mean_prototypes, smoothed_targets, text_prototypes, write_head
-
     cfg = config or TrainConfig()
     cfg.check()
     torch.manual_seed(cfg.seed)
-    b = Bundle(bundle_dir)
-    cells = _load_cells(b)
-    df = read_manifest(data)
-    bb = _backbone_for(b, backbone, device)
-    C = len(cells)
-    centres = np.asarray(cells.centres, dtype=np.float64)
-    tr, va = _splits(df, cfg)
-    lat, lon = df["lat"].to_numpy(), df["lon"].to_numpy()
-    cell = np.asarray(cells.cell_of(lat, lon), dtype=np.int64)
-    paths = df["path"].astype(str).tolist()
-    t0 = time.perf_counter()
-
-    # -- embeddings (frozen backbone, cached) ------------------------------------------------------
-    def emb_of(idx: np.ndarray, view: str = "plain", transform=None) -> np.ndarray:
-        return embed_paths(bb, [paths[i] for i in idx], cache_dir=cfg.cache_dir, progress=cfg.progress, transform=transform, view=view)
-
-    E_tr = emb_of(tr)
-    E_va = emb_of(va) if len(va) else np.zeros((0, bb.embed_dim), np.float32)
-    views_idx = [tr]
-    views_emb = [E_tr]
-    if cfg.augment and not cfg.unfreeze_last_block:
-        from .datasets import build_train_transform
-
-        tf = build_train_transform(bb.image_size, bb.mean, bb.std, hflip=0.0)
-        for k in range(cfg.augment):
-            torch.manual_seed(cfg.seed * 1000 + k)  # each view is a fixed, reproducible augmentation
-            views_idx.append(tr)
-            views_emb.append(emb_of(tr, view=f"aug{k}-seed{cfg.seed}", transform=tf))
-    X_idx = np.concatenate(views_idx)
-    X = torch.from_numpy(np.concatenate(views_emb, 0))
-    t_embed = time.perf_counter() - t0
-
-    # -- head init ---------------------------------------------------------------------------------
-    text = None
-    if cfg.init == "text" or np.bincount(cell[tr], minlength=C).min() == 0:
-        text = text_prototypes(bb, cells.gdf)
-    centre = None if cfg.init == "text" else E_tr.mean(0)
-    protos = text if cfg.init == "text" else mean_prototypes(E_tr, cell[tr], C, fallback=text, centre=centre)
-    head = PrototypeHead(protos, scale=_zero_shot_scale(bb) if cfg.init == "text" else 30.0, centre=centre)
-
-    # Soft targets for every photo (train and val), from its true position.
-    targets = torch.from_numpy(smoothed_targets(lat, lon, cell, centres, cfg.tau))
-
-    params = [{"params": head.parameters(), "lr": cfg.lr}]
-    if cfg.unfreeze_last_block:
-        bb.set_trainable(1)
-        bb_params = [p for p in bb.model.visual.parameters() if p.requires_grad] if hasattr(bb.model, "visual") else [p for p in bb.model.parameters() if p.requires_grad]
-        params.append({"params": bb_params, "lr": cfg.backbone_lr})
-    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-
-    # -- resume ------------------------------------------------------------------------------------
-    state_path = b.path / STATE_FILE
-    run_key = _run_key(str(data), cfg, b.cells_hash or "", bb.hash)
-    start_epoch, best, best_state, bad_epochs, history = 0, math.inf, None, 0, []
-    if cfg.resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st.get("run_key") != run_key:
-            raise UserError(f"{state_path} belongs to another run (other data, options, cells or backbone); drop --resume or delete the file")
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        if cfg.unfreeze_last_block and "backbone" in st:
-            bb.model.load_state_dict(st["backbone"])
-        start_epoch, best, best_state, bad_epochs, history = st["epoch"], st["best"], st["best_state"], st["bad_epochs"], st["history"]
-
-    from .datasets import EpochSampler, rare_cell_weights
-
-    weights = rare_cell_weights(cell[X_idx], power=1.0) if cfg.balanced else None
-    sampler = EpochSampler(len(X_idx), seed=cfg.seed, weights=weights)
-    img_tf = None
-    if cfg.unfreeze_last_block:
-        from .datasets import build_train_transform, load_image
-
-        img_tf = build_train_transform(bb.image_size, bb.mean, bb.std, hflip=0.0) if cfg.augment else bb.preprocess
-
-    def embed_batch(rows: np.ndarray):
-        if not cfg.unfreeze_last_block:
-            return X[rows]
-        x = torch.stack([img_tf(load_image(paths[X_idx[r]])) for r in rows])
-        return bb.encode_image(x, normalize=True)
-
-    def val_logits() -> np.ndarray:
-        with torch.no_grad():
-            Ev = torch.from_numpy(E_va) if not cfg.unfreeze_last_block else torch.from_numpy(
-                embed_paths(bb, [paths[i] for i in va], use_cache=False, progress=False))
-            return head(Ev).numpy()
-
-    from tqdm.auto import tqdm
-
-    n_seen, t_train = 0, 0.0
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        order = np.fromiter(iter(sampler), dtype=np.int64)
-        head.train()
-        if cfg.unfreeze_last_block:
-            bb.model.train()
-        ts = time.perf_counter()
-        losses = []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
-        for s in bar:
-            rows = order[s : s + cfg.batch_size]
-            loss = _soft_ce(head(embed_batch(rows)), targets[X_idx[rows]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        t_train += time.perf_counter() - ts
-        n_seen += len(order)
-        head.eval()
-        if cfg.unfreeze_last_block:
-            bb.model.eval()
-        rec: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
-        if len(va):
-            lv = val_logits()
-            rec["val_loss"] = float(_soft_ce(torch.from_numpy(lv), targets[va]))
-            top = lv.argmax(1)
-            rec["val_median_km"] = float(np.median(haversine_km(centres[top, 0], centres[top, 1], lat[va], lon[va])))
-            score = rec["val_loss"]
-        else:
-            score = rec["train_loss"]
-        history.append(rec)
-        if score < best - 1e-6:
-            best, bad_epochs = score, 0
-            best_state = {"head": {k: v.clone() for k, v in head.state_dict().items()}}
-            if cfg.unfreeze_last_block:
-                best_state["backbone"] = {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        st = {"run_key": run_key, "head": head.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "best": best,
-              "best_state": best_state, "bad_epochs": bad_epochs, "history": history}
-        if cfg.unfreeze_last_block:
-            st["backbone"] = bb.model.state_dict()
-        with atomic_path(state_path) as tmp:
-            torch.save(st, tmp)
-        if bad_epochs >= cfg.patience:
-            break
-
-    if best_state is not None:
-        head.load_state_dict(best_state["head"])
-        if cfg.unfreeze_last_block and "backbone" in best_state:
-            bb.model.load_state_dict(best_state["backbone"])
-    head.eval()
-
-    # -- temperature scaling on validation ------------------------------------------------------------
-    report: dict[str, Any] = {"n_train": int(len(tr)), "n_val": int(len(va)), "n_cells": C, "backbone": bb.spec,
-                              "epochs_run": len(history), "history": history}
-    if len(va) >= 2:
-        lv = val_logits()
-        T = fit_temperature(lv, cell[va])
-        report.update(temperature=T, ece_before=ece(softmax(lv), cell[va]), ece_after=ece(softmax(lv, T), cell[va]))
-        head.temperature.fill_(T)
-    if cfg.unfreeze_last_block:
-        bb.model.eval()
-        b.write_part("backbone", bb.save_weights, spec=bb.spec, tuned="last block, by pigeon train")
-        bb.invalidate_hash()
-        b.set_backbone(bb.spec, bb.hash)
-    write_head(b, head, bb.hash, init=cfg.init, trained="true", tau_km=cfg.tau)
-    report.update(
-        embed_seconds=t_embed,
-        train_seconds=t_train,
-        embeddings_per_s=(n_seen / t_train) if t_train > 0 else None,
-        best_val_loss=best if math.isfinite(best) else None,
-    )
-    with atomic_path(b.path / "train_report.json") as tmp:
+    run = _Run(data, bundle_dir, backbone, cfg, device)
+    run.embed()
+    run.init_head()
+    run.resume()
+    run.fit()
+    report: dict[str, Any] = {"n_train": int(len(run.tr)), "n_val": int(len(run.va)), "n_cells": len(run.cells),
+                              "backbone": run.bb.spec, "epochs_run": len(run.loop.history), "history": run.loop.history}
+    report.update(run.calibrate())
+    run.write()
+    report.update(run.speeds(), best_val_loss=run.loop.best if math.isfinite(run.loop.best) else None)
+    with atomic_path(run.bundle.path / "train_report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
 

@@ -132,10 +132,29 @@ def test_batch_matches_single_answers(client):
 
 
 def test_batch_names_the_bad_image(client):
-    files = [("images", ("good.png", encode(photo(), "PNG"), "image/png")), ("images", ("bad.gif", encode(photo(), "GIF"), "image/gif"))]
-    r = client.post("/locate/batch", files=files)
-    assert r.status_code == 415
-    assert "images[1] (bad.gif)" in r.json()["detail"]
+    """One bad file no longer fails the batch: it gets its own error entry (with the status it would have
+    had alone), the others are answered, HTTP 200. With no usable file, the answer is that error."""
+    good = encode(photo(), "PNG")
+    files = [("images", ("good.png", good, "image/png")), ("images", ("bad.gif", encode(photo(), "GIF"), "image/gif"))]
+    r = client.post("/locate/batch", files=files, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["results"]
+    assert first["filename"] == "good.png" and "error" not in first
+    assert [c["cell_id"] for c in first["result"]["top_cells"]] == [c["cell_id"] for c in tiny_predictor().locate([photo()], top_k=2)[0]["top_cells"]]
+    assert second["filename"] == "bad.gif" and "result" not in second
+    assert second["error"]["status"] == 415 and second["error"]["error"] == "unsupported_media_type"
+    assert "images[1] (bad.gif)" in second["error"]["detail"]
+    r = client.post("/locate/batch", files=[("images", ("a.gif", encode(photo(), "GIF"), "image/gif")), ("images", ("b.bmp", encode(photo(), "BMP"), "image/bmp"))])
+    assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
+    assert "images[0] (a.gif)" in r.json()["detail"] and "images[1] (b.bmp)" in r.json()["detail"]
+    r = client.post("/locate/batch", files=[("images", ("e.jpg", b"", "image/jpeg")), ("images", ("t.txt", b"hello", "text/plain"))])
+    assert r.status_code == 400 and r.json()["error"] == "bad_image"  # no common status: 400
+
+
+def test_batch_item_errors_in_the_schema(client):
+    item = client.get("/openapi.json").json()["components"]["schemas"]["BatchResponse"]["properties"]["results"]["items"]
+    refs = {x["$ref"].rsplit("/", 1)[1] for x in item["anyOf"]}
+    assert refs == {"BatchItem", "BatchItemError"}
 
 
 def test_health_version_cells(client):
@@ -178,6 +197,86 @@ def test_api_key(monkeypatch):
         assert c.post("/locate", files={"image": ("p.jpg", data, "image/jpeg")}, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.get("/version").status_code == 401
         assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+        assert c.get("/cells").status_code == 401 and c.get("/cells", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/static/app.js").status_code == 200 and c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"max_concurrency": 0}, ["max_concurrency", "PIGEON_MAX_CONCURRENCY", "= 0", "integer >= 1"]),
+    ({"max_upload_bytes": 0}, ["max_upload_bytes", "PIGEON_MAX_UPLOAD_BYTES", "integer > 0"]),
+    ({"max_queue": "abc"}, ["max_queue", "PIGEON_MAX_QUEUE", "'abc'", "integer >= 0"]),
+    ({"max_top_k": -3, "min_side": 0}, ["max_top_k", "min_side", ">= 1"]),
+    ({"cells_simplify": -1}, ["cells_simplify", "number >= 0"]),
+    ({"api_key": ""}, ["api_key", "PIGEON_API_KEY", "non-empty"]),
+    ({"api_key": "   "}, ["api_key", "non-empty"]),
+    ({"api_key": "s3cret\n"}, ["api_key", "printable ASCII"]),
+    ({"refine": "nearest"}, ["--refine nearest", "PIGEON_REFINE", "cluster+nn"]),
+    ({"max_refinement_km": -5}, ["PIGEON_MAX_REFINEMENT_KM", "> 0"]),
+    ({"max_concurency": 2}, ["unknown setting max_concurency", "max_concurrency"]),
+])
+def test_bad_settings_are_one_line_user_errors(kw, words):
+    with pytest.raises(UserError) as e:
+        Settings(**kw)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert "s3cret" not in msg  # a key is never echoed
+
+
+def test_settings_from_env(monkeypatch):
+    monkeypatch.setenv("PIGEON_MAX_QUEUE", "3")
+    monkeypatch.setenv("PIGEON_CORS_ORIGINS", "http://a.org, http://b.org,")
+    monkeypatch.setenv("PIGEON_MAX_REFINEMENT_KM", "off")
+    monkeypatch.setenv("PIGEON_WARMUP", "no")
+    monkeypatch.setenv("PIGEON_MAX_UPLOAD_BYTES", "")  # set but empty = unset (docker compose's ${VAR:-})
+    s = Settings.from_env(max_batch=4, max_queue=None)  # None overrides are ignored
+    assert (s.max_queue, s.max_batch, s.warmup, s.api_key, s.max_upload_bytes) == (3, 4, False, None, 20 * 1024 * 1024)
+    assert s.cors_origins == ["http://a.org", "http://b.org"] and s.max_refinement_km == float("inf")
+    assert s.refine_config().guard_km is None
+    assert Settings(max_queue=5).max_queue == 5  # keywords win over the environment
+    assert "k3y" not in repr(Settings(api_key="k3y"))
+    monkeypatch.setenv("PIGEON_MAX_QUEUE", "abc")
+    with pytest.raises(UserError, match=r"^setting max_queue \(env PIGEON_MAX_QUEUE\) = 'abc': give an integer >= 0$"):
+        Settings.from_env()
+    monkeypatch.setenv("PIGEON_MAX_QUEUE", "2")
+    monkeypatch.setenv("PIGEON_API_KEY", "  ")
+    with pytest.raises(UserError, match="PIGEON_API_KEY"):
+        Settings.from_env()
+
+
+def test_empty_api_key_variable_is_refused(monkeypatch):
+    """PIGEON_API_KEY="" used to count as unset, silently turning auth off: now one line naming it."""
+    monkeypatch.setenv("PIGEON_API_KEY", "")
+    for make in (Settings.from_env, Settings):
+        with pytest.raises(UserError) as e:
+            make()
+        assert str(e.value) == "PIGEON_API_KEY is set but empty: unset it for no auth, or give a key"
+    assert Settings(api_key="k3y").api_key == "k3y"  # a key given in code wins over the environment
+    monkeypatch.delenv("PIGEON_API_KEY")
+    assert Settings.from_env().api_key is None
+
+
+def test_head_health(client):
+    r = client.head("/health")
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_query_string_options_are_refused_by_name(client):
+    """top_k/explain in the query string used to be silently ignored (top_k 5, no explanation): now 422 naming them."""
+    r = client.post("/locate?top_k=1&explain=true", files={"image": ("p.jpg", encode(photo()), "image/jpeg")})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "validation_error" and [d["loc"] for d in body["detail"]] == [["query", "top_k"], ["query", "explain"]]
+    assert "form field" in body["detail"][0]["msg"]
+    r = client.post("/locate/batch?top_k=1", files=[("images", ("p.jpg", encode(photo()), "image/jpeg"))])
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "top_k"]
+
+
+def test_cli_serve_refuses_a_bad_setting_with_exit_2():
+    env = {**__import__("os").environ, "PIGEON_MAX_CONCURRENCY": "0"}
+    r = subprocess.run([sys.executable, "-c", "from pigeon.cli import main; main()", "serve", "--bundle", str(tiny_bundle())],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "PIGEON_MAX_CONCURRENCY" in r.stderr and ">= 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cors_origins():
@@ -251,7 +350,9 @@ def test_refuses_incomplete_or_mismatched_bundles(tmp_path):
     src = tiny_bundle()
     no_head = tmp_path / "no_head"
     shutil.copytree(src, no_head)
-    (no_head / "head.safetensors").unlink()
+    from pigeon.bundle import Bundle as _B
+
+    _B(no_head).part_path("head").unlink()
     with pytest.raises(UserError, match="head.safetensors"):
         create_app(no_head)
     other = tmp_path / "other_cells"
@@ -317,3 +418,89 @@ def test_heatmap_falls_back_to_gradient_times_input():
     am, _ = Explainer(BB(), _cell_logits(8)).activation_map(photo(seed=9), cell_id=1)
     assert am.method == "grad-x-input" and am.layer is None
     assert am.heat.shape == (32, 32) and am.heat.max() == 1 and am.heat.std() > 0
+
+
+class _Overlap:
+    """The real predictor and explainer, counting how often a `locate` runs while an explanation is under way."""
+
+    def __init__(self, inner):
+        self.inner, self.explaining, self.overlaps = inner, 0, 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def locate(self, images, top_k=5):
+        with self.lock:
+            self.overlaps += self.explaining > 0
+        return self.inner.locate(images, top_k=top_k)
+
+    def wrap(self, activation_map):
+        def counted(*a, **kw):
+            with self.lock:
+                self.explaining += 1
+            try:
+                return activation_map(*a, **kw)
+            finally:
+                with self.lock:
+                    self.explaining -= 1
+
+        return counted
+
+
+def _answer(r) -> dict:
+    assert r.status_code == 200, r.text
+    a = r.json()
+    a.pop("timings_ms")
+    heat = (a.get("explain") or {}).get("heatmap")
+    if heat:  # the PNG as pixels: compared with a tolerance of one grey level
+        heat["png_base64"] = np.asarray(Image.open(io.BytesIO(base64.b64decode(heat["png_base64"]))), dtype=np.int16)
+    return a
+
+
+def _same(got, want, path="answer"):
+    """JSON-like values equal: structure and strings exactly, numbers to 1e-5 relative, PNG pixels to 1."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (path, got, want)
+        for k in want:
+            _same(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (path, got, want)
+        for j, (g, w) in enumerate(zip(got, want)):
+            _same(g, w, f"{path}[{j}]")
+    elif isinstance(want, np.ndarray):
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1, path
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+def test_explain_beside_plain_requests_is_safe_and_changes_nothing():
+    """max_concurrency=4: explain=true and plain /locate requests in flight together, many times over.
+    Every answer is 200, and each one equals the answer its request gets when it runs alone (the
+    explainer used to hang a hook on the shared model: plain requests beside it failed with 500)."""
+    pred = _Overlap(tiny_predictor())
+    app = create_app(pred, Settings(max_concurrency=4, max_queue=64, warmup=False))
+    svc = app.state.service
+    svc.explainer.activation_map = pred.wrap(svc.explainer.activation_map)
+    images = [encode(photo(112, 84, seed=40 + i)) for i in range(4)]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a fault shows as a 500, not an exception here
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            def post(i, explain):
+                return c.post("/locate", files={"image": (f"{i}.jpg", images[i], "image/jpeg")}, data={"top_k": "3", "explain": str(explain).lower()})
+
+            alone = {(i, ex): _answer(await post(i, ex)) for i in range(len(images)) for ex in (False, True)}
+            jobs = [(i, ex) for _ in range(6) for i in range(len(images)) for ex in (False, True)]
+            together = await asyncio.gather(*(post(i, ex) for i, ex in jobs))
+            return alone, jobs, together
+
+    alone, jobs, together = asyncio.run(scenario())
+    assert [r.status_code for r in together] == [200] * len(jobs), [r.text[:300] for r in together if r.status_code != 200][:3]
+    for (i, ex), r in zip(jobs, together):
+        _same(_answer(r), alone[(i, ex)])
+    assert all(alone[(i, True)]["explain"]["heatmap"]["method"] == "grad-cam" for i in range(len(images)))
+    assert pred.overlaps > 0, "no plain locate ran while an explanation was under way: the test proved nothing"
+    assert all(p.grad is None for p in tiny_predictor().backbone.model.parameters())  # explanations write no weight gradient

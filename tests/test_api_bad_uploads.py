@@ -1,5 +1,10 @@
 """A corpus of bad (and awkward-but-valid) uploads, generated here: each gets a JSON 4xx (or a 200 when
-it is in fact a usable photo), never a 5xx, and the server stays healthy after all of them."""
+it is in fact a usable photo), never a 5xx, and the server stays healthy after all of them.
+
+`attack_corpus()` generates the attacks of the service review (corrupt PNG, truncated JPEG, empty,
+not an image, huge dimensions in a tiny file, 18 files, query-string options, missing and wrong
+key, a batch over the pixel budget): each must get exactly the documented status and error code,
+with a detail that is a plain sentence (no `<_io.BytesIO object at 0x...>`, no PIL limit)."""
 
 from __future__ import annotations
 
@@ -86,6 +91,13 @@ def _bad_crc_png() -> bytes:
     return bytes(data)
 
 
+def _png_noise_idat(w: int = 64, h: int = 48) -> bytes:
+    """A PNG whose IDAT is valid zlib but noise as image data (filter bytes out of range): it used to be
+    answered 200, because reading its EXIF half-decoded it and swallowed the error."""
+    noise = np.random.default_rng(3).integers(0, 256, h * (1 + 3 * w), dtype=np.uint8).tobytes()
+    return _png_header(w, h, idat=noise)
+
+
 def _corrupt_scan_jpeg() -> bytes:
     data = bytearray(encode(photo(200, 150)))
     mid = len(data) // 2
@@ -114,6 +126,7 @@ FILES: dict[str, tuple[bytes, str, set[int]]] = {
     "text_behind_png_magic": (b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20, "image/png", {400}),
     "riff_webp_garbage": (b"RIFF\x20\x00\x00\x00WEBPVP8 " + b"\x00" * 24, "image/webp", {400}),
     "png_bad_crc": (_bad_crc_png(), "image/png", {400}),
+    "png_noise_idat": (_png_noise_idat(), "image/png", {400}),
     "plain_text": (b"just some text\n" * 10, "text/plain", {415}),
     "html": (b"<!doctype html><html><body>hi</body></html>", "text/html", {415}),
     "json": (b'{"image": "nope"}', "application/json", {415}),
@@ -147,8 +160,10 @@ FILES: dict[str, tuple[bytes, str, set[int]]] = {
     "apng": (_frames("PNG"), "image/png", V),
     "progressive_jpeg": (encode(photo(), "JPEG", progressive=True), "image/jpeg", V),
     "jpeg_declared_text_plain": (JPEG, "text/plain", V),
-    "jpeg_broken_exif": (_bad_exif_jpeg(), "image/jpeg", {200, 400}),
-    "jpeg_corrupt_scan": (_corrupt_scan_jpeg(), "image/jpeg", {200, 400}),
+    "jpeg_broken_exif": (_bad_exif_jpeg(), "image/jpeg", V),  # malformed EXIF is ignored, the pixels are fine
+    # A JPEG has no checksum: random bytes inside the scan decode into wrong pixels, and libjpeg only
+    # warns ("extraneous bytes before marker"), which Pillow does not surface. Documented (Reliability).
+    "jpeg_corrupt_scan": (_corrupt_scan_jpeg(), "image/jpeg", V),
 }
 
 
@@ -169,12 +184,23 @@ def _check(r, accepted: set[int]):
     return body
 
 
+def _plain_sentence(detail, filename: str | None = None) -> None:
+    """An error detail a person can read: no Python object reprs, no decoder's own limits; names the file."""
+    text = detail if isinstance(detail, str) else " ".join(str(d.get("msg", "")) for d in detail)
+    for leak in ("<_io", " at 0x", "decompression bomb", "Image size", "cannot identify image file", "Maximum number of files"):
+        assert leak not in text, text
+    if filename is not None:
+        assert f"({filename})" in text, text
+
+
 @pytest.mark.parametrize("name", list(FILES))
 def test_bad_file(client, name):
     data, ctype, accepted = FILES[name]
     body = _check(client.post("/locate", files={"image": (f"{name}.bin", data, ctype)}), accepted)
     if name.startswith("png_header") or name.startswith("jpeg_header"):
         assert body["error"] == "too_many_pixels"
+    if "error" in body:
+        _plain_sentence(body["detail"], f"{name}.bin" if body["error"] != "validation_error" else None)
 
 
 def _raw(client, body: bytes, ctype: str, path: str = "/locate"):
@@ -241,3 +267,79 @@ def test_decoded_pixels_are_sensible():
     assert np.abs(cmyk - ref).mean() < 12
     g16 = np.asarray(decode_image(_gray16_png()).image)
     assert g16.shape == (72, 96, 3) and g16[0, 0, 0] == 0 and g16[-1, -1, 0] == 255 and 100 < g16.mean() < 155
+
+
+# -- the attacks of the service review, generated ---------------------------------------------------------
+KEY = "k3y"
+
+
+def _one(data: bytes, name: str, ctype: str = "image/jpeg", key: str | None = KEY, query: str = ""):
+    headers = {"X-API-Key": key} if key is not None else {}
+    return lambda c: c.post("/locate" + query, files={"image": (name, data, ctype)}, headers=headers)
+
+
+def _batch(blobs: list[tuple[str, bytes]], key: str | None = KEY):
+    return lambda c: c.post("/locate/batch", files=[("images", (n, d, "image/png")) for n, d in blobs], headers={"X-API-Key": key})
+
+
+def attack_corpus():
+    """(name, send(client), status, error code, file named in the detail): made from code, no fixtures."""
+    jpeg = encode(photo(160, 120, seed=8))
+    yield "corrupt_png_noise_idat", _one(_png_noise_idat(), "noise.png", "image/png"), 400, "bad_image", "noise.png"
+    yield "truncated_jpeg", _one(jpeg[: len(jpeg) // 2], "half.jpg"), 400, "bad_image", "half.jpg"
+    yield "truncated_png", _one(PNG[: len(PNG) - 40], "cut.png", "image/png"), 400, "bad_image", "cut.png"
+    yield "empty", _one(b"", "empty.jpg"), 400, "empty_file", "empty.jpg"
+    yield "not_an_image", _one(b"%PDF-1.4 not a photo" * 10, "doc.pdf", "application/pdf"), 415, "unsupported_media_type", "doc.pdf"
+    yield "text_behind_png_magic", _one(b"\x89PNG\r\n\x1a\n" + b"lies" * 50, "fake.png", "image/png"), 400, "bad_image", "fake.png"
+    yield "huge_dimensions_tiny_png", _one(_png_header(60000, 60000), "bomb.png", "image/png"), 413, "too_many_pixels", "bomb.png"
+    yield "huge_dimensions_tiny_jpeg", _one(_jpeg_claiming(60000, 60000), "bomb.jpg"), 413, "too_many_pixels", "bomb.jpg"
+    yield "between_pil_warning_and_guard", _one(_png_header(12000, 12000), "big.png", "image/png"), 413, "too_many_pixels", "big.png"
+    yield "batch_17_files", _batch([(f"{i}.png", PNG) for i in range(17)]), 413, "too_many_images", None
+    yield "batch_18_files", _batch([(f"{i}.png", PNG) for i in range(18)]), 413, "too_many_images", None
+    yield "batch_40_files", _batch([(f"{i}.png", PNG) for i in range(40)]), 413, "too_many_images", None
+    yield "locate_18_files", lambda c: c.post("/locate", files=[("image", (f"{i}.png", PNG, "image/png")) for i in range(18)],
+                                               headers={"X-API-Key": KEY}), 422, "one_image_expected", None
+    yield "batch_over_pixel_budget", _batch([(f"{i}.png", _png_header(7000, 7000)) for i in range(16)]), 413, "too_many_pixels", None
+    yield "query_string_params", _one(jpeg, "q.jpg", query="?top_k=1&explain=true"), 422, "validation_error", None
+    yield "missing_key", _one(jpeg, "k.jpg", key=None), 401, "unauthorized", None
+    yield "wrong_key", _one(jpeg, "k.jpg", key="nope"), 401, "unauthorized", None
+    yield "batch_wrong_key", _batch([("a.png", PNG)], key="nope"), 401, "unauthorized", None
+
+
+ATTACKS = {name: rest for name, *rest in attack_corpus()}
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    with TestClient(create_app(tiny_predictor(), Settings(api_key=KEY, warmup=False))) as c:
+        yield c
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_gets_the_documented_status(keyed, name):
+    send, status, code, filename = ATTACKS[name]
+    r = send(keyed)
+    assert r.status_code < 500, r.text
+    assert (r.status_code, r.json().get("error")) == (status, code), r.text
+    assert set(r.json()) == {"error", "detail"}
+    _plain_sentence(r.json()["detail"], filename)
+
+
+def test_server_is_healthy_after_the_attacks(keyed):
+    for send, status, _, _ in ATTACKS.values():
+        assert send(keyed).status_code == status
+    assert keyed.get("/health").json()["in_flight"] == 0
+    r = keyed.post("/locate", files={"image": ("ok.jpg", JPEG, "image/jpeg")}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200 and r.json()["top_cells"]
+
+
+def test_a_batch_answers_around_its_bad_files(keyed):
+    """Per-item errors: the good files are located, each bad one has its own {error, detail, status}."""
+    blobs = [("good.png", PNG), ("noise.png", _png_noise_idat()), ("bomb.png", _png_header(60000, 60000)), ("empty.png", b"")]
+    r = _batch(blobs)(keyed)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == [n for n, _ in blobs] and "result" in res[0]
+    assert [(x["error"]["status"], x["error"]["error"]) for x in res[1:]] == [(400, "bad_image"), (413, "too_many_pixels"), (400, "empty_file")]
+    for x, (n, _) in zip(res[1:], blobs[1:]):
+        _plain_sentence(x["error"]["detail"], n)

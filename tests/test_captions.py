@@ -94,3 +94,30 @@ def test_nearest_towns_and_compass():
 
     d = compass(np.array([0, 44, 46, 180, 359, np.nan]), load_templates()["directions"])
     assert d.tolist() == ["north", "north-east", "north-east", "south", "north", ""]
+
+
+def test_captions_use_the_cells_majority_labels():
+    """A cell of three Andorran parishes (8 points each) and a Spanish province (16 points) is labelled
+    by its majority country and that country's largest admin-1; photo captions and the zero-shot prompt
+    name that same pair, never Andorra with a Spanish province."""
+    import geopandas as gpd
+    import numpy as np
+    import shapely
+
+    from pigeon.geocells import build_cells
+
+    rows = [("AND", "AD", "Andorra", "Canillo"), ("AND", "AD", "Andorra", "Encamp"), ("AND", "AD", "Andorra", "Ordino"), ("ESP", "ES", "Spain", "Lleida")]
+    b = gpd.GeoDataFrame({"adm0_a3": [r[0] for r in rows], "iso_a2": [r[1] for r in rows], "country": [r[2] for r in rows],
+                          "admin1": [r[3] for r in rows], "admin2": ""},
+                         geometry=[shapely.box(x, 0, x + 1, 1) for x in range(4)], crs="EPSG:4326")
+    rng = np.random.default_rng(0)
+    n = [8, 8, 8, 16]
+    lon = np.concatenate([rng.uniform(x + 0.1, x + 0.9, k) for x, k in enumerate(n)])
+    lat = rng.uniform(0.1, 0.9, sum(n))
+    cells = build_cells(lat, lon, b, min_size=30, max_size=100, progress=False)
+    assert len(cells) == 1
+    m = CaptionMaker(cells, probabilities={**ALL, "p_town": 0})
+    assert m.cell_captions() == ["A photo taken in Canillo, Andorra."]
+    caps = m.captions([0.5, 0.5], [0.5, 3.5])  # in Canillo and in Lleida (a minority country of the cell)
+    assert all("region of Canillo in Andorra" in c and "right side of the road" in c for c in caps)
+    assert not any("Spain" in c for c in caps)

@@ -7,7 +7,6 @@ import shutil
 import pandas as pd
 import pytest
 
-from pigeon.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +19,9 @@ def small(tmp_path_factory):
 
 
 def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    from worlds import cli
+
+    return cli(args)
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -33,6 +30,8 @@ def _run(args: list[str]) -> int:
     (["--top-k", "-1"], "--top-k -1"),
     (["--out", "/proc/x/y.csv"], "--out /proc/x/y.csv"),
     (["--out", "r.txt"], "--out r.txt"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--device", "banana"], "--device 'banana'"),
 ])
 def test_bad_options_are_one_line_exit_2(small, capsys, extra, needle):
     root, df, bundle = small
@@ -70,3 +69,26 @@ def test_only_bad_files_is_an_error(small, tmp_path, capsys):
     assert _run(["locate", str(bad), "--bundle", str(bundle)]) == 2
     err = capsys.readouterr().err
     assert "skipped" in err and "none of the 1 images could be read" in err
+
+
+def test_build_cells_over_a_trained_bundle_needs_force(small, tmp_path, capsys):
+    """New cells would orphan the head: refused (nothing written) unless --force, which says what to rebuild."""
+    root, df, bundle = small
+    b2 = tmp_path / "b2"
+    shutil.copytree(bundle, b2)
+    pts = tmp_path / "pts.csv"
+    df[["lat", "lon"]].iloc[::2].to_csv(pts, index=False)   # other points: other cells
+    before = (b2 / "manifest.json").read_bytes()
+    assert _run(["build-cells", "--points", str(pts), "--out", str(b2 / "cells.parquet"), "--min-size", "5", "--max-size", "10", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "head.safetensors" in err and "--force" in err and (b2 / "manifest.json").read_bytes() == before
+    assert _run(["build-cells", "--points", str(pts), "--out", str(b2 / "cells.parquet"), "--min-size", "5", "--max-size", "10",
+                 "-q", "--force"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["must_rebuild"] == ["head"]
+    from pigeon.core.errors import UserError
+    from pigeon.predictor import Predictor
+
+    with pytest.raises(UserError, match="other cells"):
+        Predictor.from_bundle(b2)

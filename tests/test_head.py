@@ -50,6 +50,24 @@ def test_head_logits_are_scaled_cosines(tmp_path):
     np.testing.assert_allclose(back(x).detach().numpy(), z.detach().numpy(), rtol=1e-6)
 
 
+def test_head_file_keeps_radius_model(tmp_path):
+    from pigeon.calibration import RadiusModel
+
+    head = PrototypeHead(np.eye(3), scale=10.0)
+    head.save(tmp_path / "plain.safetensors")
+    assert PrototypeHead.load(tmp_path / "plain.safetensors").radius is None   # heads without spreads still load
+    head.radius = RadiusModel(np.linspace(1, 48, 48).reshape(3, 16), np.array([0.5, 0.9]), np.array([1.2, 0.9]), calibrated=True)
+    head.save(tmp_path / "h.safetensors")
+    back = PrototypeHead.load(tmp_path / "h.safetensors").radius
+    np.testing.assert_allclose(back.spread_km, head.radius.spread_km, rtol=1e-6)
+    np.testing.assert_allclose(back.scales, [1.2, 0.9], rtol=1e-6)
+    assert back.calibrated
+    head.radius = RadiusModel(np.ones((2, 16)))                                 # spreads for 2 cells, 3 prototypes
+    head.save(tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="spreads for 2 cells"):
+        PrototypeHead.load(tmp_path / "bad.safetensors")
+
+
 def test_head_file_errors(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")

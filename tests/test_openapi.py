@@ -49,3 +49,19 @@ def test_schema_documents_every_endpoint(api_schema):
     assert {"200", "400", "413", "415", "422", "503"} <= set(locate["responses"])
     body = locate["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["$ref"].startswith("#/components/schemas/")
+
+
+def test_api_key_scheme_is_shown_exactly_when_enforced():
+    """APIKeyHeader: with a key, /openapi.json declares the X-API-Key scheme on the protected operations
+    (and only there); without one it declares none (so a client is never told to send a key for nothing)."""
+    plain = create_app(tiny_predictor(), Settings(warmup=False)).openapi()
+    assert "securitySchemes" not in plain.get("components", {})
+    assert not any("security" in op for ops in plain["paths"].values() for op in ops.values())
+    keyed = create_app(tiny_predictor(), Settings(api_key="k3y", warmup=False)).openapi()
+    scheme = keyed["components"]["securitySchemes"]["ApiKey"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
+    protected = {("/locate", "post"), ("/locate/batch", "post"), ("/cells", "get"), ("/version", "get")}
+    for path, ops in keyed["paths"].items():
+        for method, op in ops.items():
+            assert op.get("security") == ([{"ApiKey": []}] if (path, method) in protected else None), (path, method)
+    assert "/health" in keyed["paths"] and "/" not in keyed["paths"]

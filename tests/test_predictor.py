@@ -39,7 +39,10 @@ def test_zero_shot_bundle_answers(zs):
         assert a["confidence"] == pytest.approx(top["probability"])
         assert [c["probability"] for c in a["top_cells"]] == sorted((c["probability"] for c in a["top_cells"]), reverse=True)
         assert 0 <= a["radius_km_50"] <= a["radius_km_90"] <= 20016
-        assert a["countries"][0]["probability"] >= top["probability"] - 1e-6
+        # the top country holds at least the top cell's mass times that cell's largest country share
+        comp = pred.cells.composition("country")
+        top_share = comp.loc[comp["cell_id"] == top["cell_id"], "share"].max()
+        assert a["countries"][0]["probability"] >= top["probability"] * top_share - 1e-6
         assert a["refinement"]["mode"] == "cell" and a["refinement"]["moved_km"] == 0.0
         assert a["timings_ms"]["total_ms"] > 0
     # PIL images answer the same as their files.
@@ -57,12 +60,12 @@ def test_probabilities_sum_by_country_and_region(zs):
     np.testing.assert_allclose(p["probs"].sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(p["country_probs"].sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(p["admin1_probs"].sum(1), 1.0, rtol=1e-5)
-    # A country's probability is the sum of its cells'.
-    iso = pred.cell_iso
-    keys = pred.country_keys
-    j = 0
-    cells_of = np.flatnonzero(iso == keys[j][0])
-    np.testing.assert_allclose(p["country_probs"][:, j], p["probs"][:, cells_of].sum(1), rtol=1e-5)
+    # A country's probability is the sum of its cells', each weighted by its share of points in that country.
+    comp = pred.cells.composition("country")
+    for j, (iso, name) in enumerate(pred.country_keys):
+        mine = comp[(comp["iso_a2"] == iso) & (comp["country"] == name)]
+        w = np.bincount(mine["cell_id"], mine["share"], minlength=pred.n_cells)
+        np.testing.assert_allclose(p["country_probs"][:, j], p["probs"] @ w, rtol=1e-5, atol=1e-7)
     assert p["top_cells"].shape == (7, 4)
 
 
@@ -72,12 +75,42 @@ def test_radii_hand_computed(zs):
     C = pred.n_cells
     d = haversine_km(pred.centres[0, 0], pred.centres[0, 1], pred.centres[:, 0], pred.centres[:, 1])
     far = int(np.argmax(d))
+    rings = pred.radius_model.spread_km              # zero-shot head: each cell's area as a disk, uncalibrated
+    assert not pred.radius_model.calibrated and rings.shape == (C, 16) and (rings > 0).all()
     probs = np.zeros((2, C))
-    probs[0, 0] = 1.0                        # all mass on the answer's cell: radius 0
+    probs[0, 0] = 1.0                        # all mass on the answer's cell: its own spread, never 0 km
     probs[1, 0], probs[1, far] = 0.4, 0.6    # 50% needs the far cell too
     r50, r90 = pred.radii(pred.centres[[0, 0], 0], pred.centres[[0, 0], 1], probs)
-    assert r50[0] == pytest.approx(0.0, abs=1e-3) and r90[0] == pytest.approx(0.0, abs=1e-3)
-    assert r50[1] == pytest.approx(d[far], rel=1e-6) and r90[1] == pytest.approx(d[far], rel=1e-6)
+    # Answer at the centre: each ring holds 1/16 of the cell; 8 rings hold 50%, 15 rings hold >= 90%.
+    assert r50[0] > 0 and r50[0] == pytest.approx(rings[0, 7], rel=1e-3) and r90[0] == pytest.approx(rings[0, 14], rel=1e-3)
+    # The far cell's photos lie within its outermost ring of its centre, d[far] km away.
+    assert r50[1] == pytest.approx(d[far], abs=rings[far, -1]) and r90[1] == pytest.approx(d[far], abs=rings[far, -1])
+    assert r50[1] <= r90[1]
+
+
+def test_radii_never_zero_and_grow_with_spread(zs):
+    root, *_ = zs
+    pred = Predictor.from_bundle(root / "bundle")
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(pred.n_cells, 0.05), size=6)
+    probs[:3] *= 0.3 / probs[:3].sum(1, keepdims=True)
+    probs[np.arange(3), [0, 1, 2]] += 0.7                       # one cell holds >= 70% of the mass
+    top = probs.argmax(1)
+    lat, lon = pred.centres[top, 0], pred.centres[top, 1]
+    r50, r90 = pred.radii(lat, lon, probs)
+    assert (r50 > 0).all() and (r50 <= r90).all()
+    base = pred.radius_model.spread_km.copy()
+    pred.radius_model.spread_km = base * 3.0                    # every cell spreads three times as far
+    w50, w90 = pred.radii(lat, lon, probs)
+    assert (w50[:3] > 2.5 * r50[:3]).all()                      # dominated by the answer's cell: ~3x
+    one = np.eye(pred.n_cells)[:1]                              # one cell, answer at its centre: exactly 3x
+    o50, o90 = pred.radii(pred.centres[:1, 0], pred.centres[:1, 1], one)
+    pred.radius_model.spread_km = base
+    b50, b90 = pred.radii(pred.centres[:1, 0], pred.centres[:1, 1], one)
+    assert o50[0] == pytest.approx(3 * b50[0], rel=1e-3) and o90[0] == pytest.approx(3 * b90[0], rel=1e-3)
+    pred.radius_model.spread_km[top[0]] *= 3.0                  # only the answer's cell spreads wider
+    g50, _ = pred.radii(lat[:1], lon[:1], probs[:1])
+    assert g50[0] > 1.5 * r50[0]
 
 
 def test_bad_inputs(zs, tmp_path):

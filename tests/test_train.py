@@ -72,6 +72,12 @@ def test_training_learns_geography(trained):
     for f in ("metrics.json", "per_country.csv", "predictions.csv", "error_cdf.png", "world_map.png"):
         assert (root / "eval" / f).stat().st_size > 100
     assert json.loads((root / "eval" / "metrics.json").read_text())["median_km"] == pytest.approx(m["median_km"])
+    # The uncertainty circles: shares of test photos within each radius, calibrated on val photos.
+    assert 0 <= m["share_within_radius_50"] <= 1 and 0 <= m["share_within_radius_90"] <= 1
+    assert m["radii_calibrated"] is True
+    assert m["share_within_radius_50"] == pytest.approx(0.5, abs=0.15), m   # ~140 test photos: loose bounds
+    assert m["share_within_radius_90"] == pytest.approx(0.9, abs=0.1), m
+    assert 0 < m["median_radius_km_50"] < m["median_radius_km_90"]
     # The head is tied to the bundle's cells and backbone.
     b = Bundle(root / "bundle")
     assert b.meta("head")["cells_hash"] == b.cells_hash and b.meta("head")["backbone_hash"] == b.backbone_hash
@@ -95,6 +101,40 @@ def test_temperature_scaling_lowers_ece_on_test(trained):
     y = pred.cells.cell_of(test["lat"].to_numpy(), test["lon"].to_numpy())
     assert ece(softmax(z, rep["temperature"]), y) < ece(softmax(z), y)
     np.testing.assert_allclose(pred.cell_probs(emb), softmax(z, rep["temperature"]), atol=1e-4)
+
+
+def test_report_names_speeds_and_stores_calibrated_radii(trained):
+    from pigeon.head import PrototypeHead
+
+    root, manifest, df, rep = trained
+    assert "embeddings_per_s" not in rep
+    assert rep["images_embedded"] + rep["embeddings_from_cache"] == rep["n_train"] + rep["n_val"]
+    assert rep["head_steps_per_s"] > 0 and rep["head_examples_per_s"] > rep["head_steps_per_s"]
+    if rep["images_embedded"]:
+        assert rep["images_embedded_per_s"] > 0
+    assert rep["radius_calibration"].startswith("calibrated on") and rep["radius_levels"] == [0.5, 0.9]
+    assert all(0.2 < s < 5 for s in rep["radius_scales"])
+    head = PrototypeHead.load(Bundle(root / "bundle").part_path("head"))
+    assert head.radius is not None and head.radius.calibrated
+    np.testing.assert_allclose(head.radius.scales, rep["radius_scales"], rtol=1e-6)
+    assert head.radius.spread_km.shape == (rep["n_cells"], 16) and (head.radius.spread_km > 0).all()
+    assert Bundle(root / "bundle").meta("head")["radius_calibrated"] == "true"
+
+
+def test_radii_uncalibrated_without_val(trained, tmp_path):
+    root, manifest, df, _ = trained
+    few = df[df["split"] == "train"].head(9).copy()           # < 10 train rows: no val held out
+    few["image"] = [str(root / "world" / p) for p in few["image"]]
+    few.to_csv(tmp_path / "few.csv", index=False)
+    b = _copy_cells(tmp_path / "b", root / "bundle")
+    rep = train(tmp_path / "few.csv", b.path, backbone="tiny", config=TrainConfig(epochs=1, cache_dir=str(root / "cache"), progress=False))
+    assert rep["n_val"] == 0 and rep["radius_calibration"].startswith("uncalibrated")
+    from pigeon.predictor import Predictor
+
+    pred = Predictor.from_bundle(b.path)
+    assert not pred.radius_model.calibrated and (pred.radius_model.spread_km > 0).all()
+    a = pred.locate([few["image"].iloc[0]])[0]
+    assert 0 < a["radius_km_50"] <= a["radius_km_90"]
 
 
 def test_embedding_cache_hits(trained, monkeypatch):

@@ -27,3 +27,23 @@ def world_bundle(root: Path, n_images: int, image_size: int, seed: int, min_size
     b.write_part("cells", cells.save)
     rep = train_zero_shot(b.path, backbone="tiny") if zero_shot else None
     return manifest, df, b.path, rep
+
+
+def gallery_bundle(root: Path, seed: int, n_images: int = 80):
+    """`world_bundle` (zero-shot `tiny` head) plus a gallery index of all its photos (no validation)."""
+    from pigeon.build_index import build_index
+
+    manifest, df, bundle, _ = world_bundle(root, n_images=n_images, image_size=48, seed=seed, min_size=8, max_size=16)
+    build_index(manifest, bundle, progress=False, batch_size=40, validate=False)
+    return bundle
+
+
+def cli(args: list[str]) -> int:
+    """Run `pigeon ARGS` in this process; its exit code."""
+    from pigeon.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

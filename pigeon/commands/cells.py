@@ -10,6 +10,10 @@ from typing import Optional
 
 import typer
 
+from pigeon.bundle import PART_FILES, Bundle
+from pigeon.core.errors import UserError
+from pigeon.core.io import atomic_path
+
 
 def build_cells_file(
     points: Path,
@@ -24,17 +28,21 @@ def build_cells_file(
     geojson: Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Read points, build cells, write them (atomically) and return a summary dict.
 
     When `out` is named `cells.parquet`, its folder is treated as a model bundle and the cells are
-    recorded in the bundle's manifest (so later parts can be checked against them).
+    recorded in the bundle's manifest (so later parts can be checked against them). A bundle that
+    already holds parts built on its cells (head, index, ...) is refused unless `force`: new cells
+    orphan them, and the summary's `must_rebuild` says which.
     """
     # imported here, not at module top: `pigeon --help` should not pay for shapely, geopandas and numba
     from pigeon.geocells import build_cells, load_boundaries, load_points
 
     t0 = time.perf_counter()
     out = _cells_path(out)
+    dependents = _dependent_parts(out, force)
     pts = load_points(points, lat_col, lon_col)
     b = load_boundaries(boundaries, columns)
     cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress)
@@ -45,13 +53,26 @@ def build_cells_file(
         from pigeon.geocells.plot import plot_cells  # matplotlib only when a plot is asked for
 
         plot_cells(cells, plot, pts.lat, pts.lon, title=f"{len(cells)} geocells from {len(pts):,} points ({min_size}-{max_size} per cell)")
-    return {"out": str(out), **_summary(cells, pts, min_size, max_size), "seconds": round(time.perf_counter() - t0, 2)}
+    rebuild = [p for p in dependents if Bundle(out.parent).meta(p).get("cells_hash") != cells.hash] if dependents else []
+    return {"out": str(out), **_summary(cells, pts, min_size, max_size), "must_rebuild": rebuild,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _dependent_parts(out: Path, force: bool) -> list[str]:
+    """Parts of the bundle at `out` built on its current cells; refuse to orphan them unless `force`."""
+    if out.name != "cells.parquet" or not (out.parent / "manifest.json").exists():
+        return []
+    b = Bundle(out.parent)
+    deps = [p for p in b.manifest["parts"] if p != "cells" and b.meta(p).get("cells_hash")]
+    if deps and not force:
+        names = ", ".join(PART_FILES[p] for p in deps)
+        raise UserError(f"--out {out}: the bundle holds {names} built on its current cells; new cells would orphan them. "
+                        f"Pass --force, then rerun `pigeon train` and `pigeon build-index`, or write the cells elsewhere")
+    return deps
 
 
 def _cells_path(out: Path) -> Path:
     """The GeoParquet file to write: a folder means FOLDER/cells.parquet (a bundle)."""
-    from pigeon.core.errors import UserError
-
     out = Path(out)
     if out.exists() and out.is_dir():
         out = out / "cells.parquet"
@@ -62,8 +83,6 @@ def _cells_path(out: Path) -> Path:
 
 def _write_cells(cells, out: Path, meta: dict, geojson: Path | None) -> None:
     """Write the cells atomically; `cells.parquet` in a folder is recorded in that bundle's manifest."""
-    from pigeon.bundle import Bundle
-    from pigeon.core.io import atomic_path
 
     if out.name == "cells.parquet":
         Bundle(out.parent, create=True).write_part("cells", lambda tmp: cells.save(tmp), **meta)
@@ -109,16 +128,20 @@ def register(app: typer.Typer) -> None:
         geojson: Optional[Path] = typer.Option(None, "--geojson", help="Also export the cells as GeoJSON."),
         seed: int = typer.Option(0, "--seed", help="Seed for OPTICS subsampling of very large cells."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; only the JSON summary."),
+        force: bool = typer.Option(False, "--force", help="Replace the cells of a bundle that already has a head or index built on them (they must then be rebuilt)."),
     ) -> None:
         """Build geocells: admin regions with photos, small ones merged, big ones split by OPTICS + Voronoi."""
         columns = {k: v for k, v in {"adm0_a3": country_col, "country": country_name_col, "admin1": admin1_col, "admin2": admin2_col}.items() if v}
-        s = build_cells_file(points, out, boundaries, min_size, max_size, lat_col, lon_col, columns, plot, geojson, seed, progress=not quiet)
+        s = build_cells_file(points, out, boundaries, min_size, max_size, lat_col, lon_col, columns, plot, geojson, seed,
+                             progress=not quiet, force=force)
         if not quiet:
             print(
                 f"{s['cells']} cells from {s['points']:,} points ({s['skipped_rows']} rows skipped, {s['at_sea']} at sea -> nearest land) "
                 f"| size min/median/max {s['size_min']}/{s['size_median']:g}/{s['size_max']} | {s['seconds']} s -> {s['out']}",
                 file=sys.stderr,
             )
+            if s["must_rebuild"]:
+                print(f"note: the cells changed; rebuild {', '.join(s['must_rebuild'])} (`pigeon train`, `pigeon build-index`)", file=sys.stderr)
             if s["unsplittable"]:
                 print(f"note: {len(s['unsplittable'])} cell(s) above --max-size hold one location with too many photos to split: {s['unsplittable']}", file=sys.stderr)
         print(json.dumps(s))

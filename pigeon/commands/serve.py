@@ -25,32 +25,35 @@ def serve(
 
     With `workers > 1` each worker process loads its own copy of the bundle (uvicorn's factory
     mode); the parent checks the bundle first so a broken one fails here, not in every worker.
+    On SIGTERM, requests in flight get `graceful_shutdown_s` (PIGEON_GRACEFUL_SHUTDOWN_S, 5) to
+    finish before they are cancelled, so a stalled client cannot keep the process alive.
     """
     import logging
     import os
 
     import uvicorn
 
-    from pigeon.api.app import Settings, configure_logging, create_app
-    from pigeon.index import RefineConfig
+    from pigeon.api import Settings, create_app
+    from pigeon.api.logs import configure_logging
 
     if workers < 1:
         raise UserError(f"--workers {workers}: give 1 or more")
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: give a TCP port between 1 and 65535")
+    if max_upload_mb is not None and not max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb {max_upload_mb}: give a size in MB > 0")
     overrides = {
         "max_concurrency": max_concurrency,
         "max_upload_bytes": int(max_upload_mb * 1024 * 1024) if max_upload_mb is not None else None,
         "refine": refine,
         "max_refinement_km": max_refinement_km,
     }
-    settings = Settings.from_env(**overrides)
-    RefineConfig.from_options(settings.refine, settings.max_refinement_km)  # checked once, here, rather than in every worker
+    settings = Settings.from_env(**overrides)  # every setting checked once, here (UserError), rather than in every worker
     configure_logging(getattr(logging, log_level.upper(), logging.INFO))
     if workers == 1:
         app = create_app(bundle, settings)
         logging.getLogger("pigeon.api").info(f"serving bundle {bundle} on http://{host}:{port}/ (docs at /docs)")
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=settings.graceful_shutdown_s)
         return
     from pigeon.bundle import Bundle
 
@@ -59,7 +62,8 @@ def serve(
     for k, v in overrides.items():
         if v is not None:
             os.environ[f"PIGEON_{k.upper()}"] = str(v)
-    uvicorn.run("pigeon.api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False)
+    uvicorn.run("pigeon.api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=settings.graceful_shutdown_s)
 
 
 def register(app: typer.Typer) -> None:

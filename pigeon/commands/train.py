@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         device: str = typer.Option("cpu", help="torch device"),
     ) -> None:
-        """Train the prototype head on a manifest (cached frozen embeddings, label smoothing, temperature scaling)."""
+        """Train the prototype head on a manifest (cached frozen embeddings, label smoothing, temperature scaling, calibrated radii)."""
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.train import TrainConfig, train, train_zero_shot
 
@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
                           cache_dir=str(cache_dir) if cache_dir else None)
         rep = train(data, bundle, backbone=backbone, config=cfg, device=device)
         last = rep["history"][-1] if rep["history"] else {}
-        summary = {k: rep.get(k) for k in ("n_train", "n_val", "n_cells", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after", "embeddings_per_s")}
+        keys = ("n_train", "n_val", "n_cells", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after",
+                "radius_calibration", "radius_scales", "images_embedded", "images_embedded_per_s", "head_steps_per_s")
+        summary = {k: rep.get(k) for k in keys}
         summary["val_median_km"] = last.get("val_median_km")
         typer.echo(json.dumps(summary))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -41,3 +42,12 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); give a writable location") from e
     return path
+
+
+def pause_point(step: str) -> None:
+    """A test hook for kill -9 tests of atomic swaps: with PIGEON_PAUSE_AT=step, announce the step by
+    creating the file PIGEON_PAUSE_FILE and wait there (to be killed). A no-op otherwise."""
+    if os.environ.get("PIGEON_PAUSE_AT") != step:
+        return
+    Path(os.environ.get("PIGEON_PAUSE_FILE", "pigeon.paused")).write_text(step)
+    time.sleep(600)
