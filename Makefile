@@ -40,6 +40,8 @@ bench: venv
 	$(BIN)/python bench/train_eval.py
 	$(BIN)/python bench/index.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/refine_accuracy.py
+	$(BIN)/python bench/radii.py
 
 clean:
 	rm -rf $(VENV) demo out .pytest_cache

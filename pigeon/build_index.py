@@ -116,6 +116,10 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
     requires them; False skips the measurement (they are still held out)."""
     if kind not in KINDS:
         raise UserError(f"--kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give 1 or more")
+    if workers < 0:
+        raise UserError(f"--workers {workers}: give 0 (decode in this process) or more")
     b = Bundle(bundle)
     b.require("cells")
     df = read_manifest(images)

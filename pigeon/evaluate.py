@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pigeon.core.io import atomic_path
+from pigeon.core.io import atomic_path, check_writable
 from pigeon.core.sphere import haversine_km, spherical_mean
 
 from .calibration import coverage
@@ -39,6 +39,8 @@ def evaluate(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the bundle on the `split` rows of `data` (all rows if None); returns the metrics dict."""
+    if out is not None:
+        check_writable(Path(out) / "metrics.json", flag="--out")  # before the slow part, not after it
     pred = Predictor.from_bundle(bundle_dir, device=device)
     df = read_manifest(data)
     if split:

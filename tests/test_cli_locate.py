@@ -92,3 +92,17 @@ def test_build_cells_over_a_trained_bundle_needs_force(small, tmp_path, capsys):
 
     with pytest.raises(UserError, match="other cells"):
         Predictor.from_bundle(b2)
+
+
+@pytest.mark.parametrize("cmd, needle", [
+    (["build-index", "--batch-size", "0"], "--batch-size 0"),
+    (["build-index", "--workers", "-1"], "--workers -1"),
+    (["evaluate", "--out", "/proc/x/y"], "--out /proc/x/y"),
+    (["evaluate", "--device", "cuda:7"], "--device cuda:7"),
+])
+def test_other_commands_refuse_bad_options_in_one_line(small, capsys, cmd, needle):
+    root, df, bundle = small
+    data = ["--images" if cmd[0] == "build-index" else "--data", str(root / "world" / "manifest.csv")]
+    assert _run([cmd[0], "--bundle", str(bundle), *data, *cmd[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
