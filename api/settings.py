@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed to call from a browser")
     cells_simplify: float = Field(0.05, ge=0, description="degrees, for GET /cells")
     warmup: bool = Field(True, description="one inference at start-up, so the first request is not the slow one")
-    refine: Optional[str] = Field(None, description="gallery refinement mode: cluster+nn (the default), cluster, nn, none")
+    refine: Optional[str] = Field(None, description="gallery refinement mode: cluster+nn, cluster, nn, none; unset: the mode the bundle recorded, else cluster+nn")
     max_refinement_km: Optional[float] = Field(None, description="PIGEON's guard (default 1000 km; inf/none/off turns it off)")
 
     def __init__(self, **values: Any) -> None:
