@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,21 @@ def tiny_predictor():
 
         _CACHE["predictor"] = Predictor.from_bundle(tiny_bundle())
     return _CACHE["predictor"]
+
+
+class BlockingPredictor:
+    """The real predictor, made to wait inside `locate` for `release` (to fill the server up), or to fail."""
+
+    def __init__(self, inner, fail: bool = False):
+        self.inner, self.fail = inner, fail
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def locate(self, images, top_k=5):
+        self.entered.set()
+        if self.fail:
+            raise RuntimeError("boom")
+        self.release.wait(30)
+        return self.inner.locate(images, top_k=top_k)

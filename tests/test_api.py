@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pigeon.api import Settings, create_app
-from api_support import TOY_CELLS, encode, photo, tiny_bundle, tiny_predictor
+from api_support import BlockingPredictor, TOY_CELLS, encode, photo, tiny_bundle, tiny_predictor
 from pigeon.core.errors import UserError
 
 torch.set_num_threads(2)
@@ -287,26 +287,10 @@ def test_cors_origins():
         assert "access-control-allow-origin" not in r.headers
 
 
-class _Blocking:
-    """The real predictor, made to wait for a signal before answering (to fill the server up)."""
-
-    def __init__(self, inner, fail: bool = False):
-        self.inner, self.fail = inner, fail
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def locate(self, images, top_k=5):
-        if self.fail:
-            raise RuntimeError("boom")
-        self.entered.set()
-        self.release.wait(30)
-        return self.inner.locate(images, top_k=top_k)
 
 
 def test_over_capacity_answers_503_with_retry_after():
-    pred = _Blocking(tiny_predictor())
+    pred = BlockingPredictor(tiny_predictor())
     app = create_app(pred, Settings(max_concurrency=1, max_queue=0, retry_after_s=2, warmup=False))
     data = encode(photo())
 
@@ -328,7 +312,7 @@ def test_over_capacity_answers_503_with_retry_after():
 
 
 def test_server_fault_is_a_json_500_and_logged(caplog):
-    app = create_app(_Blocking(tiny_predictor(), fail=True), Settings(warmup=False))
+    app = create_app(BlockingPredictor(tiny_predictor(), fail=True), Settings(warmup=False))
     with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.INFO, logger="pigeon.api"):
         r = _post(c, encode(photo()))
         assert r.status_code == 500 and r.json() == {"error": "internal_error", "detail": "unexpected server error; it has been logged"}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pigeon.api import Settings, create_app
-from api_support import encode, photo, tiny_predictor
+from api_support import BlockingPredictor, encode, photo, tiny_predictor
 
 torch.set_num_threads(2)
 BOUNDARY = "gateXyZ"
@@ -132,33 +132,17 @@ def test_a_client_that_ignores_retry_after_gets_its_next_503_only_when_it_has_pa
     assert 0.8 < again[1] < 1.5, again
 
 
-class _Gate:
-    """The real predictor, made to wait (or fail) inside `locate`."""
-
-    def __init__(self, inner, fail: bool = False):
-        self.inner, self.fail = inner, fail
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def locate(self, images, top_k=5):
-        self.entered.set()
-        if self.fail:
-            raise RuntimeError("boom")
-        self.release.wait(30)
-        return self.inner.locate(images, top_k=top_k)
 
 
 def test_the_slot_comes_back_whatever_happens():
     """A server fault (500), a request cancelled mid-inference (client gone): in_flight returns to 0."""
     body = _multipart(encode(photo()))
-    failing = create_app(_Gate(tiny_predictor(), fail=True), Settings(warmup=False))
+    failing = create_app(BlockingPredictor(tiny_predictor(), fail=True), Settings(warmup=False))
     with pytest.raises(RuntimeError, match="boom"):  # raw ASGI: the fault propagates after the 500 is sent
         asyncio.run(Call(body).run(failing))
     assert failing.state.service.admission.in_flight == 0
 
-    pred = _Gate(tiny_predictor())
+    pred = BlockingPredictor(tiny_predictor())
     app = create_app(pred, Settings(warmup=False))
 
     async def cancelled():
