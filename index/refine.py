@@ -86,6 +86,11 @@ class RefineConfig:
         """The guard as `Refiner.refine` takes it (None: no guard)."""
         return None if math.isinf(self.max_refinement_km) else self.max_refinement_km
 
+    def refine_kwargs(self) -> dict[str, Any]:
+        """The options as `Refiner.refine` keywords (all but the mode)."""
+        return dict(top_k=self.top_k, temperature=self.temperature, max_refinement_km=self.guard_km,
+                    neighbours=self.neighbours, average=self.average)
+
 
 _DEFAULTS = RefineConfig()
 
@@ -408,8 +413,7 @@ class GalleryRefiner:
         mode = config.mode or DEFAULT_MODE
         if mode == "none":
             return centre_answers(probs, self.centres)
-        r = self.refiner.refine(emb, probs, mode=mode, top_k=config.top_k, temperature=config.temperature,
-                                max_refinement_km=config.guard_km, neighbours=config.neighbours, average=config.average)
+        r = self.refiner.refine(emb, probs, mode=mode, **config.refine_kwargs())
         ids = r.neighbour_ids
         valid = ids >= 0
         rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index

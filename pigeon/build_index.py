@@ -83,8 +83,7 @@ def choose_refinement(refiner: Refiner, emb: np.ndarray, probs: np.ndarray, lat:
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
     median, within = {}, {}
     for m in MODES:
-        r = refiner.refine(emb, probs, mode=m, top_k=config.top_k, temperature=config.temperature, max_refinement_km=config.guard_km,
-                           neighbours=config.neighbours, average=config.average)
+        r = refiner.refine(emb, probs, mode=m, **config.refine_kwargs())
         km = haversine_km(lat, lon, r.lat, r.lon)
         median[m], within[m] = float(np.median(km)), float(np.mean(km <= 25.0))
     best = min(median.values())

@@ -72,6 +72,7 @@ class Bundle:
             raise UserError(f"bundle path {self.path} is a file, not a folder; give a folder")
         self.manifest = _read_manifest(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
         self.has_manifest = self.manifest is not None
+        self._verified: set[str] = set()  # parts this object has checked (load_gallery after from_bundle: once)
         if self.manifest is None:
             self.manifest = {"format": FORMAT, "pigeon_version": _version(), "backbone": None, "parts": {}}
 
@@ -124,28 +125,37 @@ class Bundle:
     def verify(self, *parts: str) -> None:
         """Check each listed part's bytes against the sha256 in the manifest (all listed parts if none
         given); refuse a missing or changed part by name. A part verified before and unchanged since
-        (same size and mtime, recorded in `.verified.json`) is not hashed again: a multi-GB index costs
-        its hash once, not at every start."""
+        (same size and mtime, recorded in `.verified.json`, or checked by this object already) is not
+        hashed again: a multi-GB index costs its hash once, not at every start."""
         cache = _read_json(self.path / VERIFIED) or {}
         fresh = {}
         for p in parts or tuple(self.manifest["parts"]):
-            if p not in PART_FILES or not self.listed(p):
+            if p not in PART_FILES or not self.listed(p) or p in self._verified:
                 continue
             f = self.part_path(p)
             want = self.meta(p).get("sha256")
             if not f.is_file():
                 raise UserError(f"bundle {self.path}: the manifest lists {PART_FILES[p]} but {f} is missing; {_HOW_TO_BUILD[p]}")
-            st = f.stat()
-            key, stamp = f.relative_to(self.path).as_posix(), [st.st_size, st.st_mtime_ns, want]
-            if want and cache.get(key) != stamp:
-                if file_sha256(f) != want:
-                    raise UserError(f"bundle {self.path}: {key} does not match the sha256 in {MANIFEST} (corrupt, or changed by hand); "
-                                    f"restore the file or rebuild it: {_HOW_TO_BUILD[p]}")
+            key, stamp = self._stamp(f, want)
+            if want and cache.get(key) != stamp and file_sha256(f) != want:
+                raise UserError(f"bundle {self.path}: {key} does not match the sha256 in {MANIFEST} (corrupt, or changed by hand); "
+                                f"restore the file or rebuild it: {_HOW_TO_BUILD[p]}")
             fresh[key] = stamp
+            self._verified.add(p)
         if fresh != {k: cache.get(k) for k in fresh}:
-            with contextlib.suppress(OSError):  # a read-only bundle just verifies again next time
-                with atomic_path(self.path / VERIFIED) as tmp:
-                    tmp.write_text(json.dumps({**cache, **fresh}))
+            self._save_verified({**cache, **fresh})
+
+    def _stamp(self, f: Path, sha256: str | None) -> tuple[str, list]:
+        """`.verified.json`'s key and record of a part file: what must not change for its hash to hold."""
+        st = f.stat()
+        return f.relative_to(self.path).as_posix(), [st.st_size, st.st_mtime_ns, sha256]
+
+    def _save_verified(self, records: dict[str, list]) -> None:
+        """Write `.verified.json`, keeping only files the manifest names (old versions drop out)."""
+        live = {self.meta(p).get("file") for p in self.manifest["parts"]}
+        with contextlib.suppress(OSError):  # a read-only bundle just verifies again next time
+            with atomic_path(self.path / VERIFIED) as tmp:
+                tmp.write_text(json.dumps({k: v for k, v in records.items() if k in live}))
 
     # -- writing -----------------------------------------------------------------------------
     def set_backbone(self, spec: str, backbone_hash: str) -> None:
@@ -186,6 +196,9 @@ class Bundle:
         self.save_manifest()  # the switch: one rename
         pause_point("after-switch")
         self.remove_unreferenced()
+        # just hashed while writing: the first load need not hash them again
+        self._save_verified({**(_read_json(self.path / VERIFIED) or {}),
+                             **dict(self._stamp(paths[p], records[p]["sha256"]) for p in records)})
         return paths
 
     def remove_unreferenced(self) -> None:

@@ -127,3 +127,18 @@ def test_a_verified_part_is_hashed_once(bundle, monkeypatch):
     _flip(Bundle(bundle).part_path("clusters"))   # a change (new mtime) is hashed again and refused
     with pytest.raises(UserError, match="clusters.parquet does not match"):
         Bundle(bundle).verify()
+
+
+def test_parts_just_written_are_not_hashed_again(tmp_path, monkeypatch):
+    """`write_parts` hashed the files while writing: the first load finds them in `.verified.json`,
+    and a second `verify` of the same object does no work at all."""
+    b = Bundle(tmp_path / "w", create=True)
+    b.write_part("head", lambda p: p.write_bytes(b"a head"))
+    calls = []
+    real = pigeon.bundle.file_sha256
+    monkeypatch.setattr(pigeon.bundle, "file_sha256", lambda p, *a: calls.append(p) or real(p, *a))
+    fresh = Bundle(b.path)
+    fresh.verify()
+    fresh.verify("head")
+    assert calls == []
+    assert set(json.loads((b.path / ".verified.json").read_text())) == {fresh.meta("head")["file"]}

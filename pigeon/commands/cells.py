@@ -53,7 +53,8 @@ def build_cells_file(
         from pigeon.geocells.plot import plot_cells  # matplotlib only when a plot is asked for
 
         plot_cells(cells, plot, pts.lat, pts.lon, title=f"{len(cells)} geocells from {len(pts):,} points ({min_size}-{max_size} per cell)")
-    rebuild = [p for p in dependents if Bundle(out.parent).meta(p).get("cells_hash") != cells.hash] if dependents else []
+    manifest = Bundle(out.parent) if dependents else None
+    rebuild = [p for p in dependents if manifest.meta(p).get("cells_hash") != cells.hash]
     return {"out": str(out), **_summary(cells, pts, min_size, max_size), "must_rebuild": rebuild,
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -57,7 +57,9 @@ def serve(
         return
     from pigeon.bundle import Bundle
 
-    Bundle(bundle).require("cells", "head")  # fail here, once, rather than in every worker
+    b = Bundle(bundle)
+    b.require("cells", "head")  # fail here, once, rather than in every worker
+    b.verify()  # hashed once here; the workers find the parts in .verified.json
     os.environ["PIGEON_BUNDLE"] = str(bundle)
     for k, v in overrides.items():
         if v is not None:
