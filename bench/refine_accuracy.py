@@ -52,7 +52,8 @@ def refinement_table(manifest: Path, bundle_dir: Path, backbone: str, min_size: 
     from pigeon.index import Refiner, build_gallery
     from pigeon.index.refine import MODES
     from pigeon.bundle import Bundle
-    from pigeon.embed_cache import embed_paths
+    from pigeon.datasets import open_source
+    from pigeon.embed import cached_embeddings
     from pigeon.predictor import Predictor
     from pigeon.train import TrainConfig, train
 
@@ -66,10 +67,10 @@ def refinement_table(manifest: Path, bundle_dir: Path, backbone: str, min_size: 
     train(manifest, b.path, backbone=backbone, config=TrainConfig(epochs=epochs, patience=10, cache_dir=str(cache_dir), progress=False))
     train_s = time.perf_counter() - t
     pred = Predictor.from_bundle(b.path)
-    base = manifest.parent
-    path = lambda s: [str(p if Path(p).is_absolute() else base / p) for p in s]  # noqa: E731
-    g_emb = embed_paths(pred.backbone, path(gal["image"]), cache_dir=cache_dir, progress=False)
-    q_emb = embed_paths(pred.backbone, path(qry["image"]), cache_dir=cache_dir, progress=False)
+    store, _ = cached_embeddings(open_source(manifest), pred.backbone, cache_dir, progress=False)  # train filled it
+    by_key = pd.Series(np.arange(len(store)), index=store.keys())
+    g_emb = store.take(by_key[gal["image"].astype(str)].to_numpy())
+    q_emb = store.take(by_key[qry["image"].astype(str)].to_numpy())
     glat, glon = gal["lat"].to_numpy(), gal["lon"].to_numpy()
     t = time.perf_counter()
     g = build_gallery(g_emb, np.arange(len(gal), dtype=np.int64), glat, glon, pred.cells.cell_of(glat, glon),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,13 +18,15 @@ LON_NAMES = ("lon", "lng", "long", "longitude", "x", "gps_lon", "lon_deg")
 
 @dataclass
 class Points:
-    """Usable points plus what was skipped. `rows` are the kept rows' positions in the file."""
+    """Usable points plus what was skipped. `rows` are the kept rows' positions in the file; `left_out`
+    counts rows of other splits than those asked for."""
 
     lat: np.ndarray
     lon: np.ndarray
     rows: np.ndarray
     skipped: int
     path: Path | None = None
+    left_out: int = 0
 
     def __len__(self) -> int:
         return len(self.lat)
@@ -35,8 +38,10 @@ def detect_column(columns: list[str], names: tuple[str, ...]) -> str | None:
     return next((lower[n] for n in names if n in lower), None)
 
 
-def load_points(path: str | os.PathLike, lat_col: str | None = None, lon_col: str | None = None) -> Points:
-    """Read lat/lon from a CSV or Parquet file. NaN rows are skipped and counted; impossible values are errors."""
+def load_points(path: str | os.PathLike, lat_col: str | None = None, lon_col: str | None = None,
+                splits: Sequence[str] | None = None) -> Points:
+    """Read lat/lon from a CSV or Parquet file. NaN rows are skipped and counted; impossible values are errors.
+    With `splits`, a file with a `split` column keeps only rows of those splits (empty: train)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"points file {path} does not exist; give a CSV or Parquet file with lat/lon columns")
@@ -51,11 +56,26 @@ def load_points(path: str | os.PathLike, lat_col: str | None = None, lon_col: st
         raise UserError(f"points file {path} is empty; it needs a header with lat/lon columns and at least one row") from None
     except Exception as e:
         raise UserError(f"points file {path} could not be read ({type(e).__name__}: {e}); give a CSV or Parquet file") from e
-    return points_from_frame(df, lat_col, lon_col, path)
+    return points_from_frame(df, lat_col, lon_col, path, splits)
 
 
-def points_from_frame(df: pd.DataFrame, lat_col: str | None = None, lon_col: str | None = None, path: Path | None = None) -> Points:
-    """Validate lat/lon columns of a DataFrame (see `load_points`)."""
+def _split_mask(df: pd.DataFrame, splits: Sequence[str] | None, where: str) -> np.ndarray:
+    """Rows whose `split` (missing: train) is one of `splits`; every row when there is no such column or no `splits`."""
+    col = detect_column([str(c) for c in df.columns], ("split",))
+    if not splits or col is None:
+        return np.ones(len(df), dtype=bool)
+    values = df[col].fillna("train").astype(str).str.strip().to_numpy()
+    keep = np.isin(values, list(splits))
+    if len(df) and not keep.any():
+        have = ", ".join(sorted(set(values))[:8])
+        raise UserError(f"{where} has no rows with split in {', '.join(splits)} (its splits: {have}); pass --splits with those you want, or --splits all")
+    return keep
+
+
+def points_from_frame(df: pd.DataFrame, lat_col: str | None = None, lon_col: str | None = None, path: Path | None = None,
+                      splits: Sequence[str] | None = None) -> Points:
+    """Validate lat/lon columns of a DataFrame (see `load_points`); every row is checked, rows of other
+    `splits` are then left out and counted."""
     where = f"points file {path}" if path else "points"
     cols = [str(c) for c in df.columns]
     la = lat_col or detect_column(cols, LAT_NAMES)
@@ -81,11 +101,12 @@ def points_from_frame(df: pd.DataFrame, lat_col: str | None = None, lon_col: str
     if out.any():
         r = int(np.flatnonzero(out)[0])
         raise UserError(f"{where} row {_row(r, path)}: longitude {lon[r]} is outside [-180, 360]; fix the row")
-    rows = np.flatnonzero(ok)
+    keep = _split_mask(df, splits, where)
+    rows = np.flatnonzero(ok & keep)
     if len(rows) == 0:
-        raise UserError(f"{where} has no usable rows: all {len(df)} have a missing lat or lon")
+        raise UserError(f"{where} has no usable rows: all {int(keep.sum())} have a missing lat or lon")
     lon_ok = (lon[rows] + 180.0) % 360.0 - 180.0
-    return Points(lat=lat[rows], lon=lon_ok, rows=rows, skipped=int(len(df) - len(rows)), path=path)
+    return Points(lat=lat[rows], lon=lon_ok, rows=rows, skipped=int(keep.sum() - len(rows)), path=path, left_out=int((~keep).sum()))
 
 
 def _row(r: int, path: Path | None) -> str:

@@ -24,51 +24,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .backbones import backbone_from_bundle
 from .bundle import Bundle
 from .core.errors import UserError
 from .core.sphere import haversine_km
-from .datasets import ImageDataset, read_manifest
+from .datasets.sources import open_source
+from .embed import cached_embeddings, open_embeddings
+from .embeddings import EmbeddingStore
 from .gallery import has_gallery, load_gallery, save_gallery
 from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import KINDS, Refiner, append_gallery, build_gallery, remove_from_gallery
 from .index.refine import MODES, RefineConfig
 from .predictor import Predictor
-
-# -- embedding -----------------------------------------------------------------------------------
-def embed_manifest(backbone: Any, df, batch_size: int = 64, workers: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings (n_ok, D) of the manifest's images in batches with DataLoader workers, and the rows
-    they belong to (unreadable images are skipped and reported, not fatal)."""
-    ds = ImageDataset(df, backbone.preprocess)
-    dl = DataLoader(ds, batch_size=int(batch_size), num_workers=int(workers), collate_fn=ImageDataset.collate,
-                    shuffle=False, persistent_workers=False)
-    embs, rows = [], []
-    it = dl
-    if progress:
-        it = tqdm(dl, desc="embed gallery", unit="batch")
-    model = backbone.model
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in it:
-                if batch is None:
-                    continue
-                x, idx = batch
-                f = backbone.encode_image(x.float(), normalize=True)
-                embs.append(f.float().cpu().numpy())
-                rows.append(idx.numpy())
-    finally:
-        model.train(was)
-    if not embs:
-        raise UserError("no gallery image could be read; check the manifest's `image` column")
-    return np.concatenate(embs).astype(np.float32), np.concatenate(rows).astype(np.int64)
-
 
 # -- choosing the refinement mode on validation photos -------------------------------------------
 _TIE_ORDER = ("cluster+nn", "nn", "cluster", "none")  # ties go to PIGEON's mode first
@@ -105,10 +74,13 @@ def _validation_probs(b: Any, cells: Any, bb: Any, emb: np.ndarray) -> np.ndarra
 
 
 # -- the command's functions ---------------------------------------------------------------------
-def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bool = False, kind: str = "flat",
+def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, append: bool = False, kind: str = "flat",
                 batch_size: int = 64, workers: int = 0, device: str = "cpu", progress: bool = True,
-                validate: bool | None = None) -> dict[str, Any]:
-    """Embed a manifest's photos and build (or, with `append`, extend) the bundle's gallery index.
+                validate: bool | None = None, embeddings: str | os.PathLike | None = None,
+                cache_dir: str | None = None) -> dict[str, Any]:
+    """Build (or, with `append`, extend) the bundle's gallery index from a data source's photos
+    (`images`, embedded through the cache, so photos `train` embedded are not embedded again) or
+    from an embedding folder (`embeddings`, made by `pigeon embed` with the bundle's backbone).
 
     Rows with split == "val" are held out of the gallery. `validate`: None (default) answers them with
     each refinement mode and records the best when there are any (and the bundle has a head); True
@@ -119,9 +91,11 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
         raise UserError(f"--batch-size {batch_size}: give 1 or more")
     if workers < 0:
         raise UserError(f"--workers {workers}: give 0 (decode in this process) or more")
+    if images is None and embeddings is None:
+        raise UserError("`pigeon build-index` needs --images SOURCE or --embeddings FOLDER")
     b = Bundle(bundle)
     b.require("cells")
-    df = read_manifest(images)
+    source = open_source(images) if embeddings is None else None
     bb = backbone_from_bundle(b, device=device)
     old = None
     if append:
@@ -129,12 +103,16 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
             raise UserError(f"bundle {b.path} has no index to append to; run `pigeon build-index` without --append first")
         old = load_gallery(b, expect_backbone_hash=bb.hash)
     cells = GeoCells.load(b.part_path("cells"))
-    emb, rows = embed_manifest(bb, df, batch_size=batch_size, workers=workers, progress=progress)
-    skipped = len(df) - len(rows)
-    df, emb, val_df, val_emb = _hold_out_val(df.iloc[rows].reset_index(drop=True), emb, images, validate)
+    if source is None:
+        store, skipped = open_embeddings(embeddings, backbone_hash=bb.hash), 0
+    else:
+        store, erep = cached_embeddings(source, bb, cache_dir, workers=workers, batch_size=batch_size, progress=progress)
+        skipped = int(sum(erep["skipped"].values()))
+    name = embeddings if source is None else images
+    df, emb, val_df, val_emb = _hold_out_val(_store_frame(store), store.take(np.arange(len(store))), name, validate)
     lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
     cell = np.asarray(cells.cell_of(lat, lon), np.int64)
-    ids = _gallery_ids(df, old, images)
+    ids = _gallery_ids(df, old, name)
     image = df["image"].astype(str).to_numpy()
     if old is None:
         g = build_gallery(emb, ids, lat, lon, cell, image, kind=kind, progress=progress)
@@ -159,6 +137,16 @@ def build_index(images: str | os.PathLike, bundle: str | os.PathLike, append: bo
     if note:
         rep["validation_skipped"] = note
     return rep
+
+
+def _store_frame(store: EmbeddingStore) -> pd.DataFrame:
+    """image (the source key), lat, lon, split and (when the source has them) integer ids, per store row."""
+    rows = store.rows
+    df = pd.DataFrame({"image": store.keys(), "lat": rows["lat"].to_numpy(np.float64), "lon": rows["lon"].to_numpy(np.float64),
+                       "split": rows["split"].astype(str).to_numpy()})
+    if "id" in rows.columns:
+        df["id"] = rows["id"].to_numpy()
+    return df
 
 
 def _hold_out_val(df: pd.DataFrame, emb: np.ndarray, images: Any, validate: bool | None) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]:

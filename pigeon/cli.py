@@ -26,6 +26,7 @@ app = typer.Typer(
 COMMANDS = [
     "pigeon.commands.cells",
     "pigeon.commands.pretrain",
+    "pigeon.commands.embed",
     "pigeon.commands.train",
     "pigeon.commands.build_index",
     "pigeon.commands.locate",

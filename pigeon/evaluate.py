@@ -22,40 +22,54 @@ from pigeon.core.sphere import haversine_km, spherical_mean
 
 from .calibration import coverage
 from .core.errors import UserError
-from .datasets import read_manifest
-from .embed_cache import embed_paths
+from .datasets.sources import open_source
+from .embed import cached_embeddings, open_embeddings
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
 from .predictor import Predictor
 
 
 def evaluate(
     bundle_dir: str | os.PathLike,
-    data: str | os.PathLike,
+    data: str | os.PathLike | None,
     split: str | None = "test",
     out: str | os.PathLike | None = None,
     cache_dir: str | None = None,
     device: str = "cpu",
     progress: bool = True,
     plots: bool = True,
+    embeddings: str | os.PathLike | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate the bundle on the `split` rows of `data` (all rows if None); returns the metrics dict."""
+    """Evaluate the bundle on the `split` rows of `data` (any data source; all rows if None), or of the
+    embedding folder `embeddings`; returns the metrics dict."""
     if out is not None:
         check_writable(Path(out) / "metrics.json", flag="--out")  # before the slow part, not after it
+    if data is None and embeddings is None:
+        raise UserError("`pigeon evaluate` needs --data SOURCE or --embeddings FOLDER")
     pred = Predictor.from_bundle(bundle_dir, device=device)
-    df = read_manifest(data)
+    if embeddings is not None:
+        store = open_embeddings(embeddings, backbone_hash=pred.backbone.hash)
+    else:
+        store, _ = cached_embeddings(open_source(data), pred.backbone, cache_dir, workers=workers, progress=progress)
+    rows = store.rows
+    sel = np.arange(len(rows))
     if split:
-        df = df[df["split"].astype(str).str.lower() == split.lower()].reset_index(drop=True)
-        if len(df) == 0:
-            raise UserError(f"manifest {data} has no rows with split {split!r}; pick another --split or give `--split all`")
-    emb = embed_paths(pred.backbone, df["path"].tolist(), cache_dir=cache_dir, progress=progress)
-    p = pred.predict_embeddings(emb, top_k=1)
+        sel = np.flatnonzero(rows["split"].astype(str).str.lower().to_numpy() == split.lower())
+        if len(sel) == 0:
+            raise UserError(f"data {embeddings or data} has no rows with split {split!r}; pick another --split or give `--split all`")
+    df = pd.DataFrame({"image": store.keys(sel), "lat": rows["lat"].to_numpy()[sel], "lon": rows["lon"].to_numpy()[sel]})
+    p = pred.predict_embeddings(store.take(sel), top_k=1)
     tlat, tlon = df["lat"].to_numpy(), df["lon"].to_numpy()
     t_iso, t_country, t_adm = reverse_geocode(tlat, tlon)
     p_iso, p_country, p_adm = reverse_geocode(p["lat"], p["lon"])
     m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm)
-    # Baselines that say what the figures are worth on this data.
-    clat, clon = spherical_mean(tlat, tlon)
+    # Baselines that say what the figures are worth on this data: always answering the centroid of the
+    # training photos (never of the photos scored), and the true cell's centre.
+    is_train = rows["split"].astype(str).str.lower().to_numpy() == "train"
+    base = is_train if is_train.any() else np.ones(len(rows), bool)
+    clat, clon = spherical_mean(rows["lat"].to_numpy()[base], rows["lon"].to_numpy()[base])
     m["baseline_centroid_median_km"] = float(np.median(haversine_km(clat, clon, tlat, tlon)))
+    m["baseline_centroid_of"] = "train rows" if is_train.any() else "all rows (the data has no train rows)"
     true_cell = pred.cells.cell_of(tlat, tlon)
     m["oracle_cell_median_km"] = float(np.median(haversine_km(pred.centres[true_cell, 0], pred.centres[true_cell, 1], tlat, tlon)))
     m["cell_accuracy"] = float(np.mean(p["top_cells"][:, 0] == true_cell))

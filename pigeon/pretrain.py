@@ -9,6 +9,11 @@ It runs unchanged under `torchrun --nproc_per_node=N` (DistributedDataParallel; 
 on GPU). `batch_size` is the global contrastive batch: each of N processes takes batch_size/N
 samples of the same global order and features are all-gathered (with gradients) before the loss,
 so N processes follow the single-process trajectory.
+
+`data` is a manifest (read whole, a seeded global order each epoch, exact step resume) or a
+WebDataset / image-Parquet source, streamed shard by shard (`pigeon.datasets.stream`: a seeded shard
+order each epoch, ranks and loader workers splitting the shards, a shuffle buffer; resume restarts
+the epoch at its first unfinished shard).
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -39,7 +46,14 @@ from .backbones import Backbone, create_backbone, parse_spec
 from .bundle import Bundle
 from .captions import CaptionMaker
 from .core.errors import UserError
+from .distributed import Dist as _Dist
+from .distributed import all_ok
+from .distributed import barrier as _barrier
+from .distributed import setup_distributed as _setup_distributed
+from .distributed import teardown as _teardown
 from .datasets import EpochSampler, ImageDataset, build_train_transform, load_image, rare_cell_weights, read_manifest
+from .datasets.sources import Source, detect_kind, open_source
+from .datasets.stream import ShardStream, StreamBatch
 
 CHECKPOINT_DIR = "pretrain"
 
@@ -66,6 +80,8 @@ class PretrainConfig:
     amp: bool | None = None  # None: on where CUDA is
     strict: bool = False
     split: str = "train"
+    samples_per_epoch: int | None = None  # streamed sources: epoch length for the schedule (None: count the source once)
+    shuffle_buffer: int = 2000  # streamed sources: samples per loader worker's shuffle buffer
 
 
 @dataclass
@@ -78,59 +94,7 @@ class PretrainResult:
     backbone_hash: str | None
     bundle: str
     skipped: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed plumbing
-
-
-@dataclass
-class _Dist:
-    """This process's place in the job (rank 0 of 1 when run alone) and its device."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    started_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device: str | None) -> _Dist:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if device is None:
-        device = f"cuda:{local}" if cuda else "cpu"
-    elif cuda and world > 1:
-        device = f"cuda:{local}"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
-    started = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        started = True
-    if world > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return _Dist(rank=rank, world=world, local_rank=local, device=device, started_here=started)
-
-
-def _barrier(d: _Dist) -> None:
-    """Wait for every process (the main one writes the bundle while the others wait)."""
-    if d.world > 1:
-        dist.barrier()
-
-
-def _teardown(d: _Dist) -> None:
-    """Leave the process group once all processes are done, if this run joined it."""
-    _barrier(d)
-    if d.started_here:
-        dist.destroy_process_group()
+    skipped_counts: dict[str, int] = field(default_factory=dict)  # reason -> samples skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,26 +136,31 @@ def _freeze_batchnorm(model: torch.nn.Module) -> None:
 
 @dataclass
 class _Data:
-    """The training rows and their caption facts: what every epoch draws images and captions from."""
+    """The training rows and their caption facts: what every epoch draws images and captions from.
+    A streamed source has no rows in memory (`df`, `facts` None): batches bring their caption fields."""
 
-    df: pd.DataFrame
+    df: pd.DataFrame | None
     skipped: list[str]  # rows left out because their image would not open
     geocells: GeoCells
     maker: CaptionMaker
-    facts: pd.DataFrame
+    facts: pd.DataFrame | None
+    n: int = 0  # training samples: the manifest's readable rows, or the streamed source's count
+    source: Source | None = None  # a WebDataset / image-Parquet source, streamed
+    skip_counts: Counter = field(default_factory=Counter)  # streamed: reason -> samples skipped
 
 
 @dataclass
 class _Plan:
     """How the rows are walked: dataset, sampler and the step counts the schedule spans."""
 
-    ds: ImageDataset
-    sampler: EpochSampler
+    ds: ImageDataset | None  # manifest only (a stream builds its dataset per epoch)
+    sampler: EpochSampler | None
     local_bs: int  # per process, per micro-step
     step_samples: int  # global samples per optimizer step
     steps_per_epoch: int
     total_steps: int
     stop: int  # last optimizer step of this run (max_steps or the schedule's end)
+    transform: Callable | None = None
 
 
 @dataclass
@@ -219,9 +188,13 @@ class _Progress:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     images: int = 0
+    epoch: int = 0  # streamed sources: the epoch under way,
+    shards_done: int = 0  # how many of its shards (in its order) are finished,
+    epoch_step0: int = 0  # and the step it began at
 
 
-_RESUME_KEYS = ("batch_size", "accum", "epochs", "seed", "unfreeze_last", "lr", "warmup", "oversample", "augment", "hflip", "split")
+_RESUME_KEYS = ("batch_size", "accum", "epochs", "seed", "unfreeze_last", "lr", "warmup", "oversample", "augment", "hflip", "split",
+                "samples_per_epoch")
 
 
 def _checkpoint_path(out: Path) -> Path:
@@ -280,13 +253,47 @@ def _training_rows(data: str | os.PathLike, cfg: PretrainConfig) -> tuple[pd.Dat
     return df, skipped
 
 
-def _load_data(data: str | os.PathLike, cells: str | os.PathLike | GeoCells, cfg: PretrainConfig) -> _Data:
-    """Training rows plus the geographic facts their captions are composed from (once; wording varies per epoch)."""
-    df, skipped = _training_rows(data, cfg)
+def _streamed(data: str | os.PathLike) -> bool:
+    """Whether `data` is a WebDataset or image-Parquet source (streamed by shard) rather than a manifest,
+    which is read as it always was (a missing .csv or plain path goes to read_manifest and its message)."""
+    s = str(data)
+    if Path(s).suffix.lower() in (".csv", ".tsv", ".txt") or (not Path(s).exists() and not re.search(r"[{*?\[]|^[A-Za-z][\w+.-]+:", s)):
+        return False
+    return detect_kind(data) != "manifest"
+
+
+def _stream_source(data: str | os.PathLike, cfg: PretrainConfig, d: _Dist) -> tuple[Source, int]:
+    """The streamed source and its training samples per epoch: `samples_per_epoch`, else counted once
+    (coordinates only: a Parquet file's coordinate columns, a tar's .json members)."""
+    if cfg.oversample > 0:
+        raise UserError(f"--oversample draws samples by index; {data} is streamed shard by shard: give a manifest or leave out --oversample")
+    src = open_source(data, strict=cfg.strict)
+    if len(src.shards) < d.world:
+        raise UserError(f"data source {data} has {len(src.shards)} shard(s) for {d.world} processes; each process needs at least one: cut it into more shards")
+    if cfg.samples_per_epoch is not None:
+        if cfg.samples_per_epoch < 1:
+            raise UserError(f"--samples-per-epoch {cfg.samples_per_epoch}: give a positive number of samples")
+        return src, int(cfg.samples_per_epoch)
+    split = src.coords()["split"].to_numpy()
+    n = int((split == cfg.split).sum()) if cfg.split else len(split)
+    if n == 0:
+        raise UserError(f"data source {data} has no samples with split == {cfg.split!r} (splits: {', '.join(sorted(set(split)))}); pass that --split")
+    return src, n
+
+
+def _load_data(data: str | os.PathLike, cells: str | os.PathLike | GeoCells, cfg: PretrainConfig, d: _Dist) -> _Data:
+    """Training rows plus the geographic facts their captions are composed from (once; wording varies per
+    epoch); for a streamed source only the sample count (each batch brings its caption fields)."""
     geocells = cells if isinstance(cells, GeoCells) else GeoCells.load(cells)
     maker = CaptionMaker(geocells, seed=cfg.seed)
+    if _streamed(data):
+        src, n = _stream_source(data, cfg, d)
+        if n < cfg.batch_size * cfg.accum:
+            raise UserError(f"data source {data} has {n} training samples, fewer than one optimizer step needs (batch size {cfg.batch_size} x accum {cfg.accum}); lower --batch-size")
+        return _Data(df=None, skipped=[], geocells=geocells, maker=maker, facts=None, n=n, source=src)
+    df, skipped = _training_rows(data, cfg)
     facts = maker.facts(df["lat"].to_numpy(), df["lon"].to_numpy(), df["taken_at"], df["heading"].to_numpy())
-    return _Data(df=df, skipped=skipped, geocells=geocells, maker=maker, facts=facts)
+    return _Data(df=df, skipped=skipped, geocells=geocells, maker=maker, facts=facts, n=len(df))
 
 
 def _load_backbone(backbone: str, cfg: PretrainConfig, d: _Dist) -> Backbone:
@@ -300,6 +307,8 @@ def _load_backbone(backbone: str, cfg: PretrainConfig, d: _Dist) -> Backbone:
 def _plan(bb: Backbone, data: _Data, cfg: PretrainConfig, d: _Dist, local_bs: int) -> _Plan:
     """Dataset (augmented or plain), the shared global sample order, and the step counts of the schedule."""
     transform = build_train_transform(bb.image_size, bb.mean, bb.std, hflip=cfg.hflip) if cfg.augment else bb.preprocess
+    if data.source is not None:
+        return _stream_plan(transform, data, cfg, local_bs)
     ds = ImageDataset(data.df, transform, strict=cfg.strict, seed=cfg.seed)
     weights = rare_cell_weights(data.facts["cell"].to_numpy(), cfg.oversample) if cfg.oversample > 0 else None
     step_samples = cfg.batch_size * cfg.accum
@@ -309,6 +318,17 @@ def _plan(bb: Backbone, data: _Data, cfg: PretrainConfig, d: _Dist, local_bs: in
     stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     return _Plan(ds=ds, sampler=sampler, local_bs=local_bs, step_samples=step_samples, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, stop=stop)
+
+
+def _stream_plan(transform: Callable, data: _Data, cfg: PretrainConfig, local_bs: int) -> _Plan:
+    """A streamed source's step counts: the schedule spans `data.n` samples per epoch; an epoch ends
+    there, or earlier when a rank runs out of samples."""
+    step_samples = cfg.batch_size * cfg.accum
+    steps_per_epoch = data.n // step_samples
+    total_steps = steps_per_epoch * cfg.epochs
+    stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    return _Plan(ds=None, sampler=None, local_bs=local_bs, step_samples=step_samples, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, stop=stop, transform=transform)
 
 
 def _optimiser(bb: Backbone, cfg: PretrainConfig, d: _Dist, total_steps: int) -> _Trainer:
@@ -337,39 +357,47 @@ def _wrap_for_training(tr: _Trainer, d: _Dist) -> None:
 # checkpoints
 
 
-def _check_checkpoint(state: dict[str, Any], ckpt: Path, bb: Backbone, cfg: PretrainConfig, n_rows: int) -> None:
+def _check_checkpoint(state: dict[str, Any], ckpt: Path, bb: Backbone, cfg: PretrainConfig, data: _Data) -> None:
     """Refuse to resume a checkpoint of another backbone, other options or other data, naming what differs."""
     if state["spec"] != bb.spec:
         raise UserError(f"--resume: the checkpoint {ckpt} trains {state['spec']!r}, not {bb.spec!r}; give the same --backbone or start afresh")
     diff = [k for k in _RESUME_KEYS if state["config"].get(k) != asdict(cfg).get(k)]
     if diff:
         raise UserError(f"--resume: options {', '.join(diff)} differ from the checkpoint's ({', '.join(k + '=' + repr(state['config'].get(k)) for k in diff)}); use the same options or start afresh")
-    if state["n_rows"] != n_rows:
-        raise UserError(f"--resume: the checkpoint was trained on {state['n_rows']} images, the manifest now has {n_rows}; use the same data or start afresh")
+    if (state.get("stream") is None) != (data.source is None):
+        kinds = ("a manifest", "a streamed source (WebDataset/Parquet)")
+        raise UserError(f"--resume: the checkpoint {ckpt} was trained on {kinds[state.get('stream') is not None]}, --data is {kinds[data.source is not None]}; use the same data or start afresh")
+    if state["n_rows"] != data.n:
+        raise UserError(f"--resume: the checkpoint was trained on {state['n_rows']} images, the {'source' if data.source else 'manifest'} now has {data.n}; use the same data or start afresh")
+    if data.source is not None and state["stream"]["shards"] != data.source.shards:
+        raise UserError(f"--resume: the checkpoint's {len(state['stream']['shards'])} shards are not the {len(data.source.shards)} of {data.source.spec}; use the same shards or start afresh")
 
 
-def _resume(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, n_rows: int) -> _Progress:
-    """Load model, optimiser, schedule and scaler from the checkpoint so the run continues exactly."""
+def _resume(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, data: _Data) -> _Progress:
+    """Load model, optimiser, schedule and scaler from the checkpoint so the run continues exactly (a
+    streamed source: at the first unfinished shard of the epoch under way)."""
     if not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    _check_checkpoint(state, ckpt, tr.bb, cfg, n_rows)
+    _check_checkpoint(state, ckpt, tr.bb, cfg, data)
     tr.model.load_state_dict(state["model"])
     tr.opt.load_state_dict(state["optimizer"])
     tr.sched.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         tr.scaler.load_state_dict(state["scaler"])
-    return _Progress(step=int(state["step"]), losses=list(state["losses"]))
+    st = state.get("stream") or {}
+    return _Progress(step=int(state["step"]), losses=list(state["losses"]), epoch=int(st.get("epoch", 0)),
+                     shards_done=int(st.get("shards_done", 0)), epoch_step0=int(st.get("epoch_step0", 0)))
 
 
-def _save_checkpoint(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, n_rows: int, prog: _Progress, d: _Dist) -> None:
+def _save_checkpoint(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, data: _Data, prog: _Progress, d: _Dist) -> None:
     """Write everything `--resume` needs (main process only, atomically: a killed run leaves the last good one)."""
     if not d.main:
         return
     state = {
         "spec": tr.bb.spec,
         "config": asdict(cfg),
-        "n_rows": n_rows,
+        "n_rows": data.n,
         "step": prog.step,
         "losses": prog.losses,
         "model": tr.model.state_dict(),
@@ -377,6 +405,9 @@ def _save_checkpoint(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, n_rows: int,
         "scheduler": tr.sched.state_dict(),
         "scaler": tr.scaler.state_dict() if tr.scaler.is_enabled() else None,
     }
+    if data.source is not None:
+        state["stream"] = {"epoch": prog.epoch, "shards_done": prog.shards_done, "epoch_step0": prog.epoch_step0,
+                           "shards": data.source.shards}
     with atomic_path(ckpt) as tmp:
         torch.save(state, tmp)
 
@@ -385,10 +416,9 @@ def _save_checkpoint(ckpt: Path, tr: _Trainer, cfg: PretrainConfig, n_rows: int,
 # the loop
 
 
-def _micro_step(tr: _Trainer, batch: tuple[torch.Tensor, torch.Tensor], captions: list[str], cfg: PretrainConfig, d: _Dist, sync: bool) -> float:
+def _micro_step(tr: _Trainer, x: torch.Tensor, texts: list[str], cfg: PretrainConfig, d: _Dist, sync: bool) -> float:
     """Forward and backward of one micro-batch (gradients synchronised across processes only when `sync`)."""
-    x, idx = batch
-    tokens = tr.bb.tokenize([captions[i] for i in idx.tolist()])
+    tokens = tr.bb.tokenize(texts)
     x, tokens = x.to(d.device, non_blocking=True), tokens.to(d.device, non_blocking=True)
     ctx = tr.train_model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
     with ctx:
@@ -400,16 +430,28 @@ def _micro_step(tr: _Trainer, batch: tuple[torch.Tensor, torch.Tensor], captions
     return float(loss.detach())
 
 
-def _optimizer_step(tr: _Trainer, it: Iterator, captions: list[str], cfg: PretrainConfig, d: _Dist, prog: _Progress) -> float:
-    """One optimizer step over `accum` micro-batches; returns its loss (the mean over the micro-batches)."""
-    tr.opt.zero_grad(set_to_none=True)
-    step_loss = 0.0
-    for micro in range(cfg.accum):
+def _next_batch(it: Iterator, d: _Dist, stream: bool) -> tuple[torch.Tensor, list[str]] | None:
+    """The next (images, captions); None when a streamed epoch is over for some process, so that all end it together."""
+    if not stream:
         batch = next(it)
         if batch is None:
             raise UserError("a whole batch of images was unreadable; check the manifest's files")
+        return batch
+    batch = next(it, None)
+    return batch if all_ok(d, batch is not None) else None
+
+
+def _optimizer_step(tr: _Trainer, it: Iterator, cfg: PretrainConfig, d: _Dist, prog: _Progress, stream: bool = False) -> float | None:
+    """One optimizer step over `accum` micro-batches; returns its loss (the mean over the micro-batches),
+    or None when a streamed epoch ran out first (the partial accumulation is dropped)."""
+    tr.opt.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for micro in range(cfg.accum):
+        batch = _next_batch(it, d, stream)
+        if batch is None:
+            return None
         sync = micro == cfg.accum - 1 or d.world == 1
-        step_loss += _micro_step(tr, batch, captions, cfg, d, sync) / cfg.accum
+        step_loss += _micro_step(tr, batch[0], batch[1], cfg, d, sync) / cfg.accum
         prog.images += len(batch[1]) * d.world
     tr.scaler.step(tr.opt)
     tr.scaler.update()
@@ -419,6 +461,19 @@ def _optimizer_step(tr: _Trainer, it: Iterator, captions: list[str], cfg: Pretra
         if isinstance(ls, torch.nn.Parameter):
             ls.clamp_(0, math.log(100))
     return step_loss
+
+
+def _record_step(tr: _Trainer, prog: _Progress, step_loss: float, pbar: tqdm | None) -> None:
+    """Count a finished optimizer step, keep its loss, move the progress bar."""
+    prog.step += 1
+    prog.losses.append(step_loss)
+    if pbar is not None:
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{tr.sched.get_last_lr()[-1]:.2e}")
+
+
+def _checkpoint_due(cfg: PretrainConfig, plan: _Plan, prog: _Progress) -> bool:
+    return bool(cfg.checkpoint_every) and prog.step % cfg.checkpoint_every == 0 and prog.step < plan.stop
 
 
 def _run_epoch(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress,
@@ -433,31 +488,98 @@ def _run_epoch(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _
         plan.ds, batch_size=plan.local_bs, sampler=plan.sampler, collate_fn=ImageDataset.collate, num_workers=cfg.num_workers,
         drop_last=True, persistent_workers=False, pin_memory=d.device.startswith("cuda"),
     )
-    it = iter(loader)
+    it = (None if b is None else (b[0], [captions[i] for i in b[1].tolist()]) for b in loader)
     while prog.step < plan.stop and prog.step // plan.steps_per_epoch == epoch:
-        step_loss = _optimizer_step(tr, it, captions, cfg, d, prog)
-        prog.step += 1
-        prog.losses.append(step_loss)
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{tr.sched.get_last_lr()[-1]:.2e}")
-        if cfg.checkpoint_every and prog.step % cfg.checkpoint_every == 0 and prog.step < plan.stop:
-            _save_checkpoint(ckpt, tr, cfg, len(data.df), prog, d)
+        _record_step(tr, prog, _optimizer_step(tr, it, cfg, d, prog), pbar)
+        if _checkpoint_due(cfg, plan, prog):
+            _save_checkpoint(ckpt, tr, cfg, data, prog, d)
+
+
+class _StreamFeed:
+    """A streamed epoch's training batches as (images, captions). Worker reports and batches update which
+    of the epoch's shards are finished (drained and trained on) and the skip counts as they pass."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, data: _Data, cfg: PretrainConfig, d: _Dist, epoch: int, start: int):
+        self.it, self.data, self.seed, self.rank, self.epoch = iter(loader), data, cfg.seed, d.rank, epoch
+        self.finished = np.zeros(len(data.source.shards), dtype=bool)
+        self.finished[:start] = True
+        self.batches = 0
+
+    def __iter__(self) -> "_StreamFeed":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, list[str]]:
+        for b in self.it:
+            self._note(b)
+            if b.images is not None:
+                return b.images, self._captions(b)
+        raise StopIteration
+
+    def _note(self, b: StreamBatch) -> None:
+        """Mark the batch's drained shards finished (its samples are trained on before any checkpoint) and count its skips."""
+        self.finished[b.drained] = True
+        self.data.skip_counts.update(b.skipped)
+        self.data.skipped += b.bad
+        if b.error:
+            raise UserError(b.error)
+
+    def _captions(self, b: StreamBatch) -> list[str]:
+        """Captions from the batch's own fields; the wording seeded by (seed, epoch, rank, batch)."""
+        facts = self.data.maker.facts(b.lat, b.lon, b.taken_at, b.heading)
+        self.batches += 1
+        return self.data.maker.compose(facts, np.random.default_rng([self.seed, self.epoch, self.rank, self.batches]))
+
+    def shards_done(self, d: _Dist) -> int:
+        """How many of the epoch's shards, in its order, are finished on every process (a collective)."""
+        done = torch.from_numpy(self.finished.astype(np.int64)).to(d.device)
+        if d.world > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)   # each shard is one process's
+        unfinished = np.flatnonzero(done.cpu().numpy() == 0)
+        return int(unfinished[0]) if len(unfinished) else len(self.finished)
+
+
+def _run_stream_epoch(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress,
+                      pbar: tqdm | None, ckpt: Path) -> None:
+    """Train on `prog.epoch`'s shards from `prog.shards_done` on, until a process runs out of samples, the
+    epoch's share of the schedule is used or `plan.stop`; checkpoints record the finished shards."""
+    ds = ShardStream(data.source, plan.transform, plan.local_bs, seed=cfg.seed, epoch=prog.epoch, start=prog.shards_done,
+                     rank=d.rank, world=d.world, split=cfg.split or None, buffer_size=cfg.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False)
+    feed = _StreamFeed(loader, data, cfg, d, prog.epoch, prog.shards_done)
+    end = min(plan.stop, prog.epoch_step0 + plan.steps_per_epoch)
+    ran_out = False
+    while prog.step < end:
+        step_loss = _optimizer_step(tr, feed, cfg, d, prog, stream=True)
+        if step_loss is None:
+            ran_out = True
+            break
+        _record_step(tr, prog, step_loss, pbar)
+        if _checkpoint_due(cfg, plan, prog):
+            prog.shards_done = feed.shards_done(d)
+            _save_checkpoint(ckpt, tr, cfg, data, prog, d)
+    if ran_out or prog.step >= prog.epoch_step0 + plan.steps_per_epoch:
+        prog.epoch, prog.shards_done, prog.epoch_step0 = prog.epoch + 1, 0, prog.step
+    else:                                             # stopped inside the epoch (--max-steps): where to resume
+        prog.shards_done = feed.shards_done(d)
 
 
 def _train(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress, ckpt: Path, progress: bool) -> float:
-    """Run epochs until `plan.stop` (a progress bar on the main process); returns the seconds it took."""
+    """Run epochs until `plan.stop` (a streamed source: or its last epoch; a progress bar on the main
+    process); returns the seconds it took."""
     pbar = None
     if progress and d.main:
         pbar = tqdm(total=plan.stop, initial=min(prog.step, plan.stop), desc=f"pretrain {tr.bb.spec}", unit="step")
     t0 = time.perf_counter()
     tr.model.train()
     _freeze_batchnorm(tr.model)
-    while prog.step < plan.stop:
-        _run_epoch(tr, plan, data, cfg, d, prog, pbar, ckpt)
+    while prog.step < plan.stop and (data.source is None or prog.epoch < cfg.epochs):
+        (_run_epoch if data.source is None else _run_stream_epoch)(tr, plan, data, cfg, d, prog, pbar, ckpt)
     seconds = time.perf_counter() - t0
     if pbar is not None:
         pbar.close()
+    if data.source is not None and not prog.losses:
+        raise UserError(f"data source {data.source.spec}: no batch of {plan.local_bs} readable samples of split {cfg.split!r} came out of its shards "
+                        f"(skipped: {dict(data.skip_counts)}); check the shards and --split")
     return seconds
 
 
@@ -483,7 +605,7 @@ def _write_bundle(out: Path, data_arg: str | os.PathLike, tr: _Trainer, data: _D
         data=str(data_arg),
         caption_cells_hash=data.geocells.hash,
         steps=prog.step,
-        images=int(len(data.df)),
+        images=int(data.n),
         config=asdict(cfg),
         world_size=d.world,
     )
@@ -491,6 +613,23 @@ def _write_bundle(out: Path, data_arg: str | os.PathLike, tr: _Trainer, data: _D
     with atomic_path(out / CHECKPOINT_DIR / "losses.json") as tmp:
         tmp.write_text(json.dumps({"losses": prog.losses, "steps": prog.step, "world_size": d.world}))
     return backbone_hash
+
+
+def _skips(data: _Data, plan: _Plan, d: _Dist) -> tuple[list[str], dict[str, int]]:
+    """What was skipped: names (unreadable images) and counts by reason; a streamed source's from every
+    process (each skipped its own shards' samples)."""
+    if data.source is None:
+        names = data.skipped + plan.ds.skipped
+        return names, ({"unreadable image": len(names)} if names else {})
+    mine = (dict(data.skip_counts), list(data.skipped))
+    every = [mine]
+    if d.world > 1:
+        every = [None] * d.world
+        dist.all_gather_object(every, mine)
+    counts: Counter = Counter()
+    for c, _ in every:
+        counts.update(c)
+    return [n for _, names in every for n in names], dict(counts)
 
 
 def pretrain(
@@ -503,28 +642,30 @@ def pretrain(
     progress: bool = True,
     device: str | None = None,
 ) -> PretrainResult:
-    """Fine-tune `backbone` on the manifest `data` with captions from `cells` (a path or a GeoCells);
-    write `backbone.safetensors` into the bundle folder `out` and return the loss trajectory."""
+    """Fine-tune `backbone` on `data` (a manifest, WebDataset shards or image Parquet) with captions from
+    `cells` (a path or a GeoCells); write `backbone.safetensors` into the bundle folder `out` and return
+    the loss trajectory."""
     cfg = config or PretrainConfig()
     _check_options(cfg, backbone)
     out = Path(out)
     d = _setup_distributed(device)
     local_bs = _local_batch_size(cfg, d)
-    rows = _load_data(data, cells, cfg)
+    rows = _load_data(data, cells, cfg, d)
     bb = _load_backbone(backbone, cfg, d)
     plan = _plan(bb, rows, cfg, d, local_bs)
     tr = _optimiser(bb, cfg, d, plan.total_steps)
     ckpt = _checkpoint_path(out)
-    prog = _resume(ckpt, tr, cfg, len(rows.df)) if resume else _Progress()
+    prog = _resume(ckpt, tr, cfg, rows) if resume else _Progress()
     _wrap_for_training(tr, d)
     seconds = _train(tr, plan, rows, cfg, d, prog, ckpt, progress)
-    _save_checkpoint(ckpt, tr, cfg, len(rows.df), prog, d)
+    _save_checkpoint(ckpt, tr, cfg, rows, prog, d)
+    skipped, counts = _skips(rows, plan, d)
     backbone_hash = _write_bundle(out, data, tr, rows, cfg, d, prog)
     _teardown(d)
     return PretrainResult(
         losses=prog.losses, steps=prog.step, images=prog.images, seconds=seconds,
         images_per_s=prog.images / seconds if seconds > 0 else 0.0,
-        backbone_hash=backbone_hash, bundle=str(out), skipped=rows.skipped + plan.ds.skipped,
+        backbone_hash=backbone_hash, bundle=str(out), skipped=skipped, skipped_counts=counts,
     )
 
 

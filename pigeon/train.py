@@ -19,9 +19,10 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,10 +35,12 @@ from .backbones import DEFAULT_SPEC, backbone_from_bundle, create_backbone
 from .bundle import Bundle
 from .calibration import calibrate_radii, cell_spread_km, ece, fit_temperature, geometric_spread_km, softmax
 from .core.errors import UserError
-from .datasets import EpochSampler, build_train_transform, load_image, rare_cell_weights, read_manifest
-from .embed_cache import embed_paths
+from .datasets import EpochSampler, build_train_transform, rare_cell_weights
+from .datasets.sources import ManifestSource, Source, decode_image, open_source
+from .embed import cached_embeddings, open_embeddings
+from .embeddings import EmbeddingStore
 from .geocells import GeoCells
-from .head import PrototypeHead, mean_prototypes, smoothed_targets, text_prototypes, write_head
+from .head import BatchTargets, PrototypeHead, mean_prototypes, text_prototypes, write_head
 
 STATE_FILE = ".train_state.pt"
 
@@ -61,6 +64,10 @@ class TrainConfig:
     resume: bool = False
     weight_decay: float = 0.0
     cache_dir: str | None = None
+    embeddings: str | None = None    # an embedding folder from `pigeon embed` (instead of embedding `data` here)
+    workers: int = 0                 # DataLoader workers decoding images when this run embeds
+    strict: bool = False             # stop at the first bad sample (else skip and count it)
+    calibration_rows: int = 20000    # most val photos for the temperature and radii fits (O(rows x cells) memory)
     progress: bool = True
 
     def check(self) -> None:
@@ -76,6 +83,10 @@ class TrainConfig:
             raise UserError(f"--augment must be 0 or more, got {self.augment}")
         if self.init not in ("mean", "text"):
             raise UserError(f"--init must be 'mean' or 'text', got {self.init!r}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.embeddings and (self.augment or self.unfreeze_last_block):
+            raise UserError("--embeddings holds plain views only: --augment and --unfreeze-last-block need the photos (give --data)")
 
 
 def _load_cells(bundle: Any) -> GeoCells:
@@ -113,8 +124,9 @@ def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, 
     return {"mode": "zero-shot", "n_cells": len(cells), "backbone": bb.spec, "embed_dim": bb.embed_dim}
 
 
-def _splits(df, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    split = df["split"].astype(str).str.lower().to_numpy()
+def _splits(split: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the train and val rows (a seeded share of train becomes val when there is none)."""
+    split = np.char.lower(np.asarray(split, dtype=str))
     tr = np.flatnonzero(split == "train")
     va = np.flatnonzero(split == "val")
     if len(tr) == 0:
@@ -132,28 +144,13 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _run_key(data: str, cfg: TrainConfig, cells_hash: str, bb_hash: str) -> str:
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "progress", "cache_dir", "epochs", "patience")}
+    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "progress", "cache_dir", "epochs", "patience", "workers", "embeddings", "strict")}
     return hashlib.sha1(json.dumps([str(Path(data).resolve()), keep, cells_hash, bb_hash], sort_keys=True).encode()).hexdigest()
 
 
 def _per_s(count: int, seconds: float) -> float | None:
     """A rate, or None when nothing was counted or no time measured."""
     return count / seconds if count and seconds > 0 else None
-
-
-class _CountingBackbone:
-    """The backbone as `embed_paths` sees it, counting the images it really embeds (cache misses)."""
-
-    def __init__(self, bb: Any):
-        self._bb = bb
-        self.images = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._bb, name)
-
-    def embed_images(self, images: Any, **kw: Any) -> np.ndarray:
-        self.images += len(images)
-        return self._bb.embed_images(images, **kw)
 
 
 @dataclass
@@ -171,65 +168,105 @@ class _Loop:
 
 
 class _Run:
-    """One `pigeon train` run, as named steps sharing the bundle, the photos and the head."""
+    """One `pigeon train` run, as named steps sharing the bundle, the photos and the head.
 
-    def __init__(self, data: str | os.PathLike, bundle_dir: str | os.PathLike, backbone: str | None, cfg: TrainConfig, device: str):
-        self.cfg, self.data = cfg, str(data)
+    The photos are read as embeddings from an embedding folder, memory-mapped (`--embeddings`, or
+    the cache folder this run fills from `--data`): an example e of `n_views * n_train` is view
+    e // n_train of train row e % n_train; batches are gathered from the maps and their soft
+    targets computed per batch, so memory does not grow with the number of photos beyond the maps."""
+
+    def __init__(self, data: str | os.PathLike | None, bundle_dir: str | os.PathLike, backbone: str | None, cfg: TrainConfig, device: str):
+        self.cfg = cfg
+        self.data = str(cfg.embeddings or data)
         self.bundle = Bundle(bundle_dir)
         self.cells = _load_cells(self.bundle)
-        df = read_manifest(data)
+        self.source: Source | None = open_source(data, strict=cfg.strict) if data is not None and not cfg.embeddings else None
+        if isinstance(self.source, ManifestSource):
+            _splits(self.source.df["split"].to_numpy(), cfg)  # refuse a manifest without train rows before embedding it
         self.bb = _backbone_for(self.bundle, backbone, device)
         self.centres = np.asarray(self.cells.centres, dtype=np.float64)
-        self.tr, self.va = _splits(df, cfg)
-        self.lat, self.lon = df["lat"].to_numpy(), df["lon"].to_numpy()
-        self.cell = np.asarray(self.cells.cell_of(self.lat, self.lon), dtype=np.int64)
-        self.paths = df["path"].astype(str).tolist()
-        self.counter = _CountingBackbone(self.bb)
         self.loop = _Loop()
 
     # -- embeddings --------------------------------------------------------------------------------
     def embed(self) -> None:
-        """Frozen-backbone embeddings of the train and val photos (cached), plus `--augment` views."""
+        """The plain view's store (given, or embedded into the cache) plus `--augment` views; rows, splits, cells."""
         cfg, t0 = self.cfg, time.perf_counter()
-        self.E_tr = self._embed_rows(self.tr)
-        self.E_va = self._embed_rows(self.va) if len(self.va) else np.zeros((0, self.bb.embed_dim), np.float32)
-        views_idx, views_emb = [self.tr], [self.E_tr]
-        if cfg.augment and not cfg.unfreeze_last_block:
-            tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0)
-            for k in range(cfg.augment):
-                torch.manual_seed(cfg.seed * 1000 + k)  # each view is a fixed, reproducible augmentation
-                views_idx.append(self.tr)
-                views_emb.append(self._embed_rows(self.tr, view=f"aug{k}-seed{cfg.seed}", transform=tf))
-        self.X_idx = np.concatenate(views_idx)
-        self.X = torch.from_numpy(np.concatenate(views_emb, 0))
-        self.n_embeddings = len(self.X_idx) + len(self.va)
+        self.images_embedded, self.skipped = 0, Counter()
+        if cfg.embeddings:
+            self.stores = [open_embeddings(cfg.embeddings, backbone_hash=self.bb.hash)]
+        else:
+            self.stores = [self._cached("plain", None, None)]
+            if cfg.augment and not cfg.unfreeze_last_block:
+                tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0)
+                for k in range(cfg.augment):  # each view a fixed, reproducible augmentation of every photo
+                    self.stores.append(self._cached(f"aug{k}-seed{cfg.seed}", tf, cfg.seed * 1000 + k))
+        store = self.stores[0]
+        if len(store) == 0:
+            raise UserError(f"{self.data}: no photo could be read (skipped: {dict(self.skipped)}); check the data source's paths and files")
+        if any(len(s) != len(store) for s in self.stores):
+            raise UserError(f"{self.data}: augmented views hold another number of photos than the plain one; clear the cache ({cfg.cache_dir or 'PIGEON_CACHE_DIR'}) and rerun")
+        rows = store.rows
+        self.lat, self.lon = rows["lat"].to_numpy(np.float64), rows["lon"].to_numpy(np.float64)
+        self.tr, self.va = _splits(rows["split"].to_numpy(), cfg)
+        self.cell = np.asarray(self.cells.cell_of(self.lat, self.lon), dtype=np.int64)
+        self.n_views = len(self.stores)
+        self.n_examples = self.n_views * len(self.tr)
         self.embed_seconds = time.perf_counter() - t0
 
-    def _embed_rows(self, idx: np.ndarray, view: str = "plain", transform: Callable | None = None) -> np.ndarray:
-        return embed_paths(self.counter, [self.paths[i] for i in idx], cache_dir=self.cfg.cache_dir,
-                           progress=self.cfg.progress, transform=transform, view=view)
+    def _cached(self, view: str, transform: Callable | None, seed: int | None) -> EmbeddingStore:
+        assert self.source is not None
+        store, rep = cached_embeddings(self.source, self.bb, self.cfg.cache_dir, view=view, transform=transform, seed=seed,
+                                       workers=self.cfg.workers, progress=self.cfg.progress)
+        self.images_embedded += int(rep["images_embedded_here"])
+        if view == "plain":
+            self.skipped.update(rep["skipped"])
+        return store
+
+    def example_rows(self, e: np.ndarray) -> np.ndarray:
+        """The store row of each training example."""
+        return self.tr[np.asarray(e, np.int64) % len(self.tr)]
 
     # -- head, targets, optimiser ---------------------------------------------------------------------
     def init_head(self) -> None:
-        """Prototypes from cell means (text for empty cells) or captions; soft targets; AdamW."""
+        """Prototypes from cell means (text for empty cells) or captions, summed over the maps in chunks; AdamW."""
         cfg, C = self.cfg, len(self.cells)
         text = None
-        if cfg.init == "text" or np.bincount(self.cell[self.tr], minlength=C).min() == 0:
+        empty = np.bincount(self.cell[self.tr], minlength=C) == 0
+        if cfg.init == "text":
             text = text_prototypes(self.bb, self.cells.gdf)
-        centre = None if cfg.init == "text" else self.E_tr.mean(0)
-        protos = text if cfg.init == "text" else mean_prototypes(self.E_tr, self.cell[self.tr], C, fallback=text, centre=centre)
+        elif empty.any():  # captions only for the cells without a training photo
+            text = np.zeros((C, self.bb.embed_dim), np.float32)
+            text[empty] = text_prototypes(self.bb, self.cells.gdf[empty])
+        centre = None
+        if cfg.init == "text":
+            protos = text
+        else:
+            centre = self.stores[0].mean_by(np.zeros(len(self.tr), np.int64), 1, self.tr)[0][0]
+            chunks = (v for _, v in self.stores[0].chunks(self.tr))
+            protos = mean_prototypes(chunks, self.cell[self.tr], C, fallback=text, centre=centre)
         self.head = PrototypeHead(protos, scale=_zero_shot_scale(self.bb) if cfg.init == "text" else 30.0, centre=centre)
-        # Soft targets for every photo (train and val), from its true position.
-        self.targets = torch.from_numpy(smoothed_targets(self.lat, self.lon, self.cell, self.centres, cfg.tau))
         params = [{"params": self.head.parameters(), "lr": cfg.lr}]
         if cfg.unfreeze_last_block:
-            self.bb.set_trainable(1)
+            self._unfreeze()
             module = self.bb.model.visual if hasattr(self.bb.model, "visual") else self.bb.model
             params.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
         self.opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-        self.img_tf = None
-        if cfg.unfreeze_last_block:
-            self.img_tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0) if cfg.augment else self.bb.preprocess
+
+    def _unfreeze(self) -> None:
+        """`--unfreeze-last-block`: the photos are decoded again each step, so find each row's file."""
+        if not isinstance(self.source, ManifestSource):
+            raise UserError("--unfreeze-last-block reads image files each step: give --data as a manifest of files")
+        self.bb.set_trainable(1)
+        by_key = dict(zip(self.source.df["image"].astype(str), self.source.df["path"].astype(str)))
+        self.paths = np.array([by_key[k] for k in self.stores[0].keys()], dtype=object)
+        tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0) if self.cfg.augment else self.bb.preprocess
+        self.img_tf = tf
+
+    def targets(self, rows: np.ndarray) -> torch.Tensor:
+        """PIGEON's haversine-smoothed soft targets of these store rows, computed for this batch only."""
+        if not hasattr(self, "_targets"):
+            self._targets = BatchTargets(self.lat, self.lon, self.cell, self.centres, self.cfg.tau)
+        return self._targets(rows)
 
     # -- resume and checkpoints ------------------------------------------------------------------------
     @property
@@ -264,30 +301,39 @@ class _Run:
             torch.save(st, tmp)
 
     # -- the epochs ---------------------------------------------------------------------------------------
-    def embed_batch(self, rows: np.ndarray) -> torch.Tensor:
-        """Embeddings of sampled rows: cached vectors, or a forward through the unfrozen block."""
-        if not self.cfg.unfreeze_last_block:
-            return self.X[rows]
-        x = torch.stack([self.img_tf(load_image(self.paths[self.X_idx[r]])) for r in rows])
-        return self.bb.encode_image(x, normalize=True)
+    def embed_batch(self, examples: np.ndarray) -> torch.Tensor:
+        """Embeddings of training examples: gathered from the views' maps, or a forward through the unfrozen block."""
+        rows = self.example_rows(examples)
+        if self.cfg.unfreeze_last_block:
+            x = torch.stack([self.img_tf(decode_image(p)) for p in self.paths[rows]])
+            return self.bb.encode_image(x, normalize=True)
+        view = np.asarray(examples, np.int64) // len(self.tr)
+        out = np.empty((len(rows), self.bb.embed_dim), np.float32)
+        for v in np.unique(view):
+            sel = view == v
+            out[sel] = self.stores[v].take(rows[sel])
+        return torch.from_numpy(out)
 
-    def val_logits(self) -> np.ndarray:
-        """Uncalibrated logits of the val photos (re-embedded when the backbone trains)."""
+    def val_chunks(self, rows: np.ndarray, size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, uncalibrated logits) of val photos in chunks (re-embedded when the backbone trains)."""
         with torch.no_grad():
-            if self.cfg.unfreeze_last_block:
-                Ev = torch.from_numpy(embed_paths(self.bb, [self.paths[i] for i in self.va], use_cache=False, progress=False))
-            else:
-                Ev = torch.from_numpy(self.E_va)
-            return self.head(Ev).numpy()
+            for s in range(0, len(rows), size):
+                r = rows[s:s + size]
+                if self.cfg.unfreeze_last_block:
+                    ims = [self.bb.preprocess(decode_image(p)) for p in self.paths[r]]
+                    E = self.bb.encode_image(torch.stack(ims), normalize=True) if ims else torch.zeros(0, self.bb.embed_dim)
+                else:
+                    E = torch.from_numpy(self.stores[0].take(r))
+                yield r, self.head(E).numpy()
 
     def fit(self) -> None:
         """Epochs of soft-target cross-entropy, early stopping on val loss; ends with the best state loaded."""
         cfg, lp = self.cfg, self.loop
-        weights = rare_cell_weights(self.cell[self.X_idx], power=1.0) if cfg.balanced else None
-        sampler = EpochSampler(len(self.X_idx), seed=cfg.seed, weights=weights)
+        weights = rare_cell_weights(self.cell[self.example_rows(np.arange(self.n_examples))], power=1.0) if cfg.balanced else None
+        sampler = EpochSampler(self.n_examples, seed=cfg.seed, weights=weights)
         for epoch in range(lp.start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
-            rec = self.epoch(epoch, np.fromiter(iter(sampler), dtype=np.int64))
+            rec = self.epoch(epoch, sampler.indices())
             score = self.score(rec)
             lp.history.append(rec)
             if score < lp.best - 1e-6:
@@ -315,8 +361,8 @@ class _Run:
         ts, losses = time.perf_counter(), []
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
         for s in bar:
-            rows = order[s : s + cfg.batch_size]
-            loss = _soft_ce(self.head(self.embed_batch(rows)), self.targets[self.X_idx[rows]])
+            ex = order[s : s + cfg.batch_size]
+            loss = _soft_ce(self.head(self.embed_batch(ex)), self.targets(self.example_rows(ex)))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -330,13 +376,16 @@ class _Run:
         return {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
 
     def score(self, rec: dict[str, float]) -> float:
-        """Adds the val loss and val median km (top cell's centre) to `rec`; the early-stopping score."""
+        """Adds the val loss and val median km (top cell's centre) to `rec`, over val in chunks; the early-stopping score."""
         if not len(self.va):
             return rec["train_loss"]
-        lv = self.val_logits()
-        rec["val_loss"] = float(_soft_ce(torch.from_numpy(lv), self.targets[self.va]))
-        top = lv.argmax(1)
-        rec["val_median_km"] = float(np.median(haversine_km(self.centres[top, 0], self.centres[top, 1], self.lat[self.va], self.lon[self.va])))
+        loss, km = 0.0, []
+        for r, lv in self.val_chunks(self.va):
+            loss += float(_soft_ce(torch.from_numpy(lv), self.targets(r))) * len(r)
+            top = lv.argmax(1)
+            km.append(haversine_km(self.centres[top, 0], self.centres[top, 1], self.lat[r], self.lon[r]))
+        rec["val_loss"] = loss / len(self.va)
+        rec["val_median_km"] = float(np.median(np.concatenate(km)))
         return rec["val_loss"]
 
     # -- calibration and output -------------------------------------------------------------------------
@@ -344,17 +393,21 @@ class _Run:
         """Temperature on val (ECE before/after); each cell's spread from the train photos; the radii's
         scale factors on val (uncalibrated, and said so, without enough val photos)."""
         out: dict[str, Any] = {}
-        probs = np.zeros((len(self.va), len(self.centres)))
-        if len(self.va) >= 2:
-            lv = self.val_logits()
-            y = self.cell[self.va]
+        va = self.va
+        if len(va) > self.cfg.calibration_rows:  # a seeded sample: the fits need O(rows x cells) memory
+            va = np.sort(np.random.default_rng(self.cfg.seed).choice(va, self.cfg.calibration_rows, replace=False))
+            out["calibration_rows"] = int(len(va))
+        probs = np.zeros((len(va), len(self.centres)))
+        if len(va) >= 2:
+            lv = np.concatenate([lv for _, lv in self.val_chunks(va)])
+            y = self.cell[va]
             T = fit_temperature(lv, y)
             out.update(temperature=T, ece_before=ece(softmax(lv), y), ece_after=ece(softmax(lv, T), y))
             self.head.temperature.fill_(T)
             probs = softmax(lv, T)
         fallback = geometric_spread_km(self.cells.geoms, self.centres)
         spread = cell_spread_km(self.lat[self.tr], self.lon[self.tr], self.cell[self.tr], self.centres, fallback=fallback)
-        self.head.radius, rep = calibrate_radii(spread, probs, self.lat[self.va], self.lon[self.va], self.centres)
+        self.head.radius, rep = calibrate_radii(spread, probs, self.lat[va], self.lon[va], self.centres)
         out.update(rep)
         return out
 
@@ -372,11 +425,13 @@ class _Run:
     def speeds(self) -> dict[str, Any]:
         """Each figure named for what it measures: the embedding step, and the head's optimiser steps."""
         lp = self.loop
+        n_vectors = sum(len(s) for s in self.stores)
         return {
+            "skipped": dict(self.skipped),                        # bad samples left out, by reason
             "embed_seconds": self.embed_seconds,
-            "images_embedded": self.counter.images,               # backbone forwards (cache misses)
-            "embeddings_from_cache": self.n_embeddings - self.counter.images,
-            "images_embedded_per_s": _per_s(self.counter.images, self.embed_seconds),
+            "images_embedded": self.images_embedded,              # backbone forwards in this run
+            "embeddings_reused": n_vectors - self.images_embedded,  # read from an embedding folder or the cache
+            "images_embedded_per_s": _per_s(self.images_embedded, self.embed_seconds),
             "train_seconds": lp.seconds,
             "head_steps_per_s": _per_s(lp.n_steps, lp.seconds),
             "head_examples_per_s": _per_s(lp.n_seen, lp.seconds),  # training examples through the head
@@ -384,15 +439,18 @@ class _Run:
 
 
 def train(
-    data: str | os.PathLike,
+    data: str | os.PathLike | None,
     bundle_dir: str | os.PathLike,
     backbone: str | None = None,
     config: TrainConfig | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train the bundle's head on `data` (a manifest); returns a report (also saved as train_report.json)."""
+    """Train the bundle's head on `data` (any data source) or on `config.embeddings` (an embedding
+    folder); returns a report (also saved as train_report.json)."""
     cfg = config or TrainConfig()
     cfg.check()
+    if data is None and not cfg.embeddings:
+        raise UserError("`pigeon train` needs --data SOURCE or --embeddings FOLDER (or --zero-shot for a head without training data)")
     torch.manual_seed(cfg.seed)
     run = _Run(data, bundle_dir, backbone, cfg, device)
     run.embed()

@@ -161,18 +161,23 @@ def test_refinement_beats_the_cell_centre_on_the_synthetic_world(world):
     from pigeon.geocells import GeoCells
     from pigeon.index import Refiner, build_gallery
     from pigeon.backbones import backbone_from_bundle
-    from pigeon.build_index import embed_manifest
-    from pigeon.datasets import read_manifest
+    from pigeon.datasets import open_source, read_manifest
+    from pigeon.embed import cached_embeddings
 
     root, bpath, rep, half, n = world
     b = Bundle(bpath)
     cells = GeoCells.load(b.part_path("cells"))
     bb = backbone_from_bundle(b)
+
+    def embed(name):
+        store, _ = cached_embeddings(open_source(root / "world" / name), bb, progress=False)
+        return store.take(np.arange(len(store)))
+
     q = read_manifest(root / "world" / "queries.csv")
-    qemb, _ = embed_manifest(bb, q, batch_size=64, progress=False)
+    qemb = embed("queries.csv")
     gm = pd.concat([read_manifest(root / "world" / f) for f in ("gallery_a.csv", "gallery_b.csv")], ignore_index=True)
-    gemb, rows = embed_manifest(bb, gm, batch_size=64, progress=False)
-    gm = gm.iloc[rows].reset_index(drop=True)
+    gemb = np.concatenate([embed("gallery_a.csv"), embed("gallery_b.csv")])
+    assert len(gemb) == len(gm) and len(qemb) == len(q)
     glat, glon = gm["lat"].to_numpy(), gm["lon"].to_numpy()
     g = build_gallery(gemb, np.arange(len(gm), dtype=np.int64), glat, glon, np.asarray(cells.cell_of(glat, glon), np.int64),
                       gm["image"].to_numpy(), progress=False)
@@ -244,8 +249,8 @@ def test_refine_mode_is_chosen_on_the_val_photos(world):
     per-mode figures; the `none` figure is recomputed here from the head's top cells."""
     from pigeon.core.sphere import haversine_km
     from pigeon.index.refine import MODES
-    from pigeon.build_index import embed_manifest
-    from pigeon.datasets import read_manifest
+    from pigeon.datasets import open_source, read_manifest
+    from pigeon.embed import cached_embeddings
     from pigeon.predictor import Predictor
 
     root, bpath, rep, half, n = world
@@ -263,9 +268,10 @@ def test_refine_mode_is_chosen_on_the_val_photos(world):
         assert meta["refine_mode"] == "cluster+nn"
     assert not load_gallery(b).frame["image"].isin(val["image"]).any()   # held out of the gallery
     pred = Predictor.from_bundle(bpath)
-    emb, rows = embed_manifest(pred.backbone, val, progress=False)
-    top = pred.cell_probs(emb).argmax(1)
-    km = haversine_km(val["lat"].to_numpy()[rows], val["lon"].to_numpy()[rows], pred.centres[top, 0], pred.centres[top, 1])
+    store, _ = cached_embeddings(open_source(root / "world" / "gallery_a.csv"), pred.backbone, progress=False)
+    sel = np.flatnonzero(store.rows["split"].to_numpy() == "val")   # the same vectors build-index read
+    top = pred.cell_probs(store.take(sel)).argmax(1)
+    km = haversine_km(store.rows["lat"].to_numpy()[sel], store.rows["lon"].to_numpy()[sel], pred.centres[top, 0], pred.centres[top, 1])
     assert v["median_km"]["none"] == pytest.approx(float(np.median(km)), rel=1e-6)
 
 

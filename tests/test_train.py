@@ -85,7 +85,8 @@ def test_training_learns_geography(trained):
 
 
 def test_temperature_scaling_lowers_ece_on_test(trained):
-    from pigeon.embed_cache import embed_paths
+    from pigeon.datasets import open_source
+    from pigeon.embed import cached_embeddings
     from pigeon.head import PrototypeHead
     from pigeon.predictor import Predictor
 
@@ -93,8 +94,10 @@ def test_temperature_scaling_lowers_ece_on_test(trained):
     assert rep["temperature"] != pytest.approx(1.0)
     assert rep["ece_after"] < rep["ece_before"]
     pred = Predictor.from_bundle(root / "bundle")
-    test = df[df["split"] == "test"]
-    emb = embed_paths(pred.backbone, [str(root / "world" / p) for p in test["image"]], cache_dir=str(root / "cache"), progress=False)
+    store, _ = cached_embeddings(open_source(manifest), pred.backbone, str(root / "cache"), progress=False)
+    sel = np.flatnonzero(store.rows["split"].to_numpy() == "test")
+    test = store.rows.iloc[sel]
+    emb = store.take(sel)
     head = PrototypeHead.load(Bundle(root / "bundle").part_path("head"))
     with torch.no_grad():
         z = head(torch.from_numpy(emb)).numpy()
@@ -108,7 +111,8 @@ def test_report_names_speeds_and_stores_calibrated_radii(trained):
 
     root, manifest, df, rep = trained
     assert "embeddings_per_s" not in rep
-    assert rep["images_embedded"] + rep["embeddings_from_cache"] == rep["n_train"] + rep["n_val"]
+    # every photo of the manifest (test rows too, for evaluate to reuse) embedded once, in this run
+    assert rep["images_embedded"] == len(df) and rep["embeddings_reused"] == 0
     assert rep["head_steps_per_s"] > 0 and rep["head_examples_per_s"] > rep["head_steps_per_s"]
     if rep["images_embedded"]:
         assert rep["images_embedded_per_s"] > 0
@@ -137,20 +141,28 @@ def test_radii_uncalibrated_without_val(trained, tmp_path):
     assert 0 < a["radius_km_50"] <= a["radius_km_90"]
 
 
-def test_embedding_cache_hits(trained, monkeypatch):
+def test_embedding_cache_hits(trained, tmp_path):
+    """A second run reads the cache folder: nothing is embedded; a changed photo re-embeds only its shard."""
+    import os
+
     from pigeon.backbones import create_backbone
-    from pigeon.embed_cache import EmbeddingCache, embed_paths
+    from pigeon.datasets import load_image, open_source
+    from pigeon.embed import cached_embeddings
 
     root, manifest, df, rep = trained
     bb = create_backbone("tiny")
-    paths = [str(root / "world" / p) for p in df["image"][:20]]
-    before = embed_paths(bb, paths, cache_dir=str(root / "cache"), progress=False)
-    assert len(EmbeddingCache(bb.hash, root / "cache")) >= 1200
-    monkeypatch.setattr(bb, "embed_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache missed")))
-    again = embed_paths(bb, paths, cache_dir=str(root / "cache"), progress=False)
-    np.testing.assert_array_equal(before, again)
-    fresh = create_backbone("tiny").embed_images([__import__("PIL.Image").Image.open(paths[0]).convert("RGB")])
-    np.testing.assert_allclose(fresh[0], before[0], atol=1e-5)
+    before, r1 = cached_embeddings(open_source(manifest), bb, str(root / "cache"), progress=False)
+    assert r1["images_embedded_here"] == 0 and len(before) == len(df)
+    fresh = bb.embed_images([load_image(root / "world" / df["image"][0])])
+    np.testing.assert_allclose(fresh[0], before.take([0])[0], atol=2e-3)  # float16 on disk
+    small, r0 = cached_embeddings(open_source(manifest, rows_per_shard=500), bb, str(tmp_path), progress=False)
+    assert r0["shards_embedded_here"] == 3 and r0["images_embedded_here"] == len(df)
+    np.testing.assert_array_equal(small.take(np.arange(len(df))), before.take(np.arange(len(df))))
+    path = root / "world" / df["image"][700]
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # "edited": shard 1 is stale
+    again, r2 = cached_embeddings(open_source(manifest, rows_per_shard=500), bb, str(tmp_path), progress=False)
+    assert r2["shards_embedded_here"] == 1 and r2["shards_reused_here"] == 2 and r2["images_embedded_here"] == 500
+    np.testing.assert_array_equal(again.take(np.arange(len(df))), before.take(np.arange(len(df))))
 
 
 def test_resume_continues_the_same_run(trained, tmp_path):
@@ -204,8 +216,10 @@ def test_zero_shot_then_bad_inputs(trained, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     broken.loc[3, "image"] = str(tmp_path / "broken.png")
     broken.to_csv(tmp_path / "broken.csv", index=False)
-    with pytest.raises(UserError, match="broken.png"):
-        train(tmp_path / "broken.csv", b.path, backbone="tiny", config=TrainConfig(progress=False, cache_dir=str(tmp_path / "c")))
+    with pytest.raises(UserError, match="broken.png"):  # --strict: the first bad photo stops the run, by name
+        train(tmp_path / "broken.csv", b.path, backbone="tiny", config=TrainConfig(progress=False, strict=True, cache_dir=str(tmp_path / "c")))
+    rep = train(tmp_path / "broken.csv", b.path, backbone="tiny", config=TrainConfig(epochs=1, progress=False, cache_dir=str(tmp_path / "c")))
+    assert rep["skipped"] == {"unreadable image": 1} and rep["n_train"] + rep["n_val"] == (broken["split"] != "test").sum() - (broken.loc[3, "split"] != "test")
     with pytest.raises(UserError, match="--tau"):
         train(manifest, b.path, backbone="tiny", config=TrainConfig(tau=-1))
     nosplit = df.assign(split="test")

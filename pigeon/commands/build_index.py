@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
     @app.command("build-index")
     def build_index_cmd(
         bundle: Path = typer.Option(..., "--bundle", help="bundle folder (cells.parquet and a backbone, e.g. from `pigeon train`)"),
-        images: Optional[Path] = typer.Option(None, "--images", help="gallery manifest (CSV/Parquet: image, lat, lon[, id])"),
+        images: Optional[str] = typer.Option(None, "--images", help="gallery data source: manifest (CSV/Parquet: image, lat, lon[, id]), WebDataset shards or Parquet with image bytes"),
+        embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="embedding folder from `pigeon embed` with the bundle's backbone (nothing is embedded)"),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         append: bool = typer.Option(False, "--append", help="add the manifest's photos to the existing index without re-clustering"),
         kind: str = typer.Option("flat", "--kind", help="flat (exact), hnsw or ivf (approximate, for millions of photos)"),
         batch_size: int = typer.Option(64, "--batch-size", help="images per backbone forward"),
@@ -29,11 +31,11 @@ def register(app: typer.Typer) -> None:
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
 
-        if images is None and remove_ids is None:
-            raise UserError("`pigeon build-index` needs --images MANIFEST (to build or --append) or --remove-ids FILE")
-        if images is not None:
+        if images is None and embeddings is None and remove_ids is None:
+            raise UserError("`pigeon build-index` needs --images SOURCE or --embeddings FOLDER (to build or --append) or --remove-ids FILE")
+        if images is not None or embeddings is not None:
             rep = build_index(images, bundle, append=append, kind=kind, batch_size=batch_size, workers=workers, device=device,
-                              validate=validate)
+                              validate=validate, embeddings=embeddings, cache_dir=str(cache_dir) if cache_dir else None)
             typer.echo(json.dumps(rep))
         if remove_ids is not None:
             rep = remove_gallery_ids(bundle, read_id_file(remove_ids))

@@ -13,7 +13,9 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
         bundle: Path = typer.Option(..., "--bundle", help="bundle folder (cells + head)"),
-        data: Path = typer.Option(..., "--data", help="manifest (CSV/Parquet: image, lat, lon, split)"),
+        data: Optional[str] = typer.Option(None, "--data", help="data source: manifest (CSV/Parquet: image, lat, lon, split), WebDataset shards or Parquet with image bytes"),
+        embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="embedding folder from `pigeon embed` with the bundle's backbone (nothing is embedded)"),
+        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images"),
         split: str = typer.Option("test", "--split", help="which rows to score: train, val, test, or all"),
         out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, per_country.csv, predictions.csv, error_cdf.png, world_map.png"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
@@ -24,6 +26,6 @@ def register(app: typer.Typer) -> None:
         from pigeon.evaluate import evaluate
 
         m = evaluate(bundle, data, split=None if split == "all" else split, out=out,
-                     cache_dir=str(cache_dir) if cache_dir else None, device=device)
+                     cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers)
         m.pop("per_country", None)
         typer.echo(json.dumps(m))

@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         bundle: Path = typer.Option(..., "--bundle", help="bundle folder holding cells.parquet (from `pigeon build-cells`)"),
-        data: Optional[Path] = typer.Option(None, "--data", help="manifest (CSV/Parquet: image, lat, lon[, split])"),
+        data: Optional[str] = typer.Option(None, "--data", help="data source: manifest (CSV/Parquet: image, lat, lon[, split]), WebDataset shards or Parquet with image bytes"),
+        embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="embedding folder from `pigeon embed` (read memory-mapped; nothing is embedded)"),
+        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images when this run embeds"),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="backbone spec when the bundle names none (default open_clip:ViT-B-16:openai; tiny, lite, ...)"),
         zero_shot: bool = typer.Option(False, "--zero-shot", help="write a text-prototype head (one caption per cell); needs no data"),
         epochs: int = typer.Option(30, help="most epochs (early stopping on validation loss)"),
@@ -27,12 +29,13 @@ def register(app: typer.Typer) -> None:
         unfreeze_last_block: bool = typer.Option(False, "--unfreeze-last-block", help="also train the image tower's last block; writes backbone.safetensors"),
         init: str = typer.Option("mean", help="prototype init: mean (image means) or text (captions)"),
         patience: int = typer.Option(5, help="epochs without validation improvement before stopping"),
+        strict: bool = typer.Option(False, "--strict", help="stop at the first bad sample instead of skipping and counting it"),
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same options"),
         seed: int = typer.Option(0, help="random seed"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         device: str = typer.Option("cpu", help="torch device"),
     ) -> None:
-        """Train the prototype head on a manifest (cached frozen embeddings, label smoothing, temperature scaling, calibrated radii)."""
+        """Train the prototype head on a data source or an embedding folder (label smoothing per batch, temperature scaling, calibrated radii)."""
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.train import TrainConfig, train, train_zero_shot
 
@@ -40,15 +43,16 @@ def register(app: typer.Typer) -> None:
             rep = train_zero_shot(bundle, backbone=backbone, device=device)
             typer.echo(f"zero-shot head written: {rep['n_cells']} cells, backbone {rep['backbone']}")
             return
-        if data is None:
-            raise UserError("`pigeon train` needs --data MANIFEST (or --zero-shot for a head without training data)")
+        if data is None and embeddings is None:
+            raise UserError("`pigeon train` needs --data SOURCE or --embeddings FOLDER (or --zero-shot for a head without training data)")
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, balanced=balanced, augment=augment,
                           unfreeze_last_block=unfreeze_last_block, init=init, patience=patience, resume=resume, seed=seed,
-                          cache_dir=str(cache_dir) if cache_dir else None)
+                          cache_dir=str(cache_dir) if cache_dir else None, embeddings=str(embeddings) if embeddings else None,
+                          workers=workers, strict=strict)
         rep = train(data, bundle, backbone=backbone, config=cfg, device=device)
         last = rep["history"][-1] if rep["history"] else {}
         keys = ("n_train", "n_val", "n_cells", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after",
-                "radius_calibration", "radius_scales", "images_embedded", "images_embedded_per_s", "head_steps_per_s")
+                "radius_calibration", "radius_scales", "skipped", "images_embedded", "embeddings_reused", "images_embedded_per_s", "head_examples_per_s")
         summary = {k: rep.get(k) for k in keys}
         summary["val_median_km"] = last.get("val_median_km")
         typer.echo(json.dumps(summary))

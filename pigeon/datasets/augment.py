@@ -101,9 +101,12 @@ class EpochSampler:
         keep = len(order) - len(order) % self.multiple
         return order[:keep]
 
+    def indices(self) -> np.ndarray:
+        """This process's indices of the epoch, as an array (no Python int per sample)."""
+        return self.global_order()[self.skip :][self.rank :: self.world_size]
+
     def __iter__(self) -> Iterator[int]:
-        order = self.global_order()[self.skip :]
-        return iter(order[self.rank :: self.world_size].tolist())
+        return iter(self.indices().tolist())
 
     def __len__(self) -> int:
         return (len(self.global_order()) - self.skip) // self.world_size
