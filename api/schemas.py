@@ -44,6 +44,24 @@ class Refinement(_Open):
     neighbours: list[Any] = Field(default_factory=list)
 
 
+class RegionAtAnswer(_Open):
+    """The admin-1 region (bundled Natural Earth) that holds the answer point itself; `admin1` above
+    ranks regions by summed probability, which can name another one."""
+
+    admin1: str = Field(..., examples=["Split-Dalmatia"])
+    country: str = Field(..., examples=["Croatia"])
+    iso_a2: str = Field(..., examples=["HR"])
+    at_sea: bool = Field(..., description="the answer is in no region: the nearest one is given")
+
+
+class Reach(_Open):
+    """How far the bundle's cells reach: land farther than `max_reach_km` from every training photo is in no cell."""
+
+    max_reach_km: float
+    edge_probability: float = Field(..., description="probability in cells that lost land to the reach limit (the edge of "
+                                                      "the training photos' coverage): high when the photo may come from beyond it")
+
+
 class ImageInfo(BaseModel):
     format: str = Field(..., description="format detected from the bytes: jpeg | png | webp")
     width: int
@@ -83,6 +101,8 @@ class Location(_Open):
     countries: list[AreaProbability]
     admin1: list[AreaProbability] = Field(default_factory=list)
     refinement: Optional[Refinement] = None
+    region_at_answer: Optional[RegionAtAnswer] = None
+    reach: Optional[Reach] = Field(None, description="null when the cells record no reach limit")
     exif_gps_present: bool
     image: ImageInfo
     timings_ms: dict[str, float]

@@ -1,8 +1,8 @@
 """Build geocells (PIGEON): admin polygons with points -> merge small -> split large (OPTICS + Voronoi).
 
 Guarantees, each checked by the tests: every point lands in exactly one cell; the cells tile the
-boundaries' land (empty polygons join a neighbour, Voronoi pieces are clipped to their parent, so no
-gap and no overlap appears); every cell holds between min_size and max_size points, except where no
+boundaries' land within `max_reach_km` of a point (empty polygons join a neighbour, Voronoi pieces are
+clipped to their parent, so no gap and no overlap appears; land beyond the reach is in no cell); every cell holds between min_size and max_size points, except where no
 split can exist (one location holding more than max_size photos, or fewer than min_size points in
 all). Distances are on the sphere (unit vectors); the antimeridian needs no special case. Each cell
 is labelled by the (country, admin-1) place holding most of its points, and records every place's
@@ -34,6 +34,7 @@ from .cells import COMPOSITION, PLACE_KEYS, GeoCells, encode_composition
 from pigeon.core.errors import UserError
 from .geometry import adjacency, assign_points, from_local, local_points, nearest_polygon, polygonal, to_local
 from .optics import optics_xi_labels
+from .reach import DEFAULT_MAX_REACH_KM, clip_to_reach
 from pigeon.core.sphere import from_xyz, to_xyz
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class BuildStats:
     split_units: int = 0
     optics_splits: int = 0
     fallback_splits: int = 0
+    reach_cut_cells: int = 0       # cells that lost land beyond max_reach_km
+    reach_cut_km2: float = 0.0     # the land they lost
     unsplittable: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
 
@@ -73,8 +76,10 @@ def build_cells(
     optics_rounds: Sequence[tuple[int, float]] | None = None,
     seed: int = 0,
     progress: bool = True,
+    max_reach_km: float | None = DEFAULT_MAX_REACH_KM,
 ) -> GeoCells:
     """Geocells for training points. `boundaries`: a normalised GeoDataFrame (see `load_boundaries`) or None for the bundled admin-1.
+    `max_reach_km`: land farther than this from every point belongs to no cell (`pigeon.geocells.reach`); None: no limit.
 
     Returns a `GeoCells` whose `labels_` gives each input point's cell and `stats_` what happened.
     """
@@ -105,8 +110,12 @@ def build_cells(
         unit_geom = _dissolve(geoms, unit_of_poly, units)
     with _timed(st, "split"):  # 5. split oversized units (OPTICS + Voronoi)
         ucell, cell_geoms = _split_units(loc, unit_of_poly[loc.poly], units, unit_geom, min_size, max_size, rounds, seed, st, progress)
-    with _timed(st, "assemble"):  # 6. cells with their labels and composition, ids in a stable order
-        cells = _assemble(b, cell_geoms, ucell[loc.inv], pidx, lat, lon)
+    with _timed(st, "reach"):  # 6. land beyond max_reach_km of every point leaves its cell
+        cell_geoms, cut = clip_to_reach(np.asarray(cell_geoms, dtype=object), loc.xyz, max_reach_km)
+        st.reach_cut_cells, st.reach_cut_km2 = int((cut > 0).sum()), float(cut.sum())
+    with _timed(st, "assemble"):  # 7. cells with their labels and composition, ids in a stable order
+        reach = {"reach_km": np.full(len(cut), np.inf if max_reach_km is None else float(max_reach_km)), "reach_cut_km2": cut}
+        cells = _assemble(b, cell_geoms, ucell[loc.inv], pidx, lat, lon, reach)
     st.seconds["total"] = time.perf_counter() - t_all
     cells.stats_ = st
     return cells
@@ -455,7 +464,7 @@ def _voronoi_pieces(latlon: np.ndarray, labels: np.ndarray, unit_geom) -> list:
     return out
 
 
-def _assemble(b, cell_geoms, labels, pidx, lat, lon) -> GeoCells:
+def _assemble(b, cell_geoms, labels, pidx, lat, lon, reach: dict[str, np.ndarray]) -> GeoCells:
     """The cells' table: centre (spherical mean of the points), count, labels and composition, then ids in a stable order."""
     ncell = len(cell_geoms)
     vs = np.zeros((ncell, 3))
@@ -473,6 +482,7 @@ def _assemble(b, cell_geoms, labels, pidx, lat, lon) -> GeoCells:
             "driving_side": drive.reindex(place["adm0_a3"]).fillna("unknown").to_numpy(),
             "hemisphere": np.where(clat >= 0, "north", "south"),
             COMPOSITION: place[COMPOSITION].to_numpy(),
+            **reach,
             "old": np.arange(ncell),
         },
         geometry=np.asarray(cell_geoms, dtype=object),

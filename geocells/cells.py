@@ -24,6 +24,9 @@ COLUMNS = ["cell_id", "name", "lat", "lon", "count", "iso_a2", "adm0_a3", "count
 # written by build_cells; files without it (older builds) load with the one label at share 1.0
 COMPOSITION = "composition"
 PLACE_KEYS = ["adm0_a3", "iso_a2", "country", "admin1"]
+# written by build_cells (`reach.py`): the limit in km (inf: none) and the land each cell lost to it;
+# files without them load as "not recorded" (NaN) and nothing cut
+REACH_COLUMNS = {"reach_km": np.nan, "reach_cut_km2": 0.0}
 
 
 def encode_composition(cell: np.ndarray, place: np.ndarray, places: pd.DataFrame, share: np.ndarray, n_cells: int) -> np.ndarray:
@@ -83,7 +86,10 @@ class GeoCells:
         gdf = gdf.reset_index(drop=True)
         if COMPOSITION not in gdf.columns:
             gdf[COMPOSITION] = label_composition(gdf)
-        gdf = gdf[COLUMNS + [COMPOSITION, "geometry"]]
+        for col, default in REACH_COLUMNS.items():
+            if col not in gdf.columns:
+                gdf[col] = default
+        gdf = gdf[COLUMNS + [COMPOSITION, *REACH_COLUMNS, "geometry"]]
         if gdf.crs is None:
             gdf = gdf.set_crs("EPSG:4326")
         return cls(gdf)
@@ -106,6 +112,9 @@ class GeoCells:
         gdf = gdf.reset_index(drop=True)
         if COMPOSITION not in gdf.columns:  # written before cells recorded their composition
             gdf.insert(len(COLUMNS), COMPOSITION, label_composition(gdf))
+        for col, default in REACH_COLUMNS.items():  # written before cells recorded their reach
+            if col not in gdf.columns:
+                gdf.insert(gdf.columns.get_loc(gdf.geometry.name), col, default)
         return cls(gdf)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -153,6 +162,18 @@ class GeoCells:
         return self.gdf[["lat", "lon"]].to_numpy(np.float64)
 
     @property
+    def max_reach_km(self) -> float | None:
+        """The build's `max_reach_km`: land farther than this from every training point is in no cell.
+        None when there was no limit (inf) or the file does not record it."""
+        r = float(self.gdf["reach_km"].iloc[0])
+        return r if np.isfinite(r) else None
+
+    @property
+    def at_reach_edge(self) -> np.ndarray:
+        """(C,) bool: cells that lost land to the reach limit, i.e. border land the training points never reached."""
+        return self.gdf["reach_cut_km2"].to_numpy(np.float64) > 0
+
+    @property
     def geoms(self) -> np.ndarray:
         return np.asarray(self.gdf.geometry.values, dtype=object)
 
@@ -163,7 +184,8 @@ class GeoCells:
         return self._tree
 
     def cell_of(self, lat, lon) -> np.ndarray:
-        """Cell id of each point (vectorised); a point at sea goes to the nearest cell on the sphere."""
+        """Cell id of each point (vectorised); a point in no cell (at sea, or on land beyond the cells'
+        reach) goes to the nearest cell on the sphere."""
         lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
         lon = (np.atleast_1d(np.asarray(lon, dtype=np.float64)) + 180.0) % 360.0 - 180.0
         if lat.shape != lon.shape:

@@ -7,7 +7,8 @@ The three parts are written to a staging folder first and then moved into the bu
 and parts from two different builds are refused on load. `--append` adds photos without
 re-clustering; `remove_gallery_ids` (`--remove-ids FILE`) takes photos out.
 
-Rows with `split == "val"` stay out of the gallery: they answer, once per refinement mode, to pick
+The gallery holds the rows with `split == "train"` (`--splits` to change it), so test photos never
+enter it. Rows with `split == "val"` stay out of the gallery: they answer, once per refinement mode, to pick
 the mode with the lowest median error (`choose_refinement`); the index part's manifest record keeps
 the choice (`refine_mode`) and the per-mode figures (`refine_validation`), and the Predictor uses
 that mode unless told otherwise.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ from .predictor import Predictor
 # -- choosing the refinement mode on validation photos -------------------------------------------
 _TIE_ORDER = ("cluster+nn", "nn", "cluster", "none")  # ties go to PIGEON's mode first
 VALIDATION_KEYS = ("refine_mode", "refine_validation")
+GALLERY_SPLITS = ("train",)  # test photos never answer for themselves unless asked for (--splits)
 
 
 def choose_refinement(refiner: Refiner, emb: np.ndarray, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray,
@@ -77,14 +79,14 @@ def _validation_probs(b: Any, cells: Any, bb: Any, emb: np.ndarray) -> np.ndarra
 def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, append: bool = False, kind: str = "flat",
                 batch_size: int = 64, workers: int = 0, device: str = "cpu", progress: bool = True,
                 validate: bool | None = None, embeddings: str | os.PathLike | None = None,
-                cache_dir: str | None = None) -> dict[str, Any]:
+                cache_dir: str | None = None, splits: Sequence[str] | None = GALLERY_SPLITS) -> dict[str, Any]:
     """Build (or, with `append`, extend) the bundle's gallery index from a data source's photos
     (`images`, embedded through the cache, so photos `train` embedded are not embedded again) or
     from an embedding folder (`embeddings`, made by `pigeon embed` with the bundle's backbone).
 
-    Rows with split == "val" are held out of the gallery. `validate`: None (default) answers them with
-    each refinement mode and records the best when there are any (and the bundle has a head); True
-    requires them; False skips the measurement (they are still held out)."""
+    The gallery holds the rows of `splits` (None: all); val rows outside them are held out. `validate`: None
+    (default) answers those with each refinement mode and records the best when there are any (and the bundle
+    has a head); True requires them; False skips the measurement (they are still held out)."""
     if kind not in KINDS:
         raise UserError(f"--kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
     if batch_size < 1:
@@ -109,7 +111,7 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
         store, erep = cached_embeddings(source, bb, cache_dir, workers=workers, batch_size=batch_size, progress=progress)
         skipped = int(sum(erep["skipped"].values()))
     name = embeddings if source is None else images
-    df, emb, val_df, val_emb = _hold_out_val(_store_frame(store), store.take(np.arange(len(store))), name, validate)
+    df, emb, val_df, val_emb, left_out = _hold_out_val(store, name, validate, splits)
     lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
     cell = np.asarray(cells.cell_of(lat, lon), np.int64)
     ids = _gallery_ids(df, old, name)
@@ -133,7 +135,8 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
     build_id = save_gallery(b, g, bb.hash, index_meta=chosen, backbone_spec=bb.spec)
     rep = {"images": int(len(df)), "skipped": int(skipped), "total": int(g.index.ntotal), "clusters": len(g.clusters),
            "cells_used": int(np.unique(g.frame["cell"]).size), "kind": g.index.kind, "appended": bool(append),
-           "build_id": build_id, "held_out_val": int(len(val_df)), **chosen}
+           "build_id": build_id, "held_out_val": int(len(val_df)),
+           "left_out_rows": left_out, "splits": list(splits) if splits else "all", **chosen}
     if note:
         rep["validation_skipped"] = note
     return rep
@@ -149,14 +152,23 @@ def _store_frame(store: EmbeddingStore) -> pd.DataFrame:
     return df
 
 
-def _hold_out_val(df: pd.DataFrame, emb: np.ndarray, images: Any, validate: bool | None) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]:
-    """(gallery rows, their embeddings, val rows, theirs): val photos never enter the gallery."""
-    is_val = (df["split"] == "val").to_numpy() if "split" in df.columns else np.zeros(len(df), bool)
+def _hold_out_val(store: EmbeddingStore, images: Any, validate: bool | None,
+                  splits: Sequence[str] | None) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, int]:
+    """(gallery rows, their embeddings, val rows, theirs, rows left out): the gallery holds the rows of
+    `splits` (None: all), val rows not among them answer for the refinement mode, the rest (test) stay out."""
+    df = _store_frame(store)
+    split = df["split"].astype(str).str.strip().str.lower().to_numpy() if "split" in df.columns else np.full(len(df), "train")
+    keep = np.isin(split, [s.lower() for s in splits]) if splits else np.ones(len(df), bool)
+    is_val = (split == "val") & ~keep
     if validate and not is_val.any():
-        raise UserError(f"manifest {images}: --validate needs rows with split == \"val\" (readable images); add a `split` column or drop --validate")
-    if is_val.all():
-        raise UserError(f"manifest {images}: every row has split == \"val\", so none is left for the gallery; mark gallery rows `train`")
-    return df[~is_val].reset_index(drop=True), emb[~is_val], df[is_val].reset_index(drop=True), emb[is_val]
+        raise UserError(f"manifest {images}: --validate needs rows with split == \"val\" outside --splits (readable images); add a `split` column or drop --validate")
+    if not keep.any():
+        have = ", ".join(sorted(set(split))[:8])
+        raise UserError(f"data {images} has no rows with split in {', '.join(splits or [])} for the gallery (its splits: {have}); "
+                        f"mark gallery rows `train`, or pass --splits with those you want (--splits all: every row)")
+    g, v = np.flatnonzero(keep), np.flatnonzero(is_val)
+    return (df.iloc[g].reset_index(drop=True), store.take(g), df.iloc[v].reset_index(drop=True), store.take(v),
+            int(len(df) - len(g) - len(v)))
 
 
 def _gallery_ids(df: pd.DataFrame, old: Any, images: Any) -> np.ndarray:

@@ -187,6 +187,11 @@ class EmbeddingStore:
             out[sel[order]] = self._mats[s][local[order]]
         return out
 
+    def view(self, idx: np.ndarray | None = None) -> "RowsView":
+        """Rows `idx` (all when None) as a lazy (len(idx), dim) array-like: rows are read from the
+        memory maps when indexed (what `pigeon.index.build_gallery` takes, never a float32 copy of all)."""
+        return RowsView(self, np.arange(len(self), dtype=np.int64) if idx is None else np.asarray(idx, np.int64))
+
     def chunks(self, idx: np.ndarray | None = None, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(global rows, float32 vectors) in chunks of at most `size` rows: all rows, or `idx` in order."""
         rows = np.arange(len(self), dtype=np.int64) if idx is None else np.asarray(idx, np.int64)
@@ -206,4 +211,23 @@ class EmbeddingStore:
         return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts
 
 
-__all__ = ["EmbeddingStore", "ShardFiles", "read_header", "write_header", "shard_stem", "FORMAT", "HEADER"]
+class RowsView:
+    """Some rows of an `EmbeddingStore`, read on demand: `shape`, `dtype`, `len`, rows by slice or by
+    row numbers, and the shards' memory maps as `parts` (so a reader can release their pages)."""
+
+    def __init__(self, store: EmbeddingStore, idx: np.ndarray):
+        self.store, self.idx = store, idx
+        self.shape = (len(idx), store.dim)
+        self.dtype = np.dtype(np.float32)                # what `take` returns (float16 on disk)
+        self.ndim = 2
+        self.parts = store._mats
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        rows = self.idx[key] if isinstance(key, slice) else self.idx[np.asarray(key, np.int64).reshape(-1)]
+        return self.store.take(rows)
+
+
+__all__ = ["EmbeddingStore", "RowsView", "ShardFiles", "read_header", "write_header", "shard_stem", "FORMAT", "HEADER"]

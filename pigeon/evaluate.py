@@ -1,7 +1,9 @@
 """`pigeon evaluate`: how far off a bundle's guesses are on a manifest split.
 
-Writes metrics.json (the field's standard figures, and how often the 50% / 90% uncertainty circles
-hold the truth), per_country.csv (n, median km, country
+Refuses photos that are in the bundle's gallery (they would answer with their own positions) unless
+told otherwise; scores the bundle's recorded refinement mode, one given, or every mode side by side
+(`refine="all"`). Writes metrics.json (the field's standard figures at the given thresholds, and how
+often the 50% / 90% uncertainty circles hold the truth), per_country.csv (n, median km, country
 accuracy per true country), predictions.csv, error_cdf.png and world_map.png (guesses vs truths
 over the bundled admin-1 outlines). Country and admin-1 accuracy compare the guess's and the truth's
 admin-1 polygons (bundled Natural Earth), so they do not depend on how the cells were drawn.
@@ -9,21 +11,24 @@ admin-1 polygons (bundled Natural Earth), so they do not depend on how the cells
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.spatial import cKDTree
 
 from pigeon.core.io import atomic_path, check_writable
-from pigeon.core.sphere import haversine_km, spherical_mean
+from pigeon.core.sphere import chord_to_km, haversine_km, spherical_mean, to_xyz
 
 from .calibration import coverage
 from .core.errors import UserError
 from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
+from .index import MODES, RefineConfig
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
 from .predictor import Predictor
 
@@ -39,37 +44,112 @@ def evaluate(
     plots: bool = True,
     embeddings: str | os.PathLike | None = None,
     workers: int = 0,
+    refine: str | None = None,
+    max_refinement_km: float | None = None,
+    temperature: float | None = None,
+    thresholds: Sequence[float] = THRESHOLDS_KM,
+    allow_gallery_overlap: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the bundle on the `split` rows of `data` (any data source; all rows if None), or of the
-    embedding folder `embeddings`; returns the metrics dict."""
+    embedding folder `embeddings`; returns the metrics dict.
+
+    refine / max_refinement_km / temperature: as `pigeon locate` (None: the bundle's recorded mode and
+    RefineConfig's defaults); refine "all" scores every mode (`by_refine_mode`), the top-level figures
+    staying those of the recorded mode. Photos that are in the bundle's gallery are refused unless
+    `allow_gallery_overlap` (their answers would be their own positions)."""
     if out is not None:
         check_writable(Path(out) / "metrics.json", flag="--out")  # before the slow part, not after it
     if data is None and embeddings is None:
         raise UserError("`pigeon evaluate` needs --data SOURCE or --embeddings FOLDER")
-    pred = Predictor.from_bundle(bundle_dir, device=device)
+    thresholds = checked_thresholds(thresholds)
+    every = refine is not None and refine.strip().lower() == "all"
+    if refine is not None and not every and refine not in MODES:
+        raise UserError(f"--refine {refine}: unknown refinement mode; use one of {', '.join(MODES)}, or all (every mode side by side)")
+    pred = Predictor.from_bundle(bundle_dir, device=device,
+                                 refine=RefineConfig.from_options(None if every else refine, max_refinement_km, temperature=temperature))
+    if every and pred.gallery is None:
+        raise UserError(f"--refine all: bundle {bundle_dir} has no gallery index, so every mode answers the top cell's centre; "
+                        f"build one with `pigeon build-index`, or drop --refine")
     if embeddings is not None:
         store = open_embeddings(embeddings, backbone_hash=pred.backbone.hash)
     else:
         store, _ = cached_embeddings(open_source(data), pred.backbone, cache_dir, workers=workers, progress=progress)
-    rows = store.rows
-    sel = np.arange(len(rows))
-    if split:
-        sel = np.flatnonzero(rows["split"].astype(str).str.lower().to_numpy() == split.lower())
-        if len(sel) == 0:
-            raise UserError(f"data {embeddings or data} has no rows with split {split!r}; pick another --split or give `--split all`")
-    df = pd.DataFrame({"image": store.keys(sel), "lat": rows["lat"].to_numpy()[sel], "lon": rows["lon"].to_numpy()[sel]})
-    p = pred.predict_embeddings(store.take(sel), top_k=1)
-    tlat, tlon = df["lat"].to_numpy(), df["lon"].to_numpy()
+    sel = _split_rows(store, split, embeddings or data)
+    keys, rows = store.keys(sel), store.rows.iloc[sel]
+    tlat, tlon = rows["lat"].to_numpy(np.float64), rows["lon"].to_numpy(np.float64)
+    overlap = gallery_overlap(pred, keys, rows.get("id"), tlat, tlon)
+    if overlap.any() and not allow_gallery_overlap:
+        raise UserError(f"{int(overlap.sum())} of the {len(sel)} {split or 'all'} photos of {embeddings or data} are in bundle {bundle_dir}'s "
+                        f"gallery (same key or id and place, e.g. {keys[np.flatnonzero(overlap)[0]]}): refinement would answer with their own "
+                        f"positions. Rebuild the index from other photos (`pigeon build-index --splits train`), or pass --allow-gallery-overlap")
+    emb = store.take(sel)
+    p = pred.predict_embeddings(emb, top_k=1)
+    m, preds, table = _score(pred, p, keys, tlat, tlon, thresholds)
+    m.update(_baselines(pred, store.rows, tlat, tlon), refine_mode=pred.refine.mode if pred.gallery is not None else "none",
+             gallery_overlap=int(overlap.sum()), split=split or "all", bundle=str(bundle_dir))
+    if every:
+        m["by_refine_mode"] = _by_refine_mode(pred, emb, p["probs"], tlat, tlon, thresholds)
+    if out is not None:
+        _write_outputs(Path(out), m, table, preds, plots, thresholds)
+    m["per_country"] = table.to_dict(orient="records")
+    return m
+
+
+def checked_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    """Sorted distinct thresholds in km; UserError unless each is a number > 0."""
+    try:
+        t = sorted({float(x) for x in thresholds})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--thresholds {thresholds}: give distances in km, e.g. 1,25,50,200,750,2500") from e
+    if not t or not all(np.isfinite(x) and x > 0 for x in t):
+        raise UserError(f"--thresholds {','.join(f'{x:g}' for x in t)}: give distances > 0 km, e.g. 1,25,50,200,750,2500")
+    return tuple(t)
+
+
+def _split_rows(store: Any, split: str | None, name: Any) -> np.ndarray:
+    """Store rows of `split` (case ignored; None: all)."""
+    if not split:
+        return np.arange(len(store.rows))
+    sel = np.flatnonzero(store.rows["split"].astype(str).str.lower().to_numpy() == split.lower())
+    if len(sel) == 0:
+        raise UserError(f"data {name} has no rows with split {split!r}; pick another --split or give `--split all`")
+    return sel
+
+
+def gallery_overlap(pred: Predictor, keys: np.ndarray, ids: Any, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """(n,) bool: photos that are in the predictor's gallery: the same source key (the gallery's `image`)
+    or, when the data has an `id` column, the same id, at the same place (within 100 m)."""
+    hit = np.zeros(len(keys), bool)
+    if pred.gallery is None or not len(keys):
+        return hit
+    f = pred.gallery.gallery.frame
+    glat, glon = f["lat"].to_numpy(np.float64), f["lon"].to_numpy(np.float64)
+    pairs = [(f["image"].astype(str), pd.Series(keys).astype(str))]
+    if ids is not None and "id" in f.columns:
+        pairs.append((_id_text(f["id"]), _id_text(ids)))
+    for gallery_side, ours in pairs:
+        first = pd.Index(gallery_side).drop_duplicates()
+        pos = pd.Index(gallery_side).get_indexer(first)   # first gallery row of each distinct value
+        at = first.get_indexer(ours)
+        ok = at >= 0
+        row = pos[at[ok]]
+        hit[np.flatnonzero(ok)] |= haversine_km(lat[ok], lon[ok], glat[row], glon[row]) < 0.1
+    return hit
+
+
+def _id_text(ids: Any) -> pd.Series:
+    """Ids as text, integers without a decimal point (12, not 12.0), so ids of either dtype compare."""
+    s = pd.Series(np.asarray(ids))
+    n = pd.to_numeric(s, errors="coerce")
+    return n.astype("Int64").astype(str) if n.notna().all() and (n == n.round()).all() else s.astype(str)
+
+
+def _score(pred: Predictor, p: dict[str, Any], keys: np.ndarray, tlat: np.ndarray, tlon: np.ndarray,
+           thresholds: Sequence[float]) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """The metrics of the predictor's answers, the predictions table and the per-country table."""
     t_iso, t_country, t_adm = reverse_geocode(tlat, tlon)
-    p_iso, p_country, p_adm = reverse_geocode(p["lat"], p["lon"])
-    m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm)
-    # Baselines that say what the figures are worth on this data: always answering the centroid of the
-    # training photos (never of the photos scored), and the true cell's centre.
-    is_train = rows["split"].astype(str).str.lower().to_numpy() == "train"
-    base = is_train if is_train.any() else np.ones(len(rows), bool)
-    clat, clon = spherical_mean(rows["lat"].to_numpy()[base], rows["lon"].to_numpy()[base])
-    m["baseline_centroid_median_km"] = float(np.median(haversine_km(clat, clon, tlat, tlon)))
-    m["baseline_centroid_of"] = "train rows" if is_train.any() else "all rows (the data has no train rows)"
+    p_iso, _, p_adm = reverse_geocode(p["lat"], p["lon"])
+    m: dict[str, Any] = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
     true_cell = pred.cells.cell_of(tlat, tlon)
     m["oracle_cell_median_km"] = float(np.median(haversine_km(pred.centres[true_cell, 0], pred.centres[true_cell, 1], tlat, tlon)))
     m["cell_accuracy"] = float(np.mean(p["top_cells"][:, 0] == true_cell))
@@ -78,18 +158,45 @@ def evaluate(
     per = pd.DataFrame({"iso_a2": t_iso, "country": t_country, "km": km, "ok": p_iso == t_iso})
     table = per.groupby(["iso_a2", "country"]).agg(n=("km", "size"), median_km=("km", "median"), country_accuracy=("ok", "mean")).reset_index()
     table = table.sort_values("n", ascending=False).reset_index(drop=True)
-    m["split"] = split or "all"
-    m["bundle"] = str(bundle_dir)
-    if out is not None:
-        preds = pd.DataFrame({"image": df["image"], "lat": tlat, "lon": tlon, "pred_lat": p["lat"], "pred_lon": p["lon"],
-                              "km": km, "confidence": p["confidence"], "radius_km_50": p["radius_km_50"],
-                              "radius_km_90": p["radius_km_90"], "true_country": t_iso, "pred_country": p_iso})
-        _write_outputs(Path(out), m, table, preds, plots)
-    m["per_country"] = table.to_dict(orient="records")
-    return m
+    preds = pd.DataFrame({"image": keys, "lat": tlat, "lon": tlon, "pred_lat": p["lat"], "pred_lon": p["lon"],
+                          "km": km, "confidence": p["confidence"], "radius_km_50": p["radius_km_50"],
+                          "radius_km_90": p["radius_km_90"], "true_country": t_iso, "pred_country": p_iso})
+    return m, preds, table
 
 
-def _write_outputs(o: Path, m: dict[str, Any], table: pd.DataFrame, preds: pd.DataFrame, plots: bool) -> None:
+def _baselines(pred: Predictor, rows: pd.DataFrame, tlat: np.ndarray, tlon: np.ndarray) -> dict[str, Any]:
+    """What the figures are worth on this data: always answering the centroid of the training photos
+    (never of the photos scored); and how many truths lie beyond the cells' reach (farther than
+    max_reach_km from every train/val photo of the data: no cell covers where they were taken)."""
+    split = rows["split"].astype(str).str.lower().to_numpy()
+    is_train = split == "train"
+    base = is_train if is_train.any() else np.ones(len(rows), bool)
+    clat, clon = spherical_mean(rows["lat"].to_numpy()[base], rows["lon"].to_numpy()[base])
+    out: dict[str, Any] = {"baseline_centroid_median_km": float(np.median(haversine_km(clat, clon, tlat, tlon))),
+                           "baseline_centroid_of": "train rows" if is_train.any() else "all rows (the data has no train rows)"}
+    seen = np.isin(split, ("train", "val"))
+    reach = pred.cells.max_reach_km
+    if reach is not None and seen.any():
+        d, _ = cKDTree(to_xyz(rows["lat"].to_numpy()[seen], rows["lon"].to_numpy()[seen])).query(to_xyz(tlat, tlon))
+        out.update(max_reach_km=reach, beyond_reach_share=float(np.mean(chord_to_km(d) > reach)))
+    return out
+
+
+def _by_refine_mode(pred: Predictor, emb: np.ndarray, probs: np.ndarray, tlat: np.ndarray, tlon: np.ndarray,
+                    thresholds: Sequence[float]) -> dict[str, dict[str, float]]:
+    """The distance and country/admin-1 figures of every refinement mode, the same photos and cell
+    probabilities (one batched refinement per mode)."""
+    t_iso, _, t_adm = reverse_geocode(tlat, tlon)
+    out = {}
+    for mode in MODES:
+        lat, lon, _ = pred.gallery.answer(emb, probs, dataclasses.replace(pred.refine, mode=mode))
+        p_iso, _, p_adm = reverse_geocode(lat, lon)
+        out[mode] = geo_metrics(lat, lon, tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
+    return out
+
+
+def _write_outputs(o: Path, m: dict[str, Any], table: pd.DataFrame, preds: pd.DataFrame, plots: bool,
+                   thresholds: Sequence[float] = THRESHOLDS_KM) -> None:
     """metrics.json, per_country.csv, predictions.csv and (with `plots`) the two figures, each written atomically."""
     o.mkdir(parents=True, exist_ok=True)
     with atomic_path(o / "metrics.json") as tmp:
@@ -100,7 +207,7 @@ def _write_outputs(o: Path, m: dict[str, Any], table: pd.DataFrame, preds: pd.Da
         preds.to_csv(tmp, index=False, float_format="%.6g")
     if plots:
         km = preds["km"].to_numpy()
-        plot_error_cdf(km, o / "error_cdf.png")
+        plot_error_cdf(km, o / "error_cdf.png", thresholds)
         plot_world_map(preds["lat"].to_numpy(), preds["lon"].to_numpy(), preds["pred_lat"].to_numpy(), preds["pred_lon"].to_numpy(), o / "world_map.png")
 
 
@@ -110,8 +217,8 @@ def radius_coverage(km: np.ndarray, r50: np.ndarray, r90: np.ndarray) -> dict[st
             "median_radius_km_50": float(np.median(r50)), "median_radius_km_90": float(np.median(r90))}
 
 
-def plot_error_cdf(km: np.ndarray, dest: Path) -> None:
-    """Share of guesses within d km, log x axis, with the standard thresholds marked."""
+def plot_error_cdf(km: np.ndarray, dest: Path, thresholds: Sequence[float] = THRESHOLDS_KM) -> None:
+    """Share of guesses within d km, log x axis, with the thresholds marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +227,7 @@ def plot_error_cdf(km: np.ndarray, dest: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     xs = np.sort(np.maximum(km, 0.1))
     ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post")
-    for t in THRESHOLDS_KM:
+    for t in thresholds:
         ax.axvline(t, color="0.8", lw=0.8, zorder=0)
         ax.text(t, 1.01, f"{t:g}", ha="center", va="bottom", fontsize=7, color="0.4")
     ax.set_xscale("log")
@@ -168,4 +275,4 @@ def plot_world_map(tlat, tlon, plat, plon, dest: Path, max_lines: int = 2000) ->
     plt.close(fig)
 
 
-__all__ = ["evaluate", "radius_coverage", "plot_error_cdf", "plot_world_map"]
+__all__ = ["evaluate", "checked_thresholds", "gallery_overlap", "radius_coverage", "plot_error_cdf", "plot_world_map"]

@@ -1,6 +1,7 @@
 """Geolocation metrics as the field reports them (PIGEON/PIGEOTTO tables).
 
-Share of guesses within 1 / 25 / 200 / 750 / 2500 km (street, city, region, country, continent),
+Share of guesses within 1 / 25 / 50 / 200 / 750 / 2500 km (street, city, metro area, region, country,
+continent; other thresholds can be given),
 median and mean error in km, the GeoGuessr score 5000·exp(-d/1492.7), and country / admin-1
 accuracy (the guess lands in the same country / admin-1 region as the truth).
 """
@@ -17,7 +18,7 @@ from pigeon.core.sphere import haversine_km
 from pigeon.geocells import bundled
 from pigeon.geocells.geometry import NearestIndex, assign_points
 
-THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
+THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 50.0, 200.0, 750.0, 2500.0)
 GEOGUESSR_SCALE_KM = 1492.7
 
 
@@ -47,10 +48,11 @@ def geo_metrics(
     true_country: np.ndarray | None = None,
     pred_admin1: np.ndarray | None = None,
     true_admin1: np.ndarray | None = None,
+    thresholds: Sequence[float] = THRESHOLDS_KM,
 ) -> dict[str, float]:
     """All metrics for guesses vs truths; country/admin-1 accuracy when both sides' labels are given."""
     km = haversine_km(pred_lat, pred_lon, true_lat, true_lon)
-    out = distance_metrics(km)
+    out = distance_metrics(km, thresholds)
     if pred_country is not None and true_country is not None:
         out["country_accuracy"] = float(np.mean(np.asarray(pred_country) == np.asarray(true_country)))
     if pred_admin1 is not None and true_admin1 is not None:
@@ -64,12 +66,18 @@ def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.nd
     A point at sea (or on a coast the simplified polygons miss) takes the nearest polygon on the
     sphere, so a guess on a beach still counts for its country: geocells' own point assignment.
     """
+    r = regions_at(lat, lon)
+    return r["iso_a2"], r["country"], (r["country"].astype(str) + "/" + r["admin1"].astype(str)).astype(object)
+
+
+def regions_at(lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
+    """The bundled admin-1 region at each point: arrays `admin1`, `country`, `iso_a2` (object) and
+    `at_sea` (bool: the point is in no polygon, and the region is the nearest one on the sphere)."""
     adm, geoms, tree, nearest = _admin1_lookup()
-    idx, *_ = assign_points(np.asarray(lat, np.float64), np.asarray(lon, np.float64), geoms, tree, nearest)
-    iso = adm["iso_a2"].to_numpy()[idx]
-    country = adm["country"].to_numpy()[idx]
-    key = (adm["country"].astype(str) + "/" + adm["admin1"].astype(str)).to_numpy()[idx]
-    return iso, country, key
+    lon = (np.asarray(lon, np.float64) + 180.0) % 360.0 - 180.0
+    idx, _, _, sea = assign_points(np.asarray(lat, np.float64), lon, geoms, tree, nearest)
+    return {"admin1": adm["admin1"].to_numpy(object)[idx], "country": adm["country"].to_numpy(object)[idx],
+            "iso_a2": adm["iso_a2"].to_numpy(object)[idx], "at_sea": np.asarray(sea, bool)}
 
 
 @lru_cache(maxsize=1)
@@ -80,4 +88,4 @@ def _admin1_lookup():
     return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)
 
 
-__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode"]
+__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at"]

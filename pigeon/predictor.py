@@ -28,6 +28,7 @@ from .gallery import GALLERY_PARTS, load_gallery, recorded_refine_mode
 from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import Gallery, GalleryRefiner, RefineConfig, centre_answers
+from .metrics import regions_at
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -72,6 +73,8 @@ class Predictor:
         # country and admin-1 probabilities from each cell's composition, not its one label
         self._country_m, self._country_keys = _group_matrix(cells.composition("country"), ["iso_a2", "country"], self.n_cells)
         self._admin_m, self._admin_keys = _group_matrix(cells.composition("admin1"), ["admin1", "country"], self.n_cells)
+        # cells whose land was cut at the cells' reach limit (None: no limit recorded): see `reach` in `format`
+        self._edge = cells.at_reach_edge.astype(np.float64) if cells.max_reach_km is not None else None
         # Head weights as plain tensors: inference is two matmuls, no autograd.
         with torch.no_grad():
             self._protos = torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).to(device)
@@ -162,7 +165,8 @@ class Predictor:
         return self.backbone.embed_images(ims)
 
     def locate(self, images: Sequence[Any], top_k: int = 5) -> list[dict[str, Any]]:
-        """Answers for PIL images or paths: lat, lon, confidence, radii, top cells, countries, admin-1, refinement, timings."""
+        """Answers for PIL images or paths: lat, lon, confidence, radii, top cells, countries, admin-1, refinement,
+        the region at the answer point, the reach, timings."""
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
             images = [images]
         if len(images) == 0:
@@ -190,6 +194,8 @@ class Predictor:
         k_a = min(top_k, len(self._admin_keys))
         top_country = np.argsort(-p["country_probs"], axis=1)[:, :k_c]
         top_admin = np.argsort(-p["admin1_probs"], axis=1)[:, :k_a]
+        here = regions_at(p["lat"], p["lon"])   # the admin-1 the answer point lies in (bundled Natural Earth)
+        edge = p["probs"] @ self._edge if self._edge is not None else None
         g = self.centres
         out = []
         for i in range(n):  # formatting only: k small dicts per image
@@ -209,6 +215,9 @@ class Predictor:
                 "lat": float(p["lat"][i]), "lon": float(p["lon"][i]), "confidence": float(p["confidence"][i]),
                 "radius_km_50": float(p["radius_km_50"][i]), "radius_km_90": float(p["radius_km_90"][i]),
                 "top_cells": cells, "countries": countries, "admin1": admins, "refinement": p["refinement"][i],
+                "region_at_answer": {"admin1": str(here["admin1"][i]), "country": str(here["country"][i]),
+                                     "iso_a2": str(here["iso_a2"][i]), "at_sea": bool(here["at_sea"][i])},
+                "reach": None if edge is None else {"max_reach_km": self.cells.max_reach_km, "edge_probability": float(edge[i])},
             })
         return out
 

@@ -88,6 +88,9 @@ def test_torchrun_two_processes_write_the_same_files(world, tmp_path):
         a, b = ShardFiles(root / "ref", i), ShardFiles(tmp_path / "ddp", i)
         assert np.array_equal(np.load(a.vectors), np.load(b.vectors)), i
         pd.testing.assert_frame_equal(pd.read_parquet(a.rows), pd.read_parquet(b.rows))
+    # a resume with another world size finds the same files: nothing to redo
+    again = embed_source(open_source(manifest, rows_per_shard=40), bb, tmp_path / "ddp", batch_size=16, progress=False)
+    assert again["shards_reused_here"] == 6 and again["images_embedded_here"] == 0
 
 
 def test_a_killed_run_resumes_and_loses_at_most_one_shard(world, tmp_path):
@@ -197,6 +200,6 @@ def test_train_build_index_and_evaluate_read_the_folder(world, tmp_path):
     assert reps["folder"]["images_embedded"] == 0 and reps["data"]["images_embedded"] == 240
     assert [h["val_loss"] for h in reps["folder"]["history"]] == pytest.approx([h["val_loss"] for h in reps["data"]["history"]], rel=1e-5)
     g = build_index(None, tmp_path / "folder", embeddings=root / "ref", progress=False)
-    assert g["images"] == (df["split"] != "val").sum() and g["skipped"] == 0
+    assert g["images"] == (df["split"] == "train").sum() and g["skipped"] == 0   # the gallery holds train rows only
     m = evaluate(tmp_path / "folder", None, embeddings=root / "ref", progress=False, plots=False)
     assert m["n"] == (df["split"] == "test").sum() and m["baseline_centroid_of"] == "train rows"

@@ -68,7 +68,8 @@ def region_points(region_boundaries):
 @pytest.fixture(scope="module")
 def region_cells(region_boundaries, region_points):
     lat, lon = region_points
-    return build_cells(lat, lon, region_boundaries, min_size=30, max_size=60, progress=False)
+    # no reach limit: the cells tile the land (the limit is tested in test_eval_trust.py)
+    return build_cells(lat, lon, region_boundaries, min_size=30, max_size=60, progress=False, max_reach_km=None)
 
 
 def test_cells_partition_the_land(region_cells, region_boundaries):
@@ -158,7 +159,7 @@ def test_metadata(region_cells):
 
 def test_deterministic(region_boundaries, region_points, region_cells):
     lat, lon = region_points
-    again = build_cells(lat, lon, region_boundaries, min_size=30, max_size=60, progress=False)
+    again = build_cells(lat, lon, region_boundaries, min_size=30, max_size=60, progress=False, max_reach_km=None)
     assert again.hash == region_cells.hash
     assert (again.labels_ == region_cells.labels_).all()
 
@@ -186,7 +187,7 @@ def test_poles():
     rng = np.random.default_rng(3)
     lat = np.r_[rng.uniform(-89.9, -85.0, 200), rng.uniform(78.0, 80.0, 70), rng.uniform(70, 76, 70)]
     lon = np.r_[rng.uniform(-180, 180, 200), rng.uniform(11.0, 25.0, 70), rng.uniform(-50, -25, 70)]
-    cells = build_cells(lat, lon, sub, min_size=20, max_size=40, progress=False)
+    cells = build_cells(lat, lon, sub, min_size=20, max_size=40, progress=False, max_reach_km=None)  # tiling: no reach limit
     counts = cells.gdf["count"].to_numpy()
     assert counts.sum() == len(lat) and counts.min() >= 20 and counts.max() <= 40
     assert shapely.is_valid(cells.geoms).all()
@@ -378,7 +379,8 @@ def mp16():
     if not (SHARED_DATA / "mp16_gps_100k.csv").exists():
         pytest.skip("../shared/data not present")
     df = pd.read_csv(SHARED_DATA / "mp16_gps_100k.csv").sample(20000, random_state=0)
-    return df, build_cells(df["LAT"].to_numpy(), df["LON"].to_numpy(), None, min_size=30, max_size=60, progress=False)
+    return df, build_cells(df["LAT"].to_numpy(), df["LON"].to_numpy(), None, min_size=30, max_size=60, progress=False,
+                           max_reach_km=None)  # no reach limit: the cells tile all land
 
 
 def test_mp16_sample_bundled_boundaries(mp16):

@@ -17,6 +17,7 @@ from pigeon.core.io import atomic_path
 
 
 DEFAULT_SPLITS = ("train", "val")   # test rows never shape the cells unless asked for
+DEFAULT_MAX_REACH_KM = 500.0         # = pigeon.geocells.reach.DEFAULT_MAX_REACH_KM (not imported: shapely at start-up)
 _SCHEME_OR_PATTERN = re.compile(r"[{*?\[]|^[A-Za-z][A-Za-z0-9+.-]+:")   # a brace/glob pattern, a URL or pipe:
 
 
@@ -84,6 +85,7 @@ def build_cells_file(
     progress: bool = True,
     force: bool = False,
     splits: Sequence[str] | None = DEFAULT_SPLITS,
+    max_reach_km: float | None = DEFAULT_MAX_REACH_KM,
 ) -> dict:
     """Read points (a points table or any data source; only rows of `splits`, None: all), build cells,
     write them (atomically) and return a summary dict.
@@ -91,7 +93,8 @@ def build_cells_file(
     When `out` is named `cells.parquet`, its folder is treated as a model bundle and the cells are
     recorded in the bundle's manifest (so later parts can be checked against them). A bundle that
     already holds parts built on its cells (head, index, ...) is refused unless `force`: new cells
-    orphan them, and the summary's `must_rebuild` says which.
+    orphan them, and the summary's `must_rebuild` says which. Land farther than `max_reach_km` from every
+    point belongs to no cell (None or inf: the cells tile all land).
     """
     # imported here, not at module top: `pigeon --help` should not pay for shapely, geopandas and numba
     from pigeon.geocells import build_cells, load_boundaries
@@ -101,10 +104,11 @@ def build_cells_file(
     dependents = _dependent_parts(out, force)
     pts = read_points(points, lat_col, lon_col, splits)
     b = load_boundaries(boundaries, columns)
-    cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress)
+    cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress, max_reach_km=max_reach_km)
     meta = {"points_file": str(points), "points": int(len(pts)), "boundaries": str(boundaries), "min_size": int(min_size),
             "max_size": int(max_size), "seed": int(seed), "content_hash": cells.hash,
-            "splits": list(splits) if splits else "all", "left_out_rows": int(pts.left_out)}
+            "splits": list(splits) if splits else "all", "left_out_rows": int(pts.left_out),
+            "max_reach_km": cells.max_reach_km}
     _write_cells(cells, out, meta, geojson)
     if plot:
         from pigeon.geocells.plot import plot_cells  # matplotlib only when a plot is asked for
@@ -165,6 +169,9 @@ def _summary(cells, pts, min_size: int, max_size: int) -> dict:
         "size_median": float(sorted(counts)[len(counts) // 2]),
         "size_max": int(counts.max()),
         "outside_bounds": int(((counts < min_size) | (counts > max_size)).sum()),
+        "max_reach_km": cells.max_reach_km,            # None: no limit
+        "reach_cut_cells": int(st.reach_cut_cells),    # cells that lost land beyond it
+        "reach_cut_km2": round(float(st.reach_cut_km2)),
         "unsplittable": st.unsplittable,
     }
 
@@ -190,6 +197,7 @@ def register(app: typer.Typer) -> None:
         splits: str = typer.Option(",".join(DEFAULT_SPLITS), "--splits", help="Rows to build on, by their `split` column/field (missing: train); 'all' for every row."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; only the JSON summary."),
         force: bool = typer.Option(False, "--force", help="Replace the cells of a bundle that already has a head or index built on them (they must then be rebuilt)."),
+        max_reach_km: float = typer.Option(DEFAULT_MAX_REACH_KM, "--max-reach-km", help="Land farther than this (km) from every point belongs to no cell; inf: cells tile all land."),
     ) -> None:
         """Build geocells: admin regions with photos, small ones merged, big ones split by OPTICS + Voronoi."""
         columns = {k: v for k, v in {"adm0_a3": country_col, "country": country_name_col, "admin1": admin1_col, "admin2": admin2_col}.items() if v}
@@ -197,13 +205,16 @@ def register(app: typer.Typer) -> None:
         if wanted == []:
             raise UserError(f"--splits {splits!r}: give split names such as train,val, or all")
         s = build_cells_file(points, out, boundaries, min_size, max_size, lat_col, lon_col, columns, plot, geojson, seed,
-                             progress=not quiet, force=force, splits=wanted)
+                             progress=not quiet, force=force, splits=wanted, max_reach_km=max_reach_km)
         if not quiet:
             print(
                 f"{s['cells']} cells from {s['points']:,} points ({s['skipped_rows']} rows skipped, {s['at_sea']} at sea -> nearest land) "
                 f"| size min/median/max {s['size_min']}/{s['size_median']:g}/{s['size_max']} | {s['seconds']} s -> {s['out']}",
                 file=sys.stderr,
             )
+            if s["reach_cut_cells"]:
+                print(f"note: {s['reach_cut_km2']:,} km² of land farther than {s['max_reach_km']:g} km from every point left out of "
+                      f"{s['reach_cut_cells']} edge cells (--max-reach-km)", file=sys.stderr)
             if s["left_out_rows"]:
                 print(f"note: {s['left_out_rows']:,} rows of other splits than {','.join(s['splits'])} left out (--splits all keeps them)", file=sys.stderr)
             if s["must_rebuild"]:

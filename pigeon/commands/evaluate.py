@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from pigeon.core.errors import UserError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
@@ -20,12 +22,23 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, per_country.csv, predictions.csv, error_cdf.png, world_map.png"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         device: str = typer.Option("cpu", help="torch device"),
+        refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement: cluster+nn | cluster | nn | none, or all (every mode side by side in by_refine_mode); default: the bundle's recorded mode, else cluster+nn"),
+        max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard, as `pigeon locate` (default 1000; inf = off)"),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="refinement softmax temperature (default 1.6, PIGEON's street view; 0.6 for Flickr)"),
+        thresholds: str = typer.Option("1,25,50,200,750,2500", "--thresholds", help="km thresholds for the within_<d>km shares, comma-separated"),
+        allow_gallery_overlap: bool = typer.Option(False, "--allow-gallery-overlap", help="score photos that are also in the bundle's gallery (refused by default: they answer with their own positions)"),
     ) -> None:
-        """Score a bundle: share within 1/25/200/750/2500 km, median/mean km, GeoGuessr score, country/admin-1 accuracy."""
+        """Score a bundle: share within 1/25/50/200/750/2500 km, median/mean km, GeoGuessr score, country/admin-1 accuracy."""
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.evaluate import evaluate
 
+        try:
+            km = [float(x) for x in thresholds.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--thresholds {thresholds!r}: give distances in km separated by commas, e.g. 1,25,50,200,750,2500") from None
         m = evaluate(bundle, data, split=None if split == "all" else split, out=out,
-                     cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers)
+                     cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers,
+                     refine=refine, max_refinement_km=max_refinement_km, temperature=temperature, thresholds=km,
+                     allow_gallery_overlap=allow_gallery_overlap)
         m.pop("per_country", None)
         typer.echo(json.dumps(m))

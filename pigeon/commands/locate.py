@@ -87,7 +87,8 @@ def _write_answers(answers: list[dict], out: Path) -> None:
                      "country": a["countries"][0]["name"] if a["countries"] else "",
                      "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
                      "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
-                     "admin1": a["admin1"][0]["name"] if a["admin1"] else ""} for a in answers]
+                     "admin1": a["admin1"][0]["name"] if a["admin1"] else "",
+                     "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"]} for a in answers]
             pd.DataFrame(rows).to_csv(tmp, index=False)
         else:
             feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
@@ -116,7 +117,8 @@ def register(app: typer.Typer) -> None:
         if out is None:
             for a in answers:
                 c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}
-                typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\t{c['name']} ({c['probability']:.0%})\t"
+                here = a["region_at_answer"]
+                typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\tin {here['admin1']}, {here['country']}\t{c['name']} ({c['probability']:.0%})\t"
                            f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km")
         else:
             typer.echo(f"{len(answers)} images located -> {out}" if answers else "no image located; nothing written")
