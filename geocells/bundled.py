@@ -3,6 +3,9 @@
 - `admin1()`: Natural Earth 10m admin-1 polygons (public domain), simplified as a coverage.
 - `driving_side()`: which side of the road each country drives on (Wikidata, CC0).
 - `cities()`: GeoNames places with at least 1000 people (CC BY 4.0, credit GeoNames).
+- `world_cells()`: the zero-shot world bundle's cells (`pigeon world`), from the 100K MP-16 photo
+  locations (MIT) and the admin-1 polygons: one cell per admin-1 region with enough photos, no cell
+  across a border, every country at least one cell (see docs/world.md).
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from importlib import resources
 
 import geopandas as gpd
 import pandas as pd
+
+from .cells import GeoCells
+
+WORLD_CELLS = "world_cells.parquet"
 
 
 def data_path(name: str):
@@ -35,3 +42,8 @@ def driving_side() -> pd.DataFrame:
 def cities() -> pd.DataFrame:
     """GeoNames cities: lat, lon (float32), name, admin1, cc (ISO a2)."""
     return pd.read_parquet(str(data_path("cities.parquet")))
+
+
+def world_cells() -> GeoCells:
+    """The bundled world cells (a fresh `GeoCells` each call: callers may cache lookups on it)."""
+    return GeoCells.load(str(data_path(WORLD_CELLS)))

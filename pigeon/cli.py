@@ -28,6 +28,7 @@ COMMANDS = [
     "pigeon.commands.pretrain",
     "pigeon.commands.embed",
     "pigeon.commands.train",
+    "pigeon.commands.world",
     "pigeon.commands.build_index",
     "pigeon.commands.locate",
     "pigeon.commands.evaluate",

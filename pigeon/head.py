@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,23 @@ from pigeon.core.sphere import EARTH_RADIUS_KM, pairwise_km, to_xyz
 from .calibration import RadiusModel
 
 CAPTION = "A photo taken in {region}, {country}."
+CAPTION_COUNTRY = "A photo taken in {country}."
 DEFAULT_TAU_KM = 65.0
+# Zero-shot prompt ensemble (CLIP's recipe: a class's prototype is the normalised mean of its prompts'
+# normalised text embeddings), in the PIGEON/StreetCLIP style. Each template is a pair: the sentence
+# for a cell with a region, and the one for a cell with none (the country alone). The first pair is the
+# single caption `cell_captions` writes; the country-only ones make a cell's prototype also carry what a
+# caption can say of its whole country. See docs/world.md for the measurement that chose the default.
+ZERO_SHOT_TEMPLATES: tuple[tuple[str, str], ...] = (
+    (CAPTION, CAPTION_COUNTRY),
+    ("A Street View photo in {region}, {country}.", "A Street View photo in {country}."),
+    ("A photo in the region of {region} in {country}.", "A photo in {country}."),
+    ("A Street View photo in the region of {region} in {country}.", "A Street View photo in {country}."),
+    ("A street in {region}, {country}.", "A street in {country}."),
+    ("A road in {region}, {country}.", "A road in {country}."),
+    (CAPTION_COUNTRY, CAPTION_COUNTRY),
+    ("A Street View photo in {country}.", "A Street View photo in {country}."),
+)
 
 
 class PrototypeHead(nn.Module):
@@ -112,18 +128,56 @@ def write_head(bundle: Any, head: PrototypeHead, backbone_hash: str, **meta: Any
     )
 
 
-def cell_captions(gdf: Any) -> list[str]:
-    """One caption per cell: 'A photo taken in {region}, {country}.' (region = the cell's main admin-1)."""
+def cell_captions(gdf: Any, template: tuple[str, str] = (CAPTION, CAPTION_COUNTRY)) -> list[str]:
+    """One caption per cell: 'A photo taken in {region}, {country}.' (region = the cell's main admin-1;
+    'A photo taken in {country}.' for a cell without one), or `template`'s pair (with region, without)."""
     regions = gdf["admin1"].fillna("").astype(str).to_numpy()
     countries = gdf["country"].fillna("").astype(str).to_numpy()
-    return [CAPTION.format(region=r, country=c) if r else f"A photo taken in {c}." for r, c in zip(regions, countries)]
+    with_region, without = template
+    return [with_region.format(region=r, country=c) if r else without.format(country=c) for r, c in zip(regions, countries)]
 
 
-def text_prototypes(backbone: Any, gdf: Any, batch_size: int = 256) -> np.ndarray:
-    """(C, D) normalised text embeddings of the cells' captions."""
-    caps = cell_captions(gdf)
-    out = [np.asarray(backbone.embed_texts(caps[i:i + batch_size]), dtype=np.float32) for i in range(0, len(caps), batch_size)]
+def choose_templates(n: int | str | None) -> tuple[tuple[str, str], ...]:
+    """The first `n` of `ZERO_SHOT_TEMPLATES` ('all' or None: every one); UserError naming `--templates` otherwise."""
+    if n is None or str(n).strip().lower() == "all":
+        return ZERO_SHOT_TEMPLATES
+    try:
+        k = int(str(n).strip())
+    except ValueError:
+        k = 0
+    if not 1 <= k <= len(ZERO_SHOT_TEMPLATES):
+        raise UserError(f"--templates must be 'all' or a number from 1 to {len(ZERO_SHOT_TEMPLATES)}, got {n!r}")
+    return ZERO_SHOT_TEMPLATES[:k]
+
+
+def text_prototypes(backbone: Any, gdf: Any, batch_size: int = 256, templates: Sequence[tuple[str, str]] | None = None) -> np.ndarray:
+    """(C, D) normalised text embeddings of the cells' captions.
+
+    `templates` None: one caption per cell (`cell_captions`). Otherwise a prompt ensemble, CLIP's
+    zero-shot recipe: each cell's prototype is the normalised mean over the templates of the
+    normalised embedding of its caption from that template."""
+    if templates is None:
+        return _embed_texts(backbone, cell_captions(gdf), batch_size)
+    if len(templates) == 0:
+        raise UserError("text_prototypes: give at least one template (a (with region, without region) pair)")
+    caps = [c for t in templates for c in cell_captions(gdf, t)]                      # template-major
+    emb = _embed_texts(backbone, caps, batch_size).reshape(len(templates), len(gdf), -1)  # (T, C, D)
+    return _normalise(emb.mean(axis=0))
+
+
+def _embed_texts(backbone: Any, texts: list[str], batch_size: int) -> np.ndarray:
+    """(n, D) normalised text embeddings, in batches (one text tower pass per batch)."""
+    out = [np.asarray(backbone.embed_texts(texts[i:i + batch_size]), dtype=np.float32) for i in range(0, len(texts), batch_size)]
     return _normalise(np.concatenate(out, 0))
+
+
+def zero_shot_scale(backbone: Any) -> float:
+    """Logit scale of a zero-shot text head: the backbone's own CLIP logit scale (at most 100), else 100."""
+    ls = getattr(backbone.model, "logit_scale", None)
+    try:
+        return float(min(ls.exp().item(), 100.0)) if ls is not None else 100.0
+    except Exception:  # a logit_scale that is not a tensor: CLIP's usual value
+        return 100.0
 
 
 def mean_prototypes(emb: np.ndarray | Iterable[np.ndarray], cell: np.ndarray, n_cells: int, fallback: np.ndarray | None = None,
@@ -201,6 +255,7 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "CAPTION", "DEFAULT_TAU_KM", "PrototypeHead", "write_head", "cell_captions", "text_prototypes",
+    "CAPTION", "CAPTION_COUNTRY", "DEFAULT_TAU_KM", "ZERO_SHOT_TEMPLATES", "PrototypeHead", "write_head", "cell_captions",
+    "choose_templates", "text_prototypes", "zero_shot_scale",
     "mean_prototypes", "smoothed_targets", "BatchTargets",
 ]

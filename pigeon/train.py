@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int = 0                 # DataLoader workers decoding images when this run embeds
     strict: bool = False             # stop at the first bad sample (else skip and count it)
     calibration_rows: int = 20000    # most val photos for the temperature and radii fits (O(rows x cells) memory)
+    samples_per_epoch: int | None = None  # examples per epoch (a seeded draw without replacement); None: all
     progress: bool = True
 
     def check(self) -> None:
@@ -85,6 +86,8 @@ class TrainConfig:
             raise UserError(f"--init must be 'mean' or 'text', got {self.init!r}")
         if self.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise UserError(f"--samples-per-epoch must be at least 1, got {self.samples_per_epoch}")
         if self.embeddings and (self.augment or self.unfreeze_last_block):
             raise UserError("--embeddings holds plain views only: --augment and --unfreeze-last-block need the photos (give --data)")
 
@@ -333,7 +336,7 @@ class _Run:
         sampler = EpochSampler(self.n_examples, seed=cfg.seed, weights=weights)
         for epoch in range(lp.start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
-            rec = self.epoch(epoch, sampler.indices())
+            rec = self.epoch(epoch, sampler.indices()[: cfg.samples_per_epoch])
             score = self.score(rec)
             lp.history.append(rec)
             if score < lp.best - 1e-6:

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         unfreeze_last_block: bool = typer.Option(False, "--unfreeze-last-block", help="also train the image tower's last block; writes backbone.safetensors"),
         init: str = typer.Option("mean", help="prototype init: mean (image means) or text (captions)"),
         patience: int = typer.Option(5, help="epochs without validation improvement before stopping"),
+        samples_per_epoch: Optional[int] = typer.Option(None, "--samples-per-epoch", help="training examples per epoch (a fresh seeded draw each epoch; default: all), to validate more often on millions of photos"),
         strict: bool = typer.Option(False, "--strict", help="stop at the first bad sample instead of skipping and counting it"),
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same options"),
         seed: int = typer.Option(0, help="random seed"),
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, balanced=balanced, augment=augment,
                           unfreeze_last_block=unfreeze_last_block, init=init, patience=patience, resume=resume, seed=seed,
                           cache_dir=str(cache_dir) if cache_dir else None, embeddings=str(embeddings) if embeddings else None,
-                          workers=workers, strict=strict)
+                          workers=workers, strict=strict, samples_per_epoch=samples_per_epoch)
         rep = train(data, bundle, backbone=backbone, config=cfg, device=device)
         last = rep["history"][-1] if rep["history"] else {}
         keys = ("n_train", "n_val", "n_cells", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after",
