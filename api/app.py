@@ -100,7 +100,7 @@ def create_app(bundle: Any, settings: Settings | None = None) -> FastAPI:
         summary="Where on Earth was this photo taken? From the pixels alone.",
         version=service.version()["pigeon_version"],
         lifespan=lifespan,
-        form_limits={"max_files": settings.max_batch + 1, "max_fields": 16, "max_part_size": 64 * 1024},
+        form_limits={"max_files": settings.max_batch + 1, "max_fields": settings.max_batch + 16, "max_part_size": 64 * 1024},
     )
     app.state.service = service
     app.state.settings = settings

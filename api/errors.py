@@ -29,7 +29,8 @@ STATUS_CODES = {
 }
 
 ERROR = {"model": ErrorResponse}  # the OpenAPI `responses` entry of an error status
-ONE_IMAGE = "send exactly one `image` part; use POST /locate/batch (field `images`) for several"
+ONE_IMAGE = ("send one `image` part, or 2 to {limit} views of ONE place with the form field same_place=true; "
+             "use POST /locate/batch (field `images`) for photos of different places")
 
 
 class ApiError(Exception):
@@ -59,6 +60,15 @@ def too_many_images(n: int | None, limit: int) -> ApiError:
     return ApiError(413, "too_many_images", f"{sent} in one batch; the limit is {limit}: send them in several requests")
 
 
+def too_many_views(n: int | None, limit: int, same_place: bool = True) -> ApiError:
+    """422 for /locate with several `image` parts but no same_place=true, or over `max_batch` views (n: how many
+    were sent, None when the form parser stopped counting). The code stays `one_image_expected`, what /locate
+    answered before it took several views."""
+    sent = f"{n} `image` parts" if n is not None else f"more than {limit} `image` parts"
+    why = "" if same_place else " without same_place=true"
+    return ApiError(422, "one_image_expected", f"{sent} sent to /locate{why}; " + ONE_IMAGE.format(limit=limit))
+
+
 def _too_many_files(request: Request, exc: StarletteHTTPException) -> ApiError | None:
     """Starlette's form parser stops at `max_files` parts with a 400 of its own ("Too many files...");
     answer what the API documents instead: 413 too_many_images (batch), 422 one_image_expected (/locate)."""
@@ -68,7 +78,7 @@ def _too_many_files(request: Request, exc: StarletteHTTPException) -> ApiError |
     if exc.status_code != 400 or not isinstance(cause, MultiPartException) or not cause.message.startswith("Too many files"):
         return None
     if request.url.path == "/locate":
-        return ApiError(422, "one_image_expected", ONE_IMAGE)
+        return too_many_views(None, request.app.state.settings.max_batch)
     return too_many_images(None, request.app.state.settings.max_batch)
 
 

@@ -90,7 +90,8 @@ class Explanation(BaseModel):
 
 
 class Location(_Open):
-    """One photo's answer. `exif_gps_present` only reports the file's EXIF; it is never used for the answer."""
+    """One photo's answer, or one place's from several views (`views` > 1). `exif_gps_present` only reports the
+    files' EXIF (any view's); it is never used for the answer."""
 
     lat: float
     lon: float
@@ -107,6 +108,9 @@ class Location(_Open):
     image: ImageInfo
     timings_ms: dict[str, float]
     explain: Optional[Explanation] = None
+    views: int = Field(1, ge=1, description="how many views of the place were combined into this answer (1: one photo)")
+    combine: Optional[str] = Field(None, description="how the views were combined (mean | product | both); null for one photo")
+    view_images: Optional[list[ImageInfo]] = Field(None, description="each view's format and size, in the order sent (several views only)")
 
 
 class ItemError(BaseModel):
@@ -118,23 +122,29 @@ class ItemError(BaseModel):
 
 
 class BatchItem(BaseModel):
-    """A located file."""
+    """A located file. With `place` fields: a place (`place`, `filenames`; `filename` null)."""
 
     model_config = ConfigDict(extra="forbid")
     filename: Optional[str] = None
+    place: Optional[str] = Field(None, description="the place's label (batches with `place` fields only)")
+    filenames: Optional[list[Optional[str]]] = Field(None, description="the place's files, in the order sent (batches with `place` fields only)")
     result: Location
 
 
 class BatchItemError(BaseModel):
-    """A refused file (the others of the batch are still answered)."""
+    """A refused file (the others of the batch are still answered). With `place` fields: a place (`place`, `filenames`; `filename` null)."""
 
     model_config = ConfigDict(extra="forbid")
     filename: Optional[str] = None
+    place: Optional[str] = Field(None, description="the place's label (batches with `place` fields only)")
+    filenames: Optional[list[Optional[str]]] = Field(None, description="the place's files, in the order sent (batches with `place` fields only)")
     error: ItemError
 
 
 class BatchResponse(BaseModel):
-    results: list[Union[BatchItem, BatchItemError]] = Field(..., description="one entry per file, in the order sent: a result or an error")
+    results: list[Union[BatchItem, BatchItemError]] = Field(
+        ..., description="one entry per file, in the order sent: a result or an error; with `place` fields, one entry per place, "
+                         "in the order of each place's first file")
     timings_ms: dict[str, float]
 
 

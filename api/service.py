@@ -208,6 +208,24 @@ class Service:
             release_memory()
         return out
 
+    def locate_place(self, blobs: list[tuple[str | None, bytes]], top_k: int, combine: str | None) -> dict[str, Any]:
+        """One answer for several views of one place; runs in a worker thread. Every view must be usable:
+        the first that is not refuses the request with its own status, named `image[i] (name)`."""
+        t0 = time.perf_counter()
+        probed = [self.probe(data, upload_label(f"image[{i}]", name)) for i, (name, data) in enumerate(blobs)]
+        self.check_budget(probed)
+        decoded = [decode_probed(p, self.draft_size) for p in probed]  # one at a time: each full-size decode is dropped once reduced
+        t1 = time.perf_counter()
+        res = plain(self.predictor.locate_place([d.image for d in decoded], combine=combine, top_k=top_k))
+        t2 = time.perf_counter()
+        out = self._finish(res, decoded[0])
+        out["exif_gps_present"] = any(d.exif_gps_present for d in decoded)
+        out["view_images"] = [{"format": d.format, "width": d.width, "height": d.height} for d in decoded]
+        out["timings_ms"] = {**out["timings_ms"], "decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}
+        if sum(p.pixels for p in probed) > LARGE_REQUEST_PIXELS:
+            release_memory()
+        return out
+
     def _decode_all(self, blobs: list[tuple[str | None, bytes]]) -> tuple[list[DecodedImage | UploadError], int]:
         """Every upload decoded, or the error that names it; the request's pixel budget checked over
         all headers before the first decode (413 for the whole request). Returns (items, header pixels)."""
@@ -243,6 +261,41 @@ class Service:
         if pixels > LARGE_REQUEST_PIXELS:
             release_memory()
         return {"results": items, "timings_ms": {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}}
+
+    def locate_places(self, blobs: list[tuple[str | None, bytes]], places: list[str], top_k: int, combine: str | None) -> dict[str, Any]:
+        """One answer per place label for a batch (all views embedded in one pass); a place with a view that
+        cannot be used gets that view's error entry. No place usable: that error."""
+        t0 = time.perf_counter()
+        decoded, pixels = self._decode_all(blobs)
+        order = list(dict.fromkeys(places))  # places in the order of their first file
+        bad = {pl: d for pl, d in zip(places, decoded) if isinstance(d, UploadError)}
+        good = [i for i, pl in enumerate(places) if pl not in bad]
+        if not good:
+            raise _all_failed(list(bad.values()))
+        t1 = time.perf_counter()
+        pred = self.predictor
+        p, labels, counts = pred.predict_places(pred.embed([decoded[i].image for i in good]), [places[i] for i in good], combine=combine, top_k=top_k)
+        answers = dict(zip(labels.tolist(), plain(pred.format(p, top_k=top_k))))
+        t2 = time.perf_counter()
+        items = [self._place_item(pl, blobs, places, decoded, answers.get(pl), bad.get(pl), combine or pred.combine) for pl in order]
+        if pixels > LARGE_REQUEST_PIXELS:
+            release_memory()
+        return {"results": items, "timings_ms": {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}}
+
+    def _place_item(self, place: str, blobs: list[tuple[str | None, bytes]], places: list[str], decoded: list[Any],
+                    res: dict[str, Any] | None, err: UploadError | None, combine: str) -> dict[str, Any]:
+        """A batch entry for one place: `{place, filenames, result}` or `{place, filenames, error}`."""
+        mine = [i for i, pl in enumerate(places) if pl == place]
+        item: dict[str, Any] = {"place": place, "filenames": [blobs[i][0] for i in mine]}
+        if err is not None:
+            item["error"] = err.as_item()
+            return item
+        views = [decoded[i] for i in mine]
+        out = self._finish(res, views[0])
+        out.update(views=len(views), combine=combine, exif_gps_present=any(d.exif_gps_present for d in views),
+                   view_images=[{"format": d.format, "width": d.width, "height": d.height} for d in views])
+        item["result"] = out
+        return item
 
     @staticmethod
     def _finish(res: dict[str, Any], dec: DecodedImage) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from pigeon.core.io import atomic_path, check_writable
-from pigeon.core.sphere import chord_to_km, haversine_km, spherical_mean, to_xyz
+from pigeon.core.sphere import chord_to_km, from_xyz, haversine_km, spherical_mean, to_xyz
 
 from .calibration import coverage
 from .core.errors import UserError
@@ -30,7 +30,7 @@ from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .index import MODES, RefineConfig
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
-from .predictor import Predictor
+from .predictor import Predictor, check_combine
 
 
 def evaluate(
@@ -49,6 +49,8 @@ def evaluate(
     temperature: float | None = None,
     thresholds: Sequence[float] = THRESHOLDS_KM,
     allow_gallery_overlap: bool = False,
+    group_by: str | None = None,
+    combine: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the bundle on the `split` rows of `data` (any data source; all rows if None), or of the
     embedding folder `embeddings`; returns the metrics dict.
@@ -56,12 +58,14 @@ def evaluate(
     refine / max_refinement_km / temperature: as `pigeon locate` (None: the bundle's recorded mode and
     RefineConfig's defaults); refine "all" scores every mode (`by_refine_mode`), the top-level figures
     staying those of the recorded mode. Photos that are in the bundle's gallery are refused unless
-    `allow_gallery_overlap` (their answers would be their own positions)."""
+    `allow_gallery_overlap` (their answers would be their own positions). `group_by` (e.g. location_id):
+    also one answer per place, its photos combined as views by `combine`, scored in `per_place`."""
     if out is not None:
         check_writable(Path(out) / "metrics.json", flag="--out")  # before the slow part, not after it
     if data is None and embeddings is None:
         raise UserError("`pigeon evaluate` needs --data SOURCE or --embeddings FOLDER")
     thresholds = checked_thresholds(thresholds)
+    _check_place_options(group_by, combine)
     every = refine is not None and refine.strip().lower() == "all"
     if refine is not None and not every and refine not in MODES:
         raise UserError(f"--refine {refine}: unknown refinement mode; use one of {', '.join(MODES)}, or all (every mode side by side)")
@@ -89,9 +93,46 @@ def evaluate(
              gallery_overlap=int(overlap.sum()), split=split or "all", bundle=str(bundle_dir))
     if every:
         m["by_refine_mode"] = _by_refine_mode(pred, emb, p["probs"], tlat, tlon, thresholds)
+    if group_by is not None:
+        m["per_place"] = per_place_metrics(pred, emb, rows, group_by, combine, thresholds, embeddings or data)
     if out is not None:
         _write_outputs(Path(out), m, table, preds, plots, thresholds)
     m["per_country"] = table.to_dict(orient="records")
+    return m
+
+
+def _check_place_options(group_by: str | None, combine: str | None) -> None:
+    """Refuse --combine without --group-by, or an unknown one, before anything slow."""
+    if combine is not None:
+        if group_by is None:
+            raise UserError(f"--combine {combine} only applies to places: add --group-by COLUMN (e.g. location_id)")
+        check_combine(combine, "--combine")
+
+
+def per_place_metrics(pred: Predictor, emb: np.ndarray, rows: pd.DataFrame, group_by: str, combine: str | None,
+                      thresholds: Sequence[float], name: Any) -> dict[str, Any]:
+    """The figures of one answer per place: rows with the same `group_by` value are views of one place,
+    combined by `combine` (`Predictor.predict_places`); a place's truth is its rows' spherical mean."""
+    if group_by not in rows.columns:
+        raise UserError(f"--group-by {group_by}: data {name} has no column {group_by!r} (it has {', '.join(map(str, rows.columns[:10]))}); "
+                        f"give one of those, or drop --group-by")
+    col = rows[group_by]
+    # the embedding store keeps location_id as text, so a missing one arrives as "nan" or "None"
+    empty = (col.isna() | col.astype(str).str.strip().isin(("", "nan", "None", "<NA>"))).to_numpy()
+    if empty.any():
+        raise UserError(f"--group-by {group_by}: {int(empty.sum())} of the {len(rows)} rows scored have no {group_by} "
+                        f"(e.g. {rows.index[np.flatnonzero(empty)[0]]}); fill it in, or drop --group-by")
+    p, labels, counts = pred.predict_places(emb, col.astype(str).to_numpy(), combine=combine, top_k=1)
+    codes = np.searchsorted(labels, col.astype(str).to_numpy())
+    xyz = np.zeros((len(labels), 3))
+    np.add.at(xyz, codes, to_xyz(rows["lat"].to_numpy(np.float64), rows["lon"].to_numpy(np.float64)))
+    tlat, tlon = from_xyz(xyz / np.linalg.norm(xyz, axis=1, keepdims=True))
+    t_iso, _, t_adm = reverse_geocode(tlat, tlon)
+    p_iso, _, p_adm = reverse_geocode(p["lat"], p["lon"])
+    m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
+    km = haversine_km(p["lat"], p["lon"], tlat, tlon)
+    m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), group_by=group_by, combine=combine or pred.combine,
+             n_places=int(len(labels)), views_per_place_mean=float(counts.mean()), views_per_place_max=int(counts.max()))
     return m
 
 

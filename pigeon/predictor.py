@@ -31,6 +31,13 @@ from .index import Gallery, GalleryRefiner, RefineConfig, centre_answers
 from .metrics import regions_at
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# How several views of one place become one answer (`Predictor.predict_places`):
+#   mean:    PIGEON's: the mean of the views' L2-normalised embeddings, renormalised, goes through the head
+#   product: the views as independent evidence: sum of each view's log cell probabilities, renormalised
+#   both:    the geometric mean of those two: (log mean-probs + sum of view log probs) / 2, renormalised
+#            (with one view every mode gives `locate`'s answer)
+# Refinement always uses the mean embedding (the one vector that stands for the place).
+COMBINE_MODES = ("mean", "product", "both")
 
 
 def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int) -> tuple[sparse.csr_matrix, np.ndarray]:
@@ -42,6 +49,56 @@ def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int) -> tuple[spa
     m = sparse.csr_matrix((comp["share"].to_numpy(np.float64), (comp["cell_id"].to_numpy(), inv.ravel())), shape=(n_cells, len(labels)))
     m = sparse.diags(1.0 / np.asarray(m.sum(axis=1)).ravel()) @ m
     return sparse.csr_matrix(m, dtype=np.float32), labels
+
+
+def place_codes(groups: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(code per view, sorted place labels): views with the same label are one place."""
+    labels, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return codes.ravel(), labels
+
+
+def _place_sum(x: np.ndarray, codes: np.ndarray, n_places: int) -> np.ndarray:
+    """(P, ...) sums of the rows of `x` per place, as one sparse matmul (no loop over places)."""
+    m = sparse.csr_matrix((np.ones(len(codes), np.float64), (codes, np.arange(len(codes)))), shape=(n_places, len(codes)))
+    return np.asarray(m @ x)
+
+
+def mean_view_embeddings(emb: np.ndarray, codes: np.ndarray, n_places: int) -> np.ndarray:
+    """PIGEON's view combination: per place, the mean of its views' L2-normalised embeddings, renormalised."""
+    e = np.asarray(emb, np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    m = _place_sum(e, codes, n_places)
+    return (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _renormalise_logs(logp: np.ndarray) -> np.ndarray:
+    """Rows of log probabilities -> probabilities summing to 1 (a stable softmax)."""
+    z = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def combine_place_probs(view_probs: np.ndarray, mean_probs: np.ndarray, codes: np.ndarray, combine: str) -> np.ndarray:
+    """(P, C) cell probabilities per place under `combine` (see COMBINE_MODES) from each view's (n, C)
+    probabilities and the (P, C) probabilities of the places' mean embeddings."""
+    if combine == "mean":
+        return np.asarray(mean_probs, np.float32)
+    logp = _place_sum(np.log(np.maximum(view_probs.astype(np.float64), 1e-30)), codes, len(mean_probs))
+    if combine == "both":
+        logp = 0.5 * (logp + np.log(np.maximum(mean_probs.astype(np.float64), 1e-30)))
+    return _renormalise_logs(logp)
+
+
+def check_combine(combine: str, source: str = "combine") -> str:
+    """`combine` when it is one of COMBINE_MODES, else a UserError naming it and the choices."""
+    if combine not in COMBINE_MODES:
+        raise UserError(f"{source} {combine!r}: unknown way to combine views; use one of {', '.join(COMBINE_MODES)}")
+    return combine
+
+
+def recorded_combine_mode(bundle: Bundle | None) -> str | None:
+    """The view combination recorded in the head's manifest record (`combine_mode`), None when none."""
+    mode = bundle.meta("head").get("combine_mode") if bundle is not None else None
+    return None if mode is None else check_combine(mode, f"bundle {bundle.path}: the head record's combine_mode")
 
 
 class Predictor:
@@ -57,6 +114,8 @@ class Predictor:
         self.bundle = bundle
         self.device = device
         self.refine = (refine or RefineConfig()).resolve(recorded_refine_mode(bundle))
+        # how `locate_place` combines views by default: the mode recorded for the bundle, else PIGEON's mean
+        self.combine = recorded_combine_mode(bundle) or "mean"
         g = cells.gdf
         self.n_cells = len(g)
         if head.n_cells != self.n_cells:
@@ -132,7 +191,10 @@ class Predictor:
         emb = np.asarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.head.embed_dim:
             raise UserError(f"embeddings must have shape (n, {self.head.embed_dim}), got {emb.shape}")
-        probs = self.cell_probs(emb)
+        return self._predict(emb, self.cell_probs(emb), top_k)
+
+    def _predict(self, emb: np.ndarray, probs: np.ndarray, top_k: int) -> dict[str, np.ndarray | list]:
+        """`predict_embeddings`' arrays from embeddings and their (already computed or combined) cell probabilities."""
         lat, lon, ref = self._answer_points(emb, probs)
         k = min(top_k, self.n_cells)
         part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
@@ -147,6 +209,50 @@ class Predictor:
             "top_probs": np.take_along_axis(probs, top, 1), "country_probs": country, "admin1_probs": admin,
             "refinement": ref,
         }
+
+    def predict_places(self, emb: np.ndarray, groups: Sequence[Any] | np.ndarray, combine: str | None = None,
+                       top_k: int = 5) -> tuple[dict[str, np.ndarray | list], np.ndarray, np.ndarray]:
+        """One answer per place for (n, D) view embeddings and each view's place label `groups` (n,).
+
+        `combine`: one of COMBINE_MODES (None: `self.combine`, the bundle's recorded mode else "mean").
+        Returns (`predict_embeddings`-style arrays with one row per place, the sorted place labels, the
+        number of views per place). Refinement uses each place's mean embedding."""
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.head.embed_dim:
+            raise UserError(f"embeddings must have shape (n, {self.head.embed_dim}), got {emb.shape}")
+        if len(groups) != len(emb):
+            raise UserError(f"{len(groups)} place labels for {len(emb)} views; give one place label per view")
+        if len(emb) == 0:
+            raise UserError("no views given; give at least one image of the place")
+        mode = check_combine(combine or self.combine)
+        codes, labels = place_codes(groups)
+        mean_emb = mean_view_embeddings(emb, codes, len(labels))
+        mean_probs = self.cell_probs(mean_emb)
+        probs = mean_probs if mode == "mean" else combine_place_probs(self.cell_probs(emb), mean_probs, codes, mode)
+        return self._predict(mean_emb, probs, top_k), labels, np.bincount(codes, minlength=len(labels))
+
+    def locate_place(self, images: Sequence[Any] | None = None, *, embeddings: np.ndarray | None = None,
+                     combine: str | None = None, top_k: int = 5) -> dict[str, Any]:
+        """One answer for several views of one place (PIL images or paths, or their (n, D) embeddings):
+        `locate`'s dict plus `views` (how many were combined) and `combine` (how)."""
+        if (images is None) == (embeddings is None):
+            raise UserError("locate_place needs images or embeddings (one of them)")
+        t0 = time.perf_counter()
+        if images is not None:
+            if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+                images = [images]
+            if len(images) == 0:
+                raise UserError("no views given; give at least one image of the place")
+            embeddings = self.embed(images)
+        t1 = time.perf_counter()
+        n = len(embeddings)
+        p, _, _ = self.predict_places(embeddings, np.zeros(n, dtype=np.int64), combine=combine, top_k=top_k)
+        t2 = time.perf_counter()
+        out = self.format(p, top_k=top_k)[0]
+        t3 = time.perf_counter()
+        out.update(views=n, combine=combine or self.combine,
+                   timings_ms={"embed_ms": (t1 - t0) * 1e3, "head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t0) * 1e3})
+        return out
 
     def radii(self, lat: np.ndarray, lon: np.ndarray, probs: np.ndarray, levels: Sequence[float] = RADIUS_LEVELS) -> tuple[np.ndarray, ...]:
         """Km from each answer within which the truth lies with each of `levels`' probability.
@@ -258,4 +364,5 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-__all__ = ["Predictor", "load", "collect_images", "IMAGE_SUFFIXES"]
+__all__ = ["Predictor", "load", "collect_images", "IMAGE_SUFFIXES", "COMBINE_MODES", "place_codes", "mean_view_embeddings",
+           "combine_place_probs", "recorded_combine_mode"]

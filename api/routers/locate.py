@@ -5,12 +5,12 @@ was read (middleware.py); here the form is read, checked and handed to the servi
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from ..deps import ServiceDep, SettingsDep, no_query_params
-from ..errors import ERROR, ONE_IMAGE, ApiError, too_many_images
+from ..errors import ERROR, ApiError, too_many_images, too_many_views
 from ..schemas import BatchResponse, Location
 from ..settings import Settings
 from ..uploads import upload_label
@@ -21,7 +21,8 @@ LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     408: {**ERROR, "description": "the upload stalled (no body bytes for body_timeout_s)"},
     413: {**ERROR, "description": "body over the size limit, an image over the pixel limit, the request's images over the per-request pixel budget, or too many images"},
     415: {**ERROR, "description": "not JPEG, PNG or WebP (detected from the bytes)"},
-    422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), more than one image, top_k over the server's max_top_k, or an image too small to use"},
+    422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), no image or more views than max_batch "
+                                  "(`one_image_expected`), explain with several views, top_k over the server's max_top_k, or an image too small to use"},
     503: {**ERROR, "description": "over capacity, decided before the body is read; retry after the Retry-After header's seconds"},
 }
 
@@ -32,7 +33,12 @@ TopK = Annotated[int, Form(ge=1, description="how many top cells to return (1..m
 BATCH_200 = ("One entry per uploaded file, in order: `{filename, result}` when it was located, `{filename, error: {error, detail, status}}` "
              "when it was refused (the status it would have had alone). HTTP 200 when at least one file was located; when none was, "
              "the answer is that error (the files' common status, else 400 `bad_image`). A request over the pixel budget or with too "
-             "many files is refused as a whole (413).")
+             "many files is refused as a whole (413). With `place` fields: one entry per place, `{place, filenames, result}` (its "
+             "views combined, as POST /locate with same_place=true) or `{place, filenames, error}` (one of its views could not be used); "
+             "`filename` is then null, and `place`/`filenames` are null on per-file entries.")
+BATCH_DESCRIPTION = ("Photos of different places, one batched forward pass. To send several views per place, give each `images` part a "
+                     "`place` form field (the same count, in the same order: the n-th `place` labels the n-th image); images with the "
+                     "same label are one place. All parts have a place or none does (422 otherwise).")
 
 
 def _check_top_k(top_k: int, settings: Settings) -> None:
@@ -42,34 +48,69 @@ def _check_top_k(top_k: int, settings: Settings) -> None:
                                                   "type": "less_than_equal"}])
 
 
-@router.post("/locate", response_model=Location, summary="Locate one photo")
+LOCATE_DESCRIPTION = (
+    "One `image` part: that photo's answer. Several `image` parts with `same_place=true` (up to max_batch, 16 unless configured): views of ONE place "
+    "(a panorama's four directions, a burst, frames of a video), answered once, as PIGEON does with its four street-view images: "
+    "`views` says how many were combined, `combine` how (`mean`: the mean of the views' normalised embeddings, PIGEON's; "
+    "`product`: the views' cell probabilities multiplied as independent evidence; `both`: the geometric mean of the two; "
+    "default: the bundle's recorded mode, else `mean`), `view_images` each view's format and size, `image` the first view's. "
+    "A view that cannot be used refuses the whole request with its own status, naming it (`image[2] (c.jpg)`). "
+    "Several parts without `same_place=true` are refused (422 `one_image_expected`): photos of different places go to POST /locate/batch.")
+Combine = Annotated[Optional[Literal["mean", "product", "both"]],
+                    Form(description="how several views combine: mean | product | both (default: the bundle's recorded mode, else mean)")]
+
+
+@router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION)
 async def locate(
-    request: Request,
-    image: Annotated[UploadFile, File(description="the photo: JPEG, PNG or WebP (type read from the bytes)")],
+    image: Annotated[list[UploadFile], File(description="the photo, or 1..max_batch views of one place: JPEG, PNG or WebP (type read from the bytes)")],
     service: ServiceDep,
     settings: SettingsDep,
     top_k: TopK = 5,
-    explain: Annotated[bool, Form(description="add text-tower cue scores and a class-activation heatmap")] = False,
+    explain: Annotated[bool, Form(description="add text-tower cue scores and a class-activation heatmap (one image only)")] = False,
+    same_place: Annotated[bool, Form(description="the `image` parts are views of ONE place: answer them together (needed for more than one part)")] = False,
+    combine: Combine = None,
 ) -> Any:
     _check_top_k(top_k, settings)
-    form = await request.form()  # already parsed: FastAPI caches it on the request
-    if len(form.getlist("image")) != 1:
-        raise ApiError(422, "one_image_expected", ONE_IMAGE)
-    data = await image.read()
-    return await service.run(service.locate_one, data, upload_label("image", image.filename), top_k, explain)
+    if len(image) > settings.max_batch or (len(image) > 1 and not same_place):
+        raise too_many_views(len(image), settings.max_batch, same_place)
+    if len(image) > 1:
+        if explain:
+            raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
+        blobs = [(f.filename, await f.read()) for f in image]
+        return await service.run(service.locate_place, blobs, top_k, combine)
+    data = await image[0].read()
+    return await service.run(service.locate_one, data, upload_label("image", image[0].filename), top_k, explain)
 
 
-@router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos in one batch", response_description=BATCH_200)
+@router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
+             description=BATCH_DESCRIPTION, response_description=BATCH_200)
 async def locate_batch(
     images: Annotated[list[UploadFile], File(description="up to max_batch photos (16 unless the server is configured otherwise)")],
     service: ServiceDep,
     settings: SettingsDep,
     top_k: TopK = 5,
+    place: Annotated[Optional[list[str]], Form(description="one place label per `images` part, in order (optional: all or none)")] = None,
+    combine: Combine = None,
 ) -> Any:
     _check_top_k(top_k, settings)
     if len(images) > settings.max_batch:
         raise too_many_images(len(images), settings.max_batch)
     if not images:
         raise ApiError(422, "validation_error", "send at least one `images` part")
+    places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
-    return await service.run(service.locate_many, blobs, top_k)
+    if places is None:
+        return await service.run(service.locate_many, blobs, top_k)
+    return await service.run(service.locate_places, blobs, places, top_k, combine)
+
+
+def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:
+    """The `place` labels when every image has a non-empty one, None when none has; 422 otherwise."""
+    if not place:
+        return None
+    labels = [p.strip() for p in place]
+    if len(labels) != n_images or not all(labels):
+        given = sum(1 for p in labels if p)
+        raise ApiError(422, "validation_error", f"`place` given for {given} of {n_images} images; give every `images` part a non-empty "
+                                                f"`place` field (in the same order), or none")
+    return labels

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         temperature: Optional[float] = typer.Option(None, "--temperature", help="refinement softmax temperature (default 1.6, PIGEON's street view; 0.6 for Flickr)"),
         thresholds: str = typer.Option("1,25,50,200,750,2500", "--thresholds", help="km thresholds for the within_<d>km shares, comma-separated"),
         allow_gallery_overlap: bool = typer.Option(False, "--allow-gallery-overlap", help="score photos that are also in the bundle's gallery (refused by default: they answer with their own positions)"),
+        group_by: Optional[str] = typer.Option(None, "--group-by", help="a column naming each photo's place (e.g. location_id): also score one answer per place, its photos combined as views (per_place in metrics.json)"),
+        combine: Optional[str] = typer.Option(None, "--combine", help="with --group-by, how a place's views combine: mean | product | both (default: the bundle's recorded mode, else mean)"),
     ) -> None:
         """Score a bundle: share within 1/25/50/200/750/2500 km, median/mean km, GeoGuessr score, country/admin-1 accuracy."""
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
@@ -39,6 +41,6 @@ def register(app: typer.Typer) -> None:
         m = evaluate(bundle, data, split=None if split == "all" else split, out=out,
                      cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers,
                      refine=refine, max_refinement_km=max_refinement_km, temperature=temperature, thresholds=km,
-                     allow_gallery_overlap=allow_gallery_overlap)
+                     allow_gallery_overlap=allow_gallery_overlap, group_by=group_by, combine=combine)
         m.pop("per_country", None)
         typer.echo(json.dumps(m))

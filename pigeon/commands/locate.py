@@ -48,6 +48,84 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     return answers, failures
 
 
+def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
+                  refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
+                  group_by: str | None = None, combine: str | None = None) -> tuple[list[dict], list[dict]]:
+    """One answer per place: every image in `inputs` is a view of one place (group_by None), or `inputs`
+    is one manifest whose `group_by` column names each image's place. Views are combined by `combine`
+    (mean | product | both; None: the bundle's recorded mode, else mean). Unreadable views are skipped
+    and listed in `failures` (or raise, if strict); each answer carries `image` and `place` (the place's
+    label), `views` and `combine`. Writes `out` like `locate_files`."""
+    # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
+    import numpy as np
+
+    from pigeon.core.io import check_writable
+    from pigeon.index import RefineConfig
+    from pigeon.predictor import Predictor, check_combine, collect_images
+
+    _check_options(out, top_k, batch_size)
+    if combine is not None:
+        check_combine(combine, "--combine")
+    if out is not None:
+        check_writable(out)
+    if group_by is None:
+        files = collect_images(inputs)
+        groups = [" + ".join(str(i) for i in inputs)] * len(files)
+    else:
+        files, groups = _manifest_places(inputs, group_by)
+    pred = Predictor.from_bundle(bundle, device=device, refine=RefineConfig.from_options(refine, max_refinement_km))
+    failures: list[dict] = []
+    emb, kept = _embed_views(pred, files, batch_size, failures, strict)
+    if len(kept) == 0:
+        return [], failures
+    p, labels, counts = pred.predict_places(emb, np.asarray(groups, dtype=object)[kept], combine=combine, top_k=top_k)
+    answers = pred.format(p, top_k=top_k)
+    for a, label, n in zip(answers, labels, counts):
+        a.update(image=str(label), place=str(label), views=int(n), combine=combine or pred.combine)
+    if out is not None and answers:
+        _write_answers(answers, out)
+    return answers, failures
+
+
+def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[str]]:
+    """(image files, place label per image) from one manifest (CSV or Parquet: columns image and `column`;
+    relative image paths are taken from the manifest's folder). Rows without a place are refused by number."""
+    import numpy as np
+    import pandas as pd
+
+    if len(inputs) != 1 or inputs[0].suffix.lower() not in (".csv", ".parquet") or not inputs[0].is_file():
+        raise UserError(f"--group-by {column} reads a manifest: give one existing .csv or .parquet file with columns image and {column} "
+                        f"(got {', '.join(map(str, inputs))}); for loose files of one place use --same-place")
+    path = inputs[0]
+    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path, dtype={column: str})
+    missing = [c for c in ("image", column) if c not in df.columns]
+    if missing:
+        raise UserError(f"manifest {path} lacks column(s) {', '.join(missing)} (it has {', '.join(map(str, df.columns[:8]))}); "
+                        f"add them or give --group-by another column")
+    empty = (df[column].isna() | (df[column].astype(str).str.strip() == "")).to_numpy()
+    if empty.any():
+        rows = ", ".join(map(str, np.flatnonzero(empty)[:10] + 2))  # line numbers as a spreadsheet shows them (header = 1)
+        raise UserError(f"manifest {path}: `{column}` is empty on line(s) {rows}; give every row its place, or drop those rows")
+    root = path.resolve().parent
+    files = [Path(f) if Path(f).is_absolute() else root / f for f in df["image"].astype(str)]
+    return files, df[column].astype(str).tolist()
+
+
+def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict], strict: bool) -> tuple["np.ndarray", "np.ndarray"]:
+    """(embeddings of the readable files, their positions in `files`), batch by batch; unreadable files go to `failures`."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    embs, kept = [], []
+    for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
+        images, names = _load_batch(files[s : s + batch_size], failures, strict)
+        if images:
+            embs.append(pred.embed(images))
+            ok = set(names)
+            kept += [s + i for i, f in enumerate(files[s : s + batch_size]) if str(f) in ok]
+    return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(kept, dtype=np.int64)
+
+
 def _check_options(out: Path | None, top_k: int, batch_size: int) -> None:
     """Refuse impossible options before the bundle is loaded."""
     if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
@@ -88,7 +166,8 @@ def _write_answers(answers: list[dict], out: Path) -> None:
                      "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
                      "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
                      "admin1": a["admin1"][0]["name"] if a["admin1"] else "",
-                     "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"]} for a in answers]
+                     "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"],
+                     **({"views": a["views"]} if "views" in a else {})} for a in answers]
             pd.DataFrame(rows).to_csv(tmp, index=False)
         else:
             feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
@@ -108,19 +187,32 @@ def register(app: typer.Typer) -> None:
         refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement (bundles with an index): cluster+nn | cluster | nn | none (top cell's centre); default: the mode `pigeon build-index` chose on val photos, else cluster+nn"),
         strict: bool = typer.Option(False, "--strict", help="stop at the first unreadable image (default: skip it, list it on stderr, answer the rest)"),
         max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard: a refined answer farther than this from the top cell's centre is undone (default: PIGEON's 1000 km; inf = off)"),
+        same_place: bool = typer.Option(False, "--same-place", help="ALL the given images (every file and folder) are views of ONE place (a panorama, a burst): one answer for them together. Photos of several places: one run per place, or --group-by on a manifest"),
+        group_by: Optional[str] = typer.Option(None, "--group-by", help="IMAGES is one manifest (.csv/.parquet, columns image and COLUMN): one answer per value of COLUMN (e.g. location_id), its rows' images combined as views of that place"),
+        combine: Optional[str] = typer.Option(None, "--combine", help="how views of one place combine: mean (of normalised embeddings, PIGEON's) | product (of cell probabilities) | both; default: the bundle's recorded mode, else mean"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
-        answers, failures = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
-                                         refine=refine, max_refinement_km=max_refinement_km, strict=strict)
+        if same_place and group_by is not None:
+            raise UserError("--same-place and --group-by both say how photos make places; give one (--same-place: all are one place)")
+        if combine is not None and not (same_place or group_by):
+            raise UserError("--combine only applies to several views of one place; add --same-place or --group-by COLUMN")
+        if same_place or group_by:
+            answers, failures = locate_places(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device, refine=refine,
+                                              max_refinement_km=max_refinement_km, strict=strict, group_by=group_by, combine=combine)
+        else:
+            answers, failures = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
+                                             refine=refine, max_refinement_km=max_refinement_km, strict=strict)
         for f in failures:
             typer.echo(f"pigeon: skipped {f['image']}: {f['error']}", err=True)
         if out is None:
             for a in answers:
                 c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}
                 here = a["region_at_answer"]
+                views = f"\t{a['views']} views ({a['combine']})" if "views" in a else ""
                 typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\tin {here['admin1']}, {here['country']}\t{c['name']} ({c['probability']:.0%})\t"
-                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km")
+                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km{views}")
         else:
-            typer.echo(f"{len(answers)} images located -> {out}" if answers else "no image located; nothing written")
+            what = "places" if same_place or group_by else "images"
+            typer.echo(f"{len(answers)} {what} located -> {out}" if answers else "nothing located; nothing written")
         if failures and not answers:
             raise UserError(f"none of the {len(failures)} images could be read; see the lines above")
