@@ -6,13 +6,14 @@ Parts (each prints JSON lines; run them one at a time on a shared machine):
   direction plus its cell's plus noise, as bench/index.py makes them), coordinates resampled from
   ../shared/data/mp16_gps_100k.csv with a little jitter, written as embedding shards (float16,
   500K rows a shard); ~2,500 cells built from the 100K MP-16 points; then `train` (1 epoch) from
-  the folder in a fresh process per size: peak RSS (ru_maxrss) and seconds per epoch.
+  the folder in a fresh process per size: peak RSS (ru_maxrss) and seconds per epoch (an epoch capped
+  at --samples-per-epoch examples, so time per million examples shows whether the cost is linear).
 - `embed`: a WebDataset of generated photos (`pigeon.datasets.synthetic`, 64 px PNG, 1,000 a
   shard); `pigeon embed --backbone tiny` with 1 and 2 processes (torchrun, gloo) and 0 / 2 loader
   workers: images/s; then a run killed with SIGKILL midway and resumed: time lost against an
   uninterrupted run, in shards.
 
-    .venv/bin/python bench/scale.py train --sizes 100000 1000000 5000000
+    .venv/bin/python bench/scale.py train --sizes 100000 1000000 5000000 --samples-per-epoch 1000000
     .venv/bin/python bench/scale.py embed --photos 20000
 """
 
@@ -88,28 +89,31 @@ def write_store(folder: Path, n: int, backbone_hash: str, dim: int = 512, seed: 
         ShardFiles(folder, i).write(e.astype(np.float16), rows, {"shard": f"synthetic {i}", "fingerprint": "synthetic", "skipped": {}})
 
 
-def train_child(folder: str, bundle: str) -> None:
-    """One training epoch from the folder, in this (fresh) process; prints its figures."""
+def train_child(folder: str, bundle: str, per_epoch: str) -> None:
+    """One training epoch from the folder (at most `per_epoch` examples), in this (fresh) process; prints its figures."""
     import torch
 
     from pigeon.train import TrainConfig, train
 
     torch.set_num_threads(2)
     t = time.perf_counter()
-    rep = train(None, bundle, config=TrainConfig(epochs=1, batch_size=1024, embeddings=folder, progress=False))
+    cap = int(per_epoch) or None
+    rep = train(None, bundle, config=TrainConfig(epochs=1, batch_size=1024, embeddings=folder, progress=False, samples_per_epoch=cap))
+    seen = min(cap or rep["n_train"], rep["n_train"])
     print(json.dumps({"seconds_total": time.perf_counter() - t, "train_seconds_per_epoch": rep["train_seconds"],
+                      "examples_per_epoch": seen, "seconds_per_million_examples": rep["train_seconds"] / seen * 1e6,
                       "n_train": rep["n_train"], "n_val": rep["n_val"], "n_cells": rep["n_cells"],
                       "val_median_km": rep["history"][-1].get("val_median_km"), "peak_rss_gib": peak_gib()}))
 
 
-def bench_train(work: Path, sizes: list[int]) -> None:
+def bench_train(work: Path, sizes: list[int], per_epoch: int) -> None:
     bundle, bhash = make_bundle(work)
     for n in sizes:
         folder = work / f"emb-{n}"
         t = time.perf_counter()
         write_store(folder, n, bhash)
         made = time.perf_counter() - t
-        p = subprocess.run([sys.executable, __file__, "_train", str(folder), str(bundle)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "_train", str(folder), str(bundle), str(per_epoch)], capture_output=True, text=True)
         if p.returncode:
             print(json.dumps({"n": n, "error": p.stderr[-2000:]}))
             continue
@@ -199,16 +203,17 @@ def bench_resume(work: Path, wds: Path, full: float | None) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_train":
-        return train_child(sys.argv[2], sys.argv[3])
+        return train_child(sys.argv[2], sys.argv[3], sys.argv[4])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("part", choices=("train", "embed", "resume"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--photos", type=int, default=20_000)
+    ap.add_argument("--samples-per-epoch", type=int, default=0, help="train: cap an epoch at this many examples (0: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/pigeon-scale"))
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.part == "train":
-        bench_train(a.work, a.sizes)
+        bench_train(a.work, a.sizes, a.samples_per_epoch)
     elif a.part == "embed":
         bench_embed(a.work, a.photos)
     else:

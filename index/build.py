@@ -3,13 +3,20 @@
 These are plain functions on arrays (no backbone, no bundle): `pigeon build-index` embeds the images
 and calls them, tests and benchmarks call them on synthetic embeddings. The three parts always
 change together, and cluster ids are kept 0..K-1.
+
+Embeddings may be any (n, d) array-like that can be sliced and indexed by row numbers: an ndarray,
+a memory-mapped float16 `np.memmap` / `np.load(..., mmap_mode="r")`, or several shards joined by
+`StackedRows`. They are read chunk by chunk (`chunk` rows at a time, normalised per chunk), once for
+the index and the cluster prototypes together, so a build never holds a float32 copy of them all.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,9 +24,79 @@ import pandas as pd
 from pigeon.core.errors import UserError
 
 from .clusters import ClusterTable, assign_to_existing, cluster_points
-from .gallery import GeoIndex, Kind
+from .gallery import GeoIndex, Kind, normalise
 
 GALLERY_COLUMNS = ["id", "lat", "lon", "cell", "cluster", "image"]
+CHUNK = 1 << 16  # rows read, normalised and added at a time
+
+
+class StackedRows:
+    """Several (n_i, d) arrays (e.g. memory-mapped float16 embedding shards) read as one (sum n_i, d)
+    array without concatenating them: `len`, `shape`, `dtype`, rows by slice or by row numbers."""
+
+    def __init__(self, parts: Sequence[Any]):
+        if not len(parts) or any(np.ndim(p) != 2 for p in parts) or len({p.shape[1] for p in parts}) != 1:
+            raise UserError("embedding shards must be 2-D arrays (n_i, dim) of one dimension; give at least one")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.offsets[-1]), int(self.parts[0].shape[1]))
+        self.dtype = np.result_type(*[p.dtype for p in self.parts])
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        rows = np.arange(*key.indices(len(self))) if isinstance(key, slice) else np.asarray(key, np.int64).reshape(-1)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for j in np.unique(part):  # one gather per shard, not per row
+            m = part == j
+            out[m] = self.parts[j][rows[m] - self.offsets[j]]
+        return out
+
+
+def _as_rows(emb: Any) -> Any:
+    """Array-likes with a shape (ndarray, np.memmap, StackedRows) as they are; anything else as float32."""
+    rows = emb if hasattr(emb, "shape") and hasattr(emb, "__getitem__") else np.asarray(emb, np.float32)
+    if len(rows.shape) != 2:
+        raise UserError(f"embeddings must be a 2-D array (n, dim), got shape {tuple(rows.shape)}; reshape them")
+    return rows
+
+
+def _read_rows(emb: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows of an array-like as float32, read in ascending row order (sequential on disk for a memory
+    map) and returned in the order asked; a read-only memory map's pages are let go afterwards."""
+    srt = np.argsort(rows, kind="stable")
+    x = np.empty((len(rows), emb.shape[1]), np.float32)
+    x[srt] = emb[rows[srt]]
+    _drop_pages(emb)
+    return x
+
+
+def _drop_pages(emb: Any) -> None:
+    """Unmap the pages of read-only memory-mapped input (they stay in the page cache): read in cluster
+    order, a 5M x 512 float16 map would otherwise end up resident in this process whole (5 GB)."""
+    for part in getattr(emb, "parts", [emb]):
+        mm = getattr(part, "_mmap", None)  # numpy's mmap.mmap behind an np.memmap (and its views)
+        if mm is not None and getattr(part, "mode", None) == "r" and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _accumulate(sums: np.ndarray, x: np.ndarray, cluster: np.ndarray) -> None:
+    """sums[c] += the rows of x in cluster c, one reduceat over the chunk's runs of equal cluster."""
+    if len(cluster) > 1 and (np.diff(cluster) < 0).any():
+        o = np.argsort(cluster, kind="stable")
+        x, cluster = x[o], cluster[o]
+    starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+    sums[cluster[starts]] += np.add.reduceat(x, starts, axis=0)
+
+
+def _cluster_table(lat, lon, cell, cluster, prototypes: np.ndarray) -> ClusterTable:
+    """The cluster table with prototypes summed chunk by chunk: `from_members` on zero-width
+    embeddings computes the centres, cells and sizes only (no (n, d) array)."""
+    t = ClusterTable.from_members(lat, lon, cell, cluster, np.zeros((len(cluster), 0), np.float32))
+    return ClusterTable(t.frame, normalise(prototypes))
 
 
 @dataclass
@@ -65,57 +142,95 @@ def _check(emb, ids, lat, lon, cell) -> None:
         raise UserError("gallery cells must be non-negative cell ids (GeoCells.cell_of)")
 
 
-def _restat(frame: pd.DataFrame, index: GeoIndex) -> tuple[pd.DataFrame, ClusterTable]:
-    """Renumber clusters 0..K-1 and recompute centres, prototypes and sizes from the index's vectors."""
+def _restat(frame: pd.DataFrame, index: GeoIndex, chunk: int = CHUNK) -> tuple[pd.DataFrame, ClusterTable]:
+    """Renumber clusters 0..K-1 and recompute centres, prototypes and sizes from the index's vectors
+    (read in storage order, chunk by chunk: float16 rows for ivfpq, never a float32 copy of them all)."""
     frame = frame.reset_index(drop=True).copy()
     _, frame["cluster"] = np.unique(frame["cluster"].to_numpy(np.int64), return_inverse=True)
     vid, vecs = index.vectors()
-    order = np.argsort(vid)
-    row_of = order[np.searchsorted(vid, frame["id"].to_numpy(np.int64), sorter=order)]
-    emb = vecs[row_of]
-    table = ClusterTable.from_members(frame["lat"].to_numpy(), frame["lon"].to_numpy(), frame["cell"].to_numpy(),
-                                      frame["cluster"].to_numpy(), emb)
+    fid = frame["id"].to_numpy(np.int64)
+    order = np.argsort(fid)
+    row_of = order[np.searchsorted(fid, vid, sorter=order)]       # frame row of each stored vector
+    cl = frame["cluster"].to_numpy(np.int64)
+    sums = np.zeros((int(cl.max()) + 1 if len(cl) else 0, index.dim), np.float32)
+    for s in range(0, len(vid), chunk):
+        _accumulate(sums, normalise(vecs[s:s + chunk]), cl[row_of[s:s + chunk]])
+    table = _cluster_table(frame["lat"].to_numpy(), frame["lon"].to_numpy(), frame["cell"].to_numpy(), cl, sums)
     return frame, table
 
 
-def index_in_cluster_order(emb: np.ndarray, ids: np.ndarray, cluster: np.ndarray, kind: Kind = "flat") -> GeoIndex:
+def _train_on_sample(index: GeoIndex, emb: Any) -> None:
+    """Train an ivf/ivfpq index on a seeded sample of all rows (in cluster order, the first chunk would
+    be a few cells only); the sample size and nlist come from `GeoIndex.plan_training`."""
+    n = len(emb)
+    want = index.plan_training(n)
+    if want:
+        rows = np.sort(np.random.default_rng(index.seed).choice(n, want, replace=False))
+        index.train(_read_rows(emb, rows), n_total=n)
+
+
+def _fill_in_cluster_order(emb: Any, ids: np.ndarray, cluster: np.ndarray, kind: Kind, chunk: int,
+                           index_options: dict[str, Any] | None) -> tuple[GeoIndex, np.ndarray]:
+    """A trained GeoIndex filled cluster by cluster, chunk by chunk, and each cluster's sum of
+    normalised embeddings, from one read of the input (see `index_in_cluster_order`)."""
+    ids = np.asarray(ids, np.int64)
+    cluster = np.asarray(cluster, np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise UserError("gallery ids must be unique; give one id per image")
+    index = GeoIndex(emb.shape[1], kind=kind, **(index_options or {}))
+    _train_on_sample(index, emb)
+    index.reserve(len(ids))
+    order = np.argsort(cluster, kind="stable")
+    sums = np.zeros((int(cluster.max()) + 1 if len(cluster) else 0, emb.shape[1]), np.float32)
+    for s in range(0, len(order), int(chunk)):
+        rows = order[s:s + int(chunk)]
+        x = normalise(_read_rows(emb, rows))
+        _accumulate(sums, x, cluster[rows])
+        index.add(x, ids[rows], check_ids=False)  # all ids checked once above
+    return index, sums
+
+
+def index_in_cluster_order(emb: Any, ids: np.ndarray, cluster: np.ndarray, kind: Kind = "flat", *,
+                           chunk: int = CHUNK, index_options: dict[str, Any] | None = None) -> GeoIndex:
     """A GeoIndex holding `emb` stored cluster by cluster, so each cluster's vectors are contiguous in
     FAISS memory: refinement reads a cluster's photos as one sequential block instead of scattered
-    rows (at 1M photos, a third of the refinement time). Flat and HNSW are filled in chunks (no copy
-    of the whole array); IVF in one call, so its coarse quantiser trains on a sample of everything."""
-    emb = np.asarray(emb, np.float32)
-    ids = np.asarray(ids, np.int64)
-    order = np.argsort(np.asarray(cluster, np.int64), kind="stable")
-    index = GeoIndex(emb.shape[1], kind=kind)
-    step = len(order) if kind == "ivf" else 1 << 16
-    for s in range(0, len(order), step):
-        index.add(emb[order[s:s + step]], ids[order[s:s + step]])
-    return index
+    rows (at 1M photos, a third of the refinement time). Filled `chunk` rows at a time from any
+    array-like (a memory map is never copied whole); ivf/ivfpq are first trained on a seeded sample
+    of all rows. `index_options` go to `GeoIndex` (nlist, nprobe, pq_m, opq, train_sample, ...)."""
+    return _fill_in_cluster_order(_as_rows(emb), ids, cluster, kind, chunk, index_options)[0]
 
 
-def build_gallery(emb: np.ndarray, ids: np.ndarray, lat: np.ndarray, lon: np.ndarray, cell: np.ndarray,
+def build_gallery(emb: Any, ids: np.ndarray, lat: np.ndarray, lon: np.ndarray, cell: np.ndarray,
                   image: np.ndarray | None = None, *, kind: Kind = "flat", progress: bool = False,
-                  **cluster_opts) -> Gallery:
-    """Index embeddings, cluster the images inside their cells (OPTICS) and make the prototypes."""
-    emb = np.asarray(emb, np.float32)
+                  index_options: dict[str, Any] | None = None, chunk: int = CHUNK, **cluster_opts) -> Gallery:
+    """Index embeddings, cluster the images inside their cells (OPTICS) and make the prototypes.
+
+    `emb`: (n, d) ndarray, np.memmap (float16 is fine) or `StackedRows` of shards; read in chunks.
+    `index_options` go to `GeoIndex` (e.g. {"nlist": 4096, "pq_m": 64, "opq": True} for ivfpq)."""
+    emb = _as_rows(emb)
     _check(emb, ids, lat, lon, cell)
     if len(emb) == 0:
         raise UserError("the gallery is empty; give at least one image with a location")
     cluster = cluster_points(lat, lon, cell, progress=progress, **cluster_opts)
-    index = index_in_cluster_order(emb, ids, cluster, kind)
-    table = ClusterTable.from_members(lat, lon, cell, cluster, emb)
+    index, sums = _fill_in_cluster_order(emb, ids, cluster, kind, chunk, index_options)
+    table = _cluster_table(lat, lon, cell, cluster, sums)
     return Gallery(index, _frame(ids, lat, lon, cell, cluster, image), table)
 
 
 def append_gallery(g: Gallery, emb: np.ndarray, ids: np.ndarray, lat: np.ndarray, lon: np.ndarray,
                    cell: np.ndarray, image: np.ndarray | None = None) -> Gallery:
     """Add images without re-clustering: each joins the nearest existing cluster of its cell; images in
-    cells without clusters form one new cluster per cell. Prototypes and centres are recomputed."""
-    emb = np.asarray(emb, np.float32)
+    cells without clusters form one new cluster per cell. Prototypes and centres are recomputed.
+    `emb` may be any (n, d) array-like (see `build_gallery`); it is added in chunks."""
+    emb = _as_rows(emb)
     _check(emb, ids, lat, lon, cell)
     if len(emb) == 0:
         return g
-    g.index.add(emb, ids)
+    ids = np.asarray(ids, np.int64)
+    if len(np.unique(ids)) != len(ids) or np.isin(ids, g.index.ids()).any():
+        raise UserError("gallery ids must be unique and not already in the index; remove the old ids first or give new ones")
+    for s in range(0, len(ids), CHUNK):
+        g.index.add(_read_rows(emb, np.arange(s, min(s + CHUNK, len(ids)))), ids[s:s + CHUNK], check_ids=False)
     cl = assign_to_existing(lat, lon, cell, g.clusters.frame)
     new = cl < 0
     if new.any():

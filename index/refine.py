@@ -14,6 +14,9 @@ against the candidate cells' prototypes and the winning cluster's images, found 
 offsets (clusters sorted by cell, images sorted by cluster and by cell) straight in the FAISS
 storage (no copy). The work per query is a few dozen 512-d dot products, so at batch 1 the cost is
 the Python call itself. bench/index.py measures the speed-up against the loop written PIGEON's way.
+The gallery rows may be float32 (flat/hnsw/ivf) or float16 (ivfpq's store, possibly memory-mapped):
+numba has no float16 arrays, so float16 rows go in as their uint16 bits and are widened in the dot
+product by LLVM's `fpext half` (one F16C instruction per 8 values on x86; exact).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 from pigeon.core.errors import UserError
 from pigeon.core.sphere import EARTH_RADIUS_KM
@@ -119,12 +124,36 @@ def _csr(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- the compiled kernel --------------------------------------------------------------------------
-# fastmath only inside the dot product: lets LLVM vectorise the float64 reduction of float32 rows.
+@intrinsic
+def _half_bits(typingctx, bits):  # pragma: no cover - compiled
+    """float32 value of IEEE half-precision bits (uint16): bitcast to LLVM `half`, then `fpext`."""
+    if not (isinstance(bits, types.Integer) and bits.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+def _wide(x):  # pragma: no cover - replaced by the overload in compiled code
+    """An element of a gallery row or query as float64 (uint16 = float16 bits)."""
+    raise NotImplementedError
+
+
+@overload(_wide, inline="always")
+def _wide_impl(x):  # pragma: no cover - compiled
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        return lambda x: np.float64(_half_bits(x))
+    return lambda x: np.float64(x)
+
+
+# fastmath only inside the dot product: lets LLVM vectorise the float64 reduction of float32 (or
+# float16-widened) rows.
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 def _dot(a, b):  # pragma: no cover - compiled
     s = 0.0
     for t in range(a.shape[0]):
-        s += np.float64(a[t]) * np.float64(b[t])
+        s += _wide(a[t]) * _wide(b[t])
     return s
 
 
@@ -292,7 +321,8 @@ class Refiner:
     clusters: the in-cell clusters (ClusterTable, row i = cluster i).
     gallery: frame with id, lat, lon, cell, cluster (gallery.parquet).
     vector_ids, vectors: the gallery embeddings and their ids, e.g. `GeoIndex.vectors()` (a view of
-    the FAISS storage: no copy for flat/hnsw).
+    the FAISS storage: no copy for flat/hnsw, float16 and possibly memory-mapped for ivfpq). float16
+    rows are read as they are (no float32 copy); anything else becomes C-contiguous float32.
     """
 
     def __init__(self, cell_centres: np.ndarray, clusters: ClusterTable, gallery: pd.DataFrame,
@@ -300,8 +330,9 @@ class Refiner:
         self.centres = np.ascontiguousarray(np.asarray(cell_centres, dtype=np.float64).reshape(-1, 2))
         n_cells = len(self.centres)
         self.n_cells = n_cells
-        # the kernel reads rows straight from here: a FAISS view is already C-contiguous float32 (no copy)
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        # the kernel reads rows straight from here: a FAISS view is already C-contiguous (no copy)
+        self.vectors = _gallery_rows(vectors)
+        self._rows = self.vectors.view(np.uint16) if self.vectors.dtype == np.float16 else self.vectors  # numba: no float16
         vector_ids = np.asarray(vector_ids, np.int64)
         if len(vector_ids) != len(gallery):
             raise UserError(f"the index holds {len(vector_ids)} vectors but gallery.parquet lists {len(gallery)} images; rebuild the index with `pigeon build-index`")
@@ -384,10 +415,19 @@ class Refiner:
         limit = np.inf if max_refinement_km is None else float(max_refinement_km)
         _refine_kernel(q, np.ascontiguousarray(p), k, float(temperature), MODES.index(mode), int(average), limit,
                        self.centres, self.c_offs, self.c_order, self.prototypes, self.c_cell, self.c_lat, self.c_lon,
-                       self.gk_offs, self.gk_order, self.gc_offs, self.gc_order, self.vectors, self.g_lat, self.g_lon,
+                       self.gk_offs, self.gk_order, self.gc_offs, self.gc_order, self._rows, self.g_lat, self.g_lon,
                        self.g_id, self.g_row, lat, lon, cell, cluster, moved, nb_ids, nb_rows, nb_sim, used)
         return RefineResult(lat=lat, lon=lon, cell=cell, cluster_id=cluster, moved_km=moved,
                             neighbour_ids=nb_ids, neighbour_sims=nb_sim, mode=_MODE_NAMES.take(used), neighbour_rows=nb_rows)
+
+
+def _gallery_rows(vectors: np.ndarray) -> np.ndarray:
+    """The gallery rows as the kernel reads them: float16 kept (a memory map stays a map), else float32;
+    C-contiguous either way (a copy only when they are not)."""
+    v = np.asarray(vectors)  # a plain ndarray view (also of an np.memmap)
+    if v.dtype == np.float16:
+        return np.ascontiguousarray(v)
+    return np.ascontiguousarray(v, dtype=np.float32)
 
 
 def centre_answers(probs: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:

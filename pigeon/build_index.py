@@ -167,7 +167,7 @@ def _hold_out_val(store: EmbeddingStore, images: Any, validate: bool | None,
         raise UserError(f"data {images} has no rows with split in {', '.join(splits or [])} for the gallery (its splits: {have}); "
                         f"mark gallery rows `train`, or pass --splits with those you want (--splits all: every row)")
     g, v = np.flatnonzero(keep), np.flatnonzero(is_val)
-    return (df.iloc[g].reset_index(drop=True), store.take(g), df.iloc[v].reset_index(drop=True), store.take(v),
+    return (df.iloc[g].reset_index(drop=True), store.view(g), df.iloc[v].reset_index(drop=True), store.take(v),
             int(len(df) - len(g) - len(v)))
 
 

@@ -34,9 +34,10 @@ def recorded_refine_mode(bundle: Bundle | None) -> str | None:
     return mode
 
 
-def load_gallery(bundle: Bundle, expect_backbone_hash: str | None = None) -> Gallery:
+def load_gallery(bundle: Bundle, expect_backbone_hash: str | None = None, mmap: bool = False) -> Gallery:
     """The bundle's gallery (index.Gallery), refusing parts built on other cells / another backbone,
-    or left from two different builds."""
+    or left from two different builds. `mmap`: the index's vectors stay in the file, mapped read-only,
+    so several server processes share one copy in the page cache (serving never changes the index)."""
     bundle.require("cells", *GALLERY_PARTS)
     bundle.verify(*GALLERY_PARTS)
     metas = {p: bundle.meta(p) for p in GALLERY_PARTS}
@@ -45,7 +46,7 @@ def load_gallery(bundle: Bundle, expect_backbone_hash: str | None = None) -> Gal
         raise UserError(f"bundle {bundle.path}: index.faiss, gallery.parquet and clusters.parquet come from different builds (an interrupted `pigeon build-index`?); rerun `pigeon build-index`")
     want_b = expect_backbone_hash or bundle.backbone_hash
     idx = GeoIndex.load(bundle.part_path("index"), expect_backbone_hash=want_b, expect_cells_hash=bundle.cells_hash,
-                        meta=metas["index"])
+                        meta=metas["index"], mmap=mmap)
     frame = read_gallery_frame(bundle.part_path("gallery"))
     clusters = ClusterTable.read(bundle.part_path("clusters"))
     if len(frame) != idx.ntotal:

@@ -157,7 +157,7 @@ class Predictor:
             raise UserError(f"bundle {b.path}: head.safetensors was trained with another backbone (hash {want[:12]} vs {bb.hash[:12]}); retrain it with `pigeon train`")
         if head.embed_dim != bb.embed_dim:
             raise UserError(f"bundle {b.path}: head expects {head.embed_dim}-d embeddings, backbone {bb.spec} gives {bb.embed_dim}; retrain with `pigeon train`")
-        gallery = load_gallery(b) if any(b.listed(p) for p in GALLERY_PARTS) else None
+        gallery = load_gallery(b, mmap=True) if any(b.listed(p) for p in GALLERY_PARTS) else None  # read-only: workers share it
         if gallery is not None and gallery.index.dim != bb.embed_dim:
             raise UserError(f"bundle {b.path}: index.faiss holds {gallery.index.dim}-d vectors, backbone {bb.spec} gives {bb.embed_dim}; "
                             f"rerun `pigeon build-index`")

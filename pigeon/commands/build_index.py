@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="embedding folder from `pigeon embed` with the bundle's backbone (nothing is embedded)"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         append: bool = typer.Option(False, "--append", help="add the manifest's photos to the existing index without re-clustering"),
-        kind: str = typer.Option("flat", "--kind", help="flat (exact), hnsw or ivf (approximate, for millions of photos)"),
+        kind: str = typer.Option("flat", "--kind", help="flat (exact), hnsw or ivf (approximate), ivfpq (IVF-PQ codes + float16 vectors: galleries of millions, built in chunks)"),
         batch_size: int = typer.Option(64, "--batch-size", help="images per backbone forward"),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images"),
         remove_ids: Optional[Path] = typer.Option(None, "--remove-ids", help="file of gallery ids (one a line, or an `id` column) to take out"),

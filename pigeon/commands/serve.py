@@ -23,8 +23,9 @@ def serve(
 ) -> None:
     """Load the bundle (refusing a bundle with missing or mismatched parts), then run uvicorn.
 
-    With `workers > 1` each worker process loads its own copy of the bundle (uvicorn's factory
-    mode); the parent checks the bundle first so a broken one fails here, not in every worker.
+    With `workers > 1` each worker process loads its own copy of the model (uvicorn's factory
+    mode) and maps the gallery index read-only, so the workers share one copy of it in the page
+    cache; the parent checks the bundle first so a broken one fails here, not in every worker.
     On SIGTERM, requests in flight get `graceful_shutdown_s` (PIGEON_GRACEFUL_SHUTDOWN_S, 5) to
     finish before they are cancelled, so a stalled client cannot keep the process alive.
     """
