@@ -30,6 +30,10 @@ def register(app: typer.Typer) -> None:
                                                             "test rows stay out unless listed, val rows not listed choose the refinement mode"),
     ) -> None:
         """Embed a gallery of located photos and build the index that refines answers inside cells."""
+        # FAISS's OpenMP threads spin while waiting: on a busy machine PQ training ran 15x slower (docs/index.md)
+        import os
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
         from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
 
