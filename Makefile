@@ -42,6 +42,11 @@ bench: venv
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/refine_accuracy.py
 	$(BIN)/python bench/radii.py
+	$(BIN)/python bench/index_scale.py --sizes 1000000
+	$(BIN)/python bench/scale.py embed --photos 20000
+	$(BIN)/python bench/scale.py train --sizes 100000 1000000 5000000 --samples-per-epoch 1000000
+	$(BIN)/python bench/serve_workers.py ivfpq
+	$(BIN)/python bench/world.py
 
 clean:
 	rm -rf $(VENV) demo out .pytest_cache
