@@ -292,7 +292,9 @@ def embed_command(source: Source, backbone_spec: str | None, bundle: str | None,
             b = Bundle(bundle)
             if backbone_spec and b.backbone_spec and backbone_spec != b.backbone_spec:
                 raise UserError(f"bundle {b.path} uses backbone {b.backbone_spec!r}, not {backbone_spec!r}; drop --backbone")
-            bb = backbone_from_bundle(b, device=d.device) if b.backbone_spec else create_backbone(backbone_spec or "lite", device=d.device)
+            if not (b.backbone_spec or backbone_spec):
+                raise UserError(f"bundle {b.path} names no backbone yet; give --backbone SPEC (the one you will train with)")
+            bb = backbone_from_bundle(b, device=d.device) if b.backbone_spec else create_backbone(backbone_spec, device=d.device)
         else:
             if not backbone_spec:
                 raise UserError("`pigeon embed` needs --backbone SPEC or --bundle DIR (whose backbone it uses)")
