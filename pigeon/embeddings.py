@@ -199,16 +199,12 @@ class EmbeddingStore:
             r = rows[s:s + size]
             yield r, self.take(r)
 
-    def mean_by(self, labels: np.ndarray, n_labels: int, idx: np.ndarray, size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-        """Per-label sums' means (n_labels, dim) float32 and counts over rows `idx`, in chunks."""
-        sums = np.zeros((n_labels, self.dim), np.float64)
-        counts = np.bincount(labels, minlength=n_labels)
-        for s, (_, v) in zip(range(0, len(idx), size), self.chunks(idx, size)):
-            lab = labels[s:s + size]
-            order = np.argsort(lab, kind="stable")          # add.reduceat over sorted runs: np.add.at is 10x slower
-            starts = np.flatnonzero(np.r_[True, np.diff(lab[order]) != 0])
-            sums[lab[order][starts]] += np.add.reduceat(v[order].astype(np.float64), starts, axis=0)
-        return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts
+    def mean(self, idx: np.ndarray, size: int = 65536) -> np.ndarray:
+        """The mean vector (dim,) float32 of rows `idx`, summed chunk by chunk."""
+        total = np.zeros(self.dim, np.float64)
+        for _, v in self.chunks(idx, size):
+            total += v.sum(0, dtype=np.float64)
+        return (total / max(len(idx), 1)).astype(np.float32)
 
 
 class RowsView:

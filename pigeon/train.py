@@ -244,7 +244,7 @@ class _Run:
         if cfg.init == "text":
             protos = text
         else:
-            centre = self.stores[0].mean_by(np.zeros(len(self.tr), np.int64), 1, self.tr)[0][0]
+            centre = self.stores[0].mean(self.tr)
             chunks = (v for _, v in self.stores[0].chunks(self.tr))
             protos = mean_prototypes(chunks, self.cell[self.tr], C, fallback=text, centre=centre)
         self.head = PrototypeHead(protos, scale=_zero_shot_scale(self.bb) if cfg.init == "text" else 30.0, centre=centre)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Callable, Iterator
@@ -14,18 +15,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..core.errors import UserError
 
 
-def load_image(path: str | os.PathLike):
-    """Open an image as RGB with its EXIF orientation applied; UserError naming the path if unreadable."""
+def load_image(src: str | os.PathLike | bytes, name: str | None = None):
+    """Open an image (a file path, or its bytes) as RGB with its EXIF orientation applied; UserError
+    naming `name` (default: the path) if it is missing or unreadable."""
+    label = name if name is not None else src if not isinstance(src, (bytes, bytearray, memoryview)) else "image bytes"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src) as im:
                 im = ImageOps.exif_transpose(im)
                 return im.convert("RGB")
     except FileNotFoundError as e:
-        raise UserError(f"image {path} does not exist; fix the manifest's `image` column or the file") from e
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"image {path} is unreadable ({type(e).__name__}: {e}); replace the file or drop its row") from e
+        raise UserError(f"image {label} does not exist; fix the manifest's `image` column or the file") from e
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise UserError(f"image {label} is unreadable ({type(e).__name__}: {e}); replace the file or drop its row") from e
 
 
 class ImageDataset:

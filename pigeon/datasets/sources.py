@@ -23,12 +23,10 @@ import contextlib
 import glob
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
 import re
-import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,12 +40,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..core.errors import UserError
+from .images import load_image
 from .manifest import read_manifest
 
 META_COLUMNS = ("split", "taken_at", "heading", "location_id", "id")  # optional per-sample fields kept in `meta`
@@ -66,17 +65,8 @@ class Record:
 
 
 def decode_image(data: bytes | str, name: str = "image") -> Image.Image:
-    """RGB PIL image with EXIF orientation applied, from bytes or a file path; UserError naming `name`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as im:
-                im = ImageOps.exif_transpose(im)
-                return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise UserError(f"{name}: file does not exist; fix the path or drop the sample") from e
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise UserError(f"{name} is unreadable ({type(e).__name__}: {e}); replace it or drop the sample") from e
+    """RGB PIL image with EXIF orientation applied, from bytes or a file path (`load_image`); UserError naming `name`."""
+    return load_image(data, name=name)
 
 
 class Source(ABC):
