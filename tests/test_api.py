@@ -175,8 +175,13 @@ def test_health_version_cells(client):
 
 
 def test_page_docs_and_json_errors(client):
-    assert "<svg id=\"map\"" in client.get("/").text
+    assert "<div id=\"map\"" in client.get("/").text
     assert client.get("/static/world.json").json()["type"] == "FeatureCollection"
+    admin1 = client.get("/static/admin1.json").json()
+    assert admin1["type"] == "FeatureCollection" and len(admin1["features"]) > 3000
+    assert {"admin1", "country"} <= set(admin1["features"][0]["properties"])
+    assert client.get("/static/vendor/leaflet/leaflet.js").text.startswith("/* @preserve")  # vendored, served offline
+    assert client.get("/static/vendor/leaflet/images/marker-icon.png").headers["content-type"] == "image/png"
     assert client.get("/openapi.json").json()["paths"]["/locate"]["post"]
     for method, path, status in [("GET", "/nope", 404), ("DELETE", "/locate", 405), ("GET", "/locate", 405), ("GET", "/static/nope.js", 404)]:
         r = client.request(method, path)

@@ -1,4 +1,5 @@
-"""The web page in headless Chromium: pick a photo, see the marker on the map and the country list.
+"""The web page in headless Chromium: pick a photo or drop several views of one place; see one marker,
+the 50%/90% circles, the top cells and the region at the answer on the Leaflet map; zoom in.
 
 Needs the Debian packages `chromium` and `chromium-driver` (`apt-get install -y chromium
 chromium-driver`); skipped with that message when they are missing.
@@ -72,39 +73,129 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_upload_shows_marker_and_countries(server, browser, tmp_path):
+def _answered(browser, wait):
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("answered", "error"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "answered", browser.find_element(By.ID, "status").text
+
+
+def _decoded(im):
+    """The photo as the server sees it: JPEG-encoded, then decoded."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(encode(im))).convert("RGB")
+
+
+def _page(browser, expr: str):
+    return browser.execute_script(f"const p = window.pigeonPage; return {expr};")
+
+
+def _open(browser, server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    img = tmp_path / "street.jpg"
-    img.write_bytes(encode(photo(160, 120, seed=21)))
     browser.get(server + "/")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-map") == "ready")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#countries path")) > 150  # the offline world outline
+    return wait
+
+
+def test_upload_shows_marker_circles_cells_and_countries(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    img = tmp_path / "street.jpg"
+    img.write_bytes(encode(photo(160, 120, seed=21)))
+    wait = _open(browser, server)
+    assert _page(browser, "p.countries.getLayers().length") > 150  # the offline country outlines (vendored Leaflet, no tiles)
+    assert browser.find_elements(By.CSS_SELECTOR, "link[href='/static/vendor/leaflet/leaflet.css']")
 
     browser.find_element(By.ID, "file").send_keys(str(img))
-    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "answered")
+    _answered(browser, wait)
 
-    want = tiny_predictor().locate([photo(160, 120, seed=21)], top_k=5)[0]
-    marker = browser.find_element(By.ID, "marker")
-    assert float(marker.get_attribute("cx")) == pytest.approx(want["lon"], abs=1e-3)
-    assert float(marker.get_attribute("cy")) == pytest.approx(-want["lat"], abs=1e-3)
+    want = tiny_predictor().locate([_decoded(photo(160, 120, seed=21))], top_k=5)[0]
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".leaflet-marker-icon")) == 1
+    assert _page(browser, "p.marker.getLatLng().lat") == pytest.approx(want["lat"], abs=1e-6)
+    assert _page(browser, "p.marker.getLatLng().lng") == pytest.approx(want["lon"], abs=1e-6)
+    assert _page(browser, "p.circle50.getRadius()") == pytest.approx(1000 * want["radius_km_50"], rel=1e-6)
+    assert _page(browser, "p.circle90.getRadius()") == pytest.approx(1000 * want["radius_km_90"], rel=1e-6)
 
     items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#country-list li")]
     assert len(items) == len(want["countries"])
     assert items[0].startswith(want["countries"][0]["name"])
     assert all(any(li.startswith(c[0]) for c in TOY_CELLS) for li in items)
 
-    shaded = browser.find_elements(By.CSS_SELECTOR, "#cells path")
-    assert [int(p.get_attribute("data-cell")) for p in shaded] == [c["cell_id"] for c in want["top_cells"]]
-    opac = [float(p.get_attribute("fill-opacity")) for p in shaded]
-    assert opac == sorted(opac, reverse=True) and opac[0] == pytest.approx(0.85)
+    assert _page(browser, "p.cellLayers.map((l) => l.cellId)") == [c["cell_id"] for c in want["top_cells"]]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.pigeon-cell")) == len(want["top_cells"])
+    opac = _page(browser, "p.cellLayers.map((l) => l.getLayers()[0].options.fillOpacity)")
+    assert opac == sorted(opac, reverse=True) and opac[0] == pytest.approx(0.65)
 
     heat = browser.find_element(By.ID, "heatmap")
     assert heat.get_attribute("src").startswith("data:image/png;base64,")
     wait.until(lambda d: d.execute_script("return document.getElementById('heatmap').naturalWidth") > 0)
     assert "Done in" in browser.find_element(By.ID, "status").text
+
+
+def _drop(browser, files: dict[str, bytes]) -> None:
+    """Drop files on the page's drop zone, as a user dragging them from a file manager does."""
+    import base64
+
+    payload = {name: base64.b64encode(data).decode() for name, data in files.items()}
+    browser.execute_script("""
+        const dt = new DataTransfer();
+        for (const [name, b64] of Object.entries(arguments[0])) {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
+        }
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    """, payload)
+
+
+def test_drop_two_views_one_place_then_zoom(server, browser):
+    from selenium.webdriver.common.by import By
+
+    ims = [photo(160, 120, seed=31), photo(200, 150, seed=32)]  # two views of different sizes
+    wait = _open(browser, server)
+    _drop(browser, {"north.jpg": encode(ims[0]), "south.jpg": encode(ims[1])})
+    _answered(browser, wait)
+
+    want = tiny_predictor().locate_place([_decoded(im) for im in ims], top_k=5)
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".leaflet-marker-icon")) == 1  # one place, one marker
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#previews img")) == 2
+    assert _page(browser, "[p.marker.getLatLng().lat, p.marker.getLatLng().lng]") == pytest.approx([want["lat"], want["lon"]], abs=1e-6)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.pigeon-r50")) == 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.pigeon-r90")) == 1
+    assert _page(browser, "p.circle90.getRadius()") == pytest.approx(1000 * want["radius_km_90"], rel=1e-6)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.pigeon-cell")) == len(want["top_cells"]) > 0
+    assert "2 views of one place, combined by mean" in browser.find_element(By.ID, "answer").text
+    reg = want["region_at_answer"]
+    region = browser.find_element(By.ID, "region").text
+    assert reg["admin1"] in region and reg["country"] in region
+
+    # the admin-1 outlines (bundled) load around the answer, and the answer's region is outlined
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-admin1") == "ready")
+    assert _page(browser, "p.admin1.getLayers().length") > 3000
+    wait.until(lambda d: d.execute_script("return window.pigeonPage.regionLayer !== null"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.pigeon-region")) == 1
+
+    # zoom in with the map's own control: the map follows, the marker stays on the answer
+    z0 = _page(browser, "p.map.getZoom()")
+    browser.find_element(By.CSS_SELECTOR, ".leaflet-control-zoom-in").click()
+    wait.until(lambda d: d.execute_script("return window.pigeonPage.map.getZoom()") == z0 + 1)
+    assert _page(browser, "p.map.getBounds().contains(p.marker.getLatLng())")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".leaflet-marker-icon")) == 1
+
+
+def test_too_many_views_refused_in_the_page(server, browser):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server)
+    data = encode(photo(64, 48, seed=1))
+    _drop(browser, {f"v{i}.jpg": data for i in range(17)})
+    status = browser.find_element(By.ID, "status")
+    assert "17 photos dropped" in status.text and "at most 16" in status.text and status.get_attribute("class") == "error"
 
 
 def test_bad_upload_shows_the_error(server, browser, tmp_path):

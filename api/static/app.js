@@ -1,58 +1,61 @@
-// pigeon's web page: plain JS, no libraries, no network beyond this server.
-// The map is equirectangular in SVG: x = lon, y = -lat, viewBox -180 -90 360 180.
+// pigeon's web page: Leaflet (vendored in /static/vendor/leaflet) over offline outlines, no network
+// beyond this server. Countries come from /static/world.json, admin-1 outlines from /static/admin1.json
+// (both made from the bundled Natural Earth admin-1 by scripts/make_world_map.py), cells from /cells.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const SVGNS = "http://www.w3.org/2000/svg";
-let cellsIndex = null; // cell_id -> GeoJSON geometry, loaded on first answer
+const MAX_VIEWS = 16;          // the server's max_batch default: more views are refused before sending
+const ADMIN1_ZOOM = 4;         // admin-1 outlines from this zoom on (and around every answer)
 
-function ringPath(ring) {
-  let d = "";
-  for (let i = 0; i < ring.length; i++) {
-    const p = ring[i];
-    d += (i ? "L" : "M") + p[0].toFixed(2) + "," + (-p[1]).toFixed(2);
+const page = {                 // the page's state, also read by the browser tests
+  map: null, countries: null, admin1: null, admin1Loading: null,
+  answerLayer: null, marker: null, circle50: null, circle90: null, cellLayers: [], regionLayer: null,
+  cellsIndex: null, answer: null,
+};
+window.pigeonPage = page;
+
+function initMap() {
+  const map = L.map("map", { worldCopyJump: true, minZoom: 1, maxZoom: 12, zoomControl: true, attributionControl: true })
+    .setView([20, 0], 2);
+  map.attributionControl.setPrefix(false).addAttribution("Outlines: Natural Earth (public domain) · Leaflet");
+  L.control.scale({ imperial: false }).addTo(map);
+  map.createPane("outlines").style.zIndex = 350;
+  page.answerLayer = L.layerGroup().addTo(map);
+  page.map = map;
+  map.on("zoomend", () => { if (map.getZoom() >= ADMIN1_ZOOM) loadAdmin1(); syncAdmin1(); });
+  return map;
+}
+
+async function loadCountries() {
+  const r = await fetch("/static/world.json");
+  const world = await r.json();
+  page.countries = L.geoJSON(world, {
+    renderer: L.canvas({ padding: 0.5 }), interactive: false,
+    style: { color: "#8b95a1", weight: 0.8, fillColor: "#f7f3ea", fillOpacity: 1 },
+  }).addTo(page.map);
+}
+
+function loadAdmin1() {
+  if (!page.admin1Loading) {
+    page.admin1Loading = fetch("/static/admin1.json").then((r) => r.json()).then((gj) => {
+      page.admin1 = L.geoJSON(gj, {
+        renderer: L.canvas({ padding: 0.5 }), pane: "outlines", interactive: false,
+        style: { color: "#a4adb8", weight: 0.6, fill: false, dashArray: "2 2" },
+      });
+      syncAdmin1();
+      document.body.dataset.admin1 = "ready";
+      return page.admin1;
+    }).catch((e) => { setStatus("Could not load the admin-1 outlines: " + e, true); page.admin1Loading = null; });
   }
-  return d + "Z";
+  return page.admin1Loading;
 }
 
-function geomPath(g) {
-  if (!g) return "";
-  const polys = g.type === "Polygon" ? [g.coordinates] : g.type === "MultiPolygon" ? g.coordinates : [];
-  return polys.map((poly) => poly.map(ringPath).join("")).join("");
-}
-
-function el(name, attrs) {
-  const e = document.createElementNS(SVGNS, name);
-  for (const k in attrs) e.setAttribute(k, attrs[k]);
-  return e;
-}
-
-function drawGraticule() {
-  const g = $("graticule");
-  let d = "";
-  for (let lon = -150; lon <= 150; lon += 30) d += `M${lon},-90L${lon},90`;
-  for (let lat = -60; lat <= 60; lat += 30) d += `M-180,${-lat}L180,${-lat}`;
-  g.appendChild(el("path", { d }));
-}
-
-async function drawWorld() {
-  drawGraticule();
-  try {
-    const r = await fetch("/static/world.json");
-    const world = await r.json();
-    const g = $("countries");
-    const frag = document.createDocumentFragment();
-    for (const f of world.features) {
-      const p = el("path", { d: geomPath(f.geometry), "data-iso": f.properties.iso_a2 || "" });
-      const t = el("title", {});
-      t.textContent = f.properties.name || "";
-      p.appendChild(t);
-      frag.appendChild(p);
-    }
-    g.appendChild(frag);
-  } catch (e) {
-    setStatus("Could not load the world outline: " + e, true);
-  }
+function syncAdmin1() {
+  // admin-1 outlines only where they can be told apart: from ADMIN1_ZOOM on
+  if (!page.admin1) return;
+  const want = page.map.getZoom() >= ADMIN1_ZOOM;
+  if (want && !page.map.hasLayer(page.admin1)) page.admin1.addTo(page.map);
+  if (!want && page.map.hasLayer(page.admin1)) page.map.removeLayer(page.admin1);
 }
 
 function headers() {
@@ -61,13 +64,13 @@ function headers() {
 }
 
 async function loadCells() {
-  if (cellsIndex) return cellsIndex;
+  if (page.cellsIndex) return page.cellsIndex;
   const r = await fetch("/cells", { headers: headers() });
   if (!r.ok) return null;
   const gj = await r.json();
-  cellsIndex = new Map();
-  for (const f of gj.features) cellsIndex.set(Number(f.properties.cell_id ?? f.id), f.geometry);
-  return cellsIndex;
+  page.cellsIndex = new Map();
+  for (const f of gj.features) page.cellsIndex.set(Number(f.properties.cell_id ?? f.id), f);
+  return page.cellsIndex;
 }
 
 function setStatus(text, isError) {
@@ -93,36 +96,66 @@ function listItems(ol, rows) {
   }
 }
 
-async function showAnswer(a) {
-  // marker and 50% radius (km -> degrees, widened in longitude by 1/cos(lat))
-  const guess = $("guess");
-  guess.textContent = "";
-  const ky = (a.radius_km_50 || 0) / 111.2;
-  const kx = ky / Math.max(0.05, Math.cos((a.lat * Math.PI) / 180));
-  if (ky > 0) guess.appendChild(el("ellipse", { id: "radius50", cx: a.lon, cy: -a.lat, rx: Math.min(kx, 180), ry: Math.min(ky, 90) }));
-  guess.appendChild(el("circle", { id: "marker", cx: a.lon, cy: -a.lat, r: 2.2, "data-lat": a.lat, "data-lon": a.lon }));
-
-  $("answer").textContent =
-    `Guess: ${a.lat.toFixed(3)}, ${a.lon.toFixed(3)} · confidence ${pct(a.confidence)}` +
-    (a.radius_km_50 ? ` · 50% within ${Math.round(a.radius_km_50)} km` : "") +
-    (a.radius_km_90 ? `, 90% within ${Math.round(a.radius_km_90)} km` : "") +
-    (a.exif_gps_present ? " · the file carried EXIF GPS (not used)" : "");
-
-  listItems($("country-list"), (a.countries || []).map((c) => ({ label: `${c.name || "?"}${c.iso_a2 ? " (" + c.iso_a2 + ")" : ""}`, p: c.probability })));
-  listItems($("cell-list"), (a.top_cells || []).map((c) => ({ label: `${c.admin1 || "cell " + c.cell_id}, ${c.country || ""}`, p: c.probability })));
-
-  // shade the top cells by probability
-  const cg = $("cells");
-  cg.textContent = "";
+async function drawAnswer(a) {
+  const layer = page.answerLayer;
+  layer.clearLayers();
+  page.cellLayers = [];
+  page.regionLayer = null;
+  // the top cells' polygons, darker for likelier ones (drawn first: under the circles and marker)
   const idx = await loadCells().catch(() => null);
   if (idx) {
     const pmax = Math.max(...a.top_cells.map((c) => c.probability), 1e-9);
     for (const c of a.top_cells) {
-      const g = idx.get(Number(c.cell_id));
-      if (!g) continue;
-      cg.appendChild(el("path", { d: geomPath(g), "fill-opacity": (0.15 + 0.7 * (c.probability / pmax)).toFixed(3), "data-cell": c.cell_id }));
+      const f = idx.get(Number(c.cell_id));
+      if (!f) continue;
+      const poly = L.geoJSON(f, {
+        style: { className: "pigeon-cell", color: "#a33", weight: 1, fillColor: "#e4572e",
+                 fillOpacity: Number((0.15 + 0.5 * (c.probability / pmax)).toFixed(3)) },
+      }).bindTooltip(`${c.admin1 || "cell " + c.cell_id}, ${c.country || ""}: ${pct(c.probability)}`);
+      poly.cellId = Number(c.cell_id);
+      poly.addTo(layer);
+      page.cellLayers.push(poly);
     }
   }
+  const at = [a.lat, a.lon];
+  if (a.radius_km_90 > 0) page.circle90 = L.circle(at, { radius: 1000 * a.radius_km_90, className: "pigeon-r90", color: "#1f5bd1", weight: 1, dashArray: "4 4", fillOpacity: 0.05 }).addTo(layer);
+  if (a.radius_km_50 > 0) page.circle50 = L.circle(at, { radius: 1000 * a.radius_km_50, className: "pigeon-r50", color: "#1f5bd1", weight: 1.5, fillOpacity: 0.12 }).addTo(layer);
+  page.marker = L.marker(at, { title: `${a.lat.toFixed(4)}, ${a.lon.toFixed(4)}`, alt: "the answer" }).addTo(layer);
+  const bounds = (page.circle90 || page.circle50) ? (page.circle90 || page.circle50).getBounds() : L.latLngBounds([at, at]).pad(1);
+  page.map.fitBounds(bounds, { maxZoom: 9, padding: [20, 20] });
+  await drawRegion(a);
+}
+
+async function drawRegion(a) {
+  const reg = a.region_at_answer;
+  $("region").textContent = reg
+    ? `At the answer point: ${reg.admin1}, ${reg.country}` + (reg.at_sea ? " (the nearest region: the point is at sea)" : "")
+    : "";
+  if (!reg) return;
+  const admin1 = await loadAdmin1();
+  if (!admin1 || page.answer !== a) return;
+  admin1.eachLayer((l) => {
+    const p = l.feature.properties;
+    if (p.admin1 === reg.admin1 && p.country === reg.country && !page.regionLayer) {
+      page.regionLayer = L.geoJSON(l.feature, {
+        style: { className: "pigeon-region", color: "#2a7d4f", weight: 2, fill: false },
+        interactive: false,
+      }).addTo(page.answerLayer);
+    }
+  });
+}
+
+async function showAnswer(a, views) {
+  page.answer = a;
+  $("answer").textContent =
+    `Guess: ${a.lat.toFixed(3)}, ${a.lon.toFixed(3)} · confidence ${pct(a.confidence)}` +
+    (views > 1 ? ` · ${views} views of one place, combined by ${a.combine}` : "") +
+    (a.radius_km_50 ? ` · 50% within ${Math.round(a.radius_km_50)} km` : "") +
+    (a.radius_km_90 ? `, 90% within ${Math.round(a.radius_km_90)} km` : "") +
+    (a.exif_gps_present ? " · the file carried EXIF GPS (not used)" : "");
+  listItems($("country-list"), (a.countries || []).map((c) => ({ label: `${c.name || "?"}${c.iso_a2 ? " (" + c.iso_a2 + ")" : ""}`, p: c.probability })));
+  listItems($("cell-list"), (a.top_cells || []).map((c) => ({ label: `${c.admin1 || "cell " + c.cell_id}, ${c.country || ""}`, p: c.probability })));
+  await drawAnswer(a);
 
   const box = $("explain-box");
   if (a.explain) {
@@ -145,40 +178,61 @@ async function showAnswer(a) {
   }
 }
 
-async function locate(file) {
-  if (!file) return;
-  $("preview").src = URL.createObjectURL(file);
-  $("preview").hidden = false;
-  setStatus("Locating " + file.name + " …");
+function showPreviews(files) {
+  const box = $("previews");
+  box.textContent = "";
+  for (const f of files) {
+    const img = document.createElement("img");
+    img.alt = f.name;
+    img.title = f.name;
+    img.src = URL.createObjectURL(f);
+    box.appendChild(img);
+  }
+}
+
+async function locate(fileList) {
+  const files = Array.from(fileList || []);
+  if (!files.length) return;
+  if (files.length > MAX_VIEWS) {
+    setStatus(`${files.length} photos dropped: one place takes at most ${MAX_VIEWS} views; drop fewer`, true);
+    return;
+  }
+  document.body.dataset.state = "busy";
+  showPreviews(files);
+  const several = files.length > 1;
+  setStatus(several ? `Locating one place from ${files.length} views …` : `Locating ${files[0].name} …`);
   const fd = new FormData();
-  fd.append("image", file, file.name);
+  for (const f of files) fd.append("image", f, f.name);
   fd.append("top_k", "5");
-  fd.append("explain", $("explain").checked ? "true" : "false");
+  if (several) fd.append("same_place", "true");
+  fd.append("explain", !several && $("explain").checked ? "true" : "false");
   try {
     const r = await fetch("/locate", { method: "POST", body: fd, headers: headers() });
     const body = await r.json();
     if (!r.ok) {
       const d = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
       setStatus(`Error ${r.status} (${body.error}): ${d}`, true);
+      document.body.dataset.state = "error";
       return;
     }
-    await showAnswer(body);
+    await showAnswer(body, files.length);
     setStatus(`Done in ${Math.round(body.timings_ms.total_ms)} ms.`);
     document.body.dataset.state = "answered";
   } catch (e) {
     setStatus("Request failed: " + e, true);
+    document.body.dataset.state = "error";
   }
 }
 
 function wire() {
   const drop = $("drop");
-  $("file").addEventListener("change", (e) => locate(e.target.files[0]));
+  $("file").addEventListener("change", (e) => locate(e.target.files));
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
-    if (e.dataTransfer.files.length) locate(e.dataTransfer.files[0]);
+    if (e.dataTransfer.files.length) locate(e.dataTransfer.files);
   });
   const saved = window.localStorage && localStorage.getItem("pigeon-api-key");
   if (saved) $("apikey").value = saved;
@@ -186,4 +240,7 @@ function wire() {
 }
 
 wire();
-drawWorld().then(() => { document.body.dataset.map = "ready"; });
+initMap();
+loadCountries()
+  .then(() => { document.body.dataset.map = "ready"; })
+  .catch((e) => setStatus("Could not load the world outline: " + e, true));
