@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from pigeon.core.io import atomic_path, check_writable
-from pigeon.core.sphere import chord_to_km, from_xyz, haversine_km, spherical_mean, to_xyz
+from pigeon.core.sphere import chord_to_km, haversine_km, spherical_mean, to_xyz
 
 from .calibration import coverage
 from .core.errors import UserError
@@ -30,7 +30,7 @@ from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .index import MODES, RefineConfig
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
-from .predictor import Predictor, check_combine
+from .predictor import Predictor, check_combine, mean_view_embeddings, missing_places, place_truths
 
 
 def evaluate(
@@ -89,7 +89,8 @@ def evaluate(
     emb = store.take(sel)
     p = pred.predict_embeddings(emb, top_k=1)
     m, preds, table = _score(pred, p, keys, tlat, tlon, thresholds)
-    m.update(_baselines(pred, store.rows, tlat, tlon), refine_mode=pred.refine.mode if pred.gallery is not None else "none",
+    m.update(_baselines(pred, store.rows, tlat, tlon), **retrieval_baseline(pred, emb, tlat, tlon, thresholds),
+             refine_mode=pred.refine.mode if pred.gallery is not None else "none",
              gallery_overlap=int(overlap.sum()), split=split or "all", bundle=str(bundle_dir))
     if every:
         m["by_refine_mode"] = _by_refine_mode(pred, emb, p["probs"], tlat, tlon, thresholds)
@@ -117,22 +118,20 @@ def per_place_metrics(pred: Predictor, emb: np.ndarray, rows: pd.DataFrame, grou
         raise UserError(f"--group-by {group_by}: data {name} has no column {group_by!r} (it has {', '.join(map(str, rows.columns[:10]))}); "
                         f"give one of those, or drop --group-by")
     col = rows[group_by]
-    # the embedding store keeps location_id as text, so a missing one arrives as "nan" or "None"
-    empty = (col.isna() | col.astype(str).str.strip().isin(("", "nan", "None", "<NA>"))).to_numpy()
+    empty = missing_places(col)
     if empty.any():
         raise UserError(f"--group-by {group_by}: {int(empty.sum())} of the {len(rows)} rows scored have no {group_by} "
                         f"(e.g. {rows.index[np.flatnonzero(empty)[0]]}); fill it in, or drop --group-by")
     p, labels, counts = pred.predict_places(emb, col.astype(str).to_numpy(), combine=combine, top_k=1)
     codes = np.searchsorted(labels, col.astype(str).to_numpy())
-    xyz = np.zeros((len(labels), 3))
-    np.add.at(xyz, codes, to_xyz(rows["lat"].to_numpy(np.float64), rows["lon"].to_numpy(np.float64)))
-    tlat, tlon = from_xyz(xyz / np.linalg.norm(xyz, axis=1, keepdims=True))
+    tlat, tlon = place_truths(rows["lat"].to_numpy(), rows["lon"].to_numpy(), codes, len(labels))
+    retrieval = retrieval_baseline(pred, mean_view_embeddings(emb, codes, len(labels)), tlat, tlon, thresholds)
     t_iso, _, t_adm = reverse_geocode(tlat, tlon)
     p_iso, _, p_adm = reverse_geocode(p["lat"], p["lon"])
     m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
     km = haversine_km(p["lat"], p["lon"], tlat, tlon)
     m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), group_by=group_by, combine=combine or pred.combine,
-             n_places=int(len(labels)), views_per_place_mean=float(counts.mean()), views_per_place_max=int(counts.max()))
+             n_places=int(len(labels)), views_per_place_mean=float(counts.mean()), views_per_place_max=int(counts.max()), **retrieval)
     return m
 
 
@@ -221,6 +220,22 @@ def _baselines(pred: Predictor, rows: pd.DataFrame, tlat: np.ndarray, tlon: np.n
         d, _ = cKDTree(to_xyz(rows["lat"].to_numpy()[seen], rows["lon"].to_numpy()[seen])).query(to_xyz(tlat, tlon))
         out.update(max_reach_km=reach, beyond_reach_share=float(np.mean(chord_to_km(d) > reach)))
     return out
+
+
+def retrieval_baseline(pred: Predictor, emb: np.ndarray, tlat: np.ndarray, tlon: np.ndarray,
+                       thresholds: Sequence[float]) -> dict[str, Any]:
+    """What plain nearest-neighbour retrieval scores on the same photos: the position of the most
+    similar gallery photo anywhere (no head, no cells). {} without a gallery. The pipeline should
+    at least match it; docs/benchmarks.md (views) shows where it did not and why."""
+    if pred.gallery is None or not len(emb):
+        return {}
+    g = pred.gallery.gallery
+    _, ids = g.index.search(np.ascontiguousarray(emb, dtype=np.float32), 1)
+    row = g.frame.set_index("id").loc[ids[:, 0]]
+    km = haversine_km(row["lat"].to_numpy(np.float64), row["lon"].to_numpy(np.float64), tlat, tlon)
+    out = {"median_km": float(np.median(km))}
+    out.update({f"within_{t:g}km": float(np.mean(km <= t)) for t in thresholds})
+    return {"baseline_retrieval": out}
 
 
 def _by_refine_mode(pred: Predictor, emb: np.ndarray, probs: np.ndarray, tlat: np.ndarray, tlon: np.ndarray,

@@ -24,7 +24,8 @@ from .calibration import RadiusModel
 
 CAPTION = "A photo taken in {region}, {country}."
 CAPTION_COUNTRY = "A photo taken in {country}."
-DEFAULT_TAU_KM = 65.0
+DEFAULT_TAU_KM = 65.0   # PIGEOTTO's; `pigeon train` defaults to auto_tau_km (the cells' spacing)
+TAU_SPACING_SHARE = 0.5  # auto tau = this x the median nearest-neighbour spacing of the cell centres
 # Zero-shot prompt ensemble (CLIP's recipe: a class's prototype is the normalised mean of its prompts'
 # normalised text embeddings), in the PIGEON/StreetCLIP style. Each template is a pair: the sentence
 # for a cell with a region, and the one for a cell with none (the country alone). The first pair is the
@@ -228,6 +229,27 @@ def smoothed_targets(true_lat: np.ndarray, true_lon: np.ndarray, true_cell: np.n
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def auto_tau_km(centres: np.ndarray) -> float:
+    """Label smoothing's tau for these cells: half the median distance from a cell centre to its
+    nearest neighbour's. Why: tau sets how far target mass spreads, so it must follow the cell
+    spacing. PIGEON's fixed 65-75 km made every target near-uniform over 17 cells a few km apart
+    (streetview_mini); over 10 place splits there, the pipeline's median error fell as tau fell (65 km:
+    14.7 km per photo, worse than plain retrieval's 13.1; spacing x0.5: 11.1; docs/benchmarks.md).
+    On 1,005 cells over the 100K MP-16 photos this gives 35 km (the spacing is 70.7 km), below
+    PIGEOTTO's 65: that scale is not measured here, and `--tau 65` follows the paper.
+    DEFAULT_TAU_KM with fewer than two distinct centres."""
+    from scipy.spatial import cKDTree
+
+    c = np.asarray(centres, np.float64).reshape(-1, 2)
+    if len(c) < 2:
+        return DEFAULT_TAU_KM
+    xyz = to_xyz(c[:, 0], c[:, 1])
+    chord, _ = cKDTree(xyz).query(xyz, k=2)
+    km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord[:, 1] / 2.0, 0.0, 1.0))
+    km = km[km > 1e-6]
+    return TAU_SPACING_SHARE * float(np.median(km)) if len(km) else DEFAULT_TAU_KM
+
+
 class BatchTargets:
     """`smoothed_targets` for one batch of photos at a time, in torch float64 (the same values).
 
@@ -257,5 +279,5 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 __all__ = [
     "CAPTION", "CAPTION_COUNTRY", "DEFAULT_TAU_KM", "ZERO_SHOT_TEMPLATES", "PrototypeHead", "write_head", "cell_captions",
     "choose_templates", "text_prototypes", "zero_shot_scale",
-    "mean_prototypes", "smoothed_targets", "BatchTargets",
+    "mean_prototypes", "smoothed_targets", "BatchTargets", "auto_tau_km",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import sparse
 
@@ -22,7 +23,7 @@ from .backbones import backbone_from_bundle
 from .bundle import Bundle
 from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixture_radii
 from .core.errors import UserError
-from .core.sphere import to_xyz
+from .core.sphere import from_xyz, to_xyz
 from .datasets import load_image
 from .gallery import GALLERY_PARTS, load_gallery, recorded_refine_mode
 from .geocells import GeoCells
@@ -55,6 +56,17 @@ def place_codes(groups: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndar
     """(code per view, sorted place labels): views with the same label are one place."""
     labels, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     return codes.ravel(), labels
+
+
+def missing_places(labels: pd.Series) -> np.ndarray:
+    """Which rows have no place label (embedding stores keep labels as text: a missing one reads "nan" or "None")."""
+    return (labels.isna() | labels.astype(str).str.strip().isin(("", "nan", "None", "<NA>"))).to_numpy()
+
+
+def place_truths(lat: np.ndarray, lon: np.ndarray, codes: np.ndarray, n_places: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each place's position: the spherical mean of its views' positions (views of a place share one)."""
+    xyz = _place_sum(to_xyz(np.asarray(lat, np.float64), np.asarray(lon, np.float64)), codes, n_places)
+    return from_xyz(xyz / np.linalg.norm(xyz, axis=1, keepdims=True))
 
 
 def _place_sum(x: np.ndarray, codes: np.ndarray, n_places: int) -> np.ndarray:

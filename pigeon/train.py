@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -40,7 +41,8 @@ from .datasets.sources import ManifestSource, Source, decode_image, open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
 from .geocells import GeoCells
-from .head import BatchTargets, PrototypeHead, mean_prototypes, text_prototypes, write_head
+from .head import BatchTargets, PrototypeHead, auto_tau_km, mean_prototypes, text_prototypes, write_head
+from .predictor import COMBINE_MODES, Predictor, missing_places, place_codes, place_truths
 
 STATE_FILE = ".train_state.pt"
 
@@ -52,7 +54,7 @@ class TrainConfig:
     epochs: int = 30
     lr: float = 0.01
     batch_size: int = 256
-    tau: float = 65.0
+    tau: float | None = None         # label smoothing km; None: auto_tau_km(cell centres), the cells' spacing
     balanced: bool = False
     augment: int = 0                 # extra augmented views per training photo (frozen) / on-the-fly (unfrozen)
     unfreeze_last_block: bool = False
@@ -60,6 +62,7 @@ class TrainConfig:
     init: str = "mean"               # "mean" (image means; text for empty cells) or "text"
     patience: int = 5
     val_fraction: float = 0.1        # when the manifest has no 'val' rows
+    group_by: str = "auto"           # place column: views of one place share a split; auto = location_id when present, none = off
     seed: int = 0
     resume: bool = False
     weight_decay: float = 0.0
@@ -78,7 +81,7 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.tau <= 0:
+        if self.tau is not None and self.tau <= 0:
             raise UserError(f"--tau must be positive (km), got {self.tau}")
         if self.augment < 0:
             raise UserError(f"--augment must be 0 or more, got {self.augment}")
@@ -127,19 +130,57 @@ def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, 
     return {"mode": "zero-shot", "n_cells": len(cells), "backbone": bb.spec, "embed_dim": bb.embed_dim}
 
 
-def _splits(split: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the train and val rows (a seeded share of train becomes val when there is none)."""
+def place_groups(rows: pd.DataFrame, group_by: str) -> tuple[np.ndarray | None, str | None]:
+    """(place label per row, the column) for `--group-by`: "auto" takes `location_id` when the rows
+    have one, "none" turns grouping off; a row without a label is a place of its own."""
+    col = "location_id" if group_by == "auto" else group_by
+    if group_by in ("none", "") or (group_by == "auto" and col not in rows.columns):
+        return None, None
+    if col not in rows.columns:
+        have = ", ".join(c for c in rows.columns if c not in ("pos",))
+        raise UserError(f"--group-by {col}: the photos have no such column (they have: {have}); name a column of the manifest or use --group-by none")
+    labels = rows[col].astype(str).to_numpy(dtype=object)
+    missing = missing_places(rows[col])
+    if missing.all():
+        return None, None
+    labels[missing] = np.array([f"<row {i}>" for i in np.flatnonzero(missing)], dtype=object)
+    return labels, col
+
+
+def _splits(split: np.ndarray, cfg: TrainConfig, groups: np.ndarray | None = None, column: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the train and val rows. Without val rows a seeded share of train becomes val, whole
+    places at a time when `groups` labels the places; given splits must not cut a place in two."""
     split = np.char.lower(np.asarray(split, dtype=str))
     tr = np.flatnonzero(split == "train")
     va = np.flatnonzero(split == "val")
     if len(tr) == 0:
         raise UserError("manifest has no rows with split 'train'; add a `split` column with train/val/test (or leave it out: all rows train)")
+    if groups is not None:
+        _check_places(split, groups, column)
     if len(va) == 0:
         rng = np.random.default_rng(cfg.seed)
-        perm = rng.permutation(tr)
-        n_val = max(1, int(round(len(tr) * cfg.val_fraction))) if len(tr) >= 10 else 0
-        va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        if groups is None:
+            perm = rng.permutation(tr)
+            n_val = max(1, int(round(len(tr) * cfg.val_fraction))) if len(tr) >= 10 else 0
+            va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        else:
+            places = np.unique(groups[tr])
+            n_val = max(1, int(round(len(places) * cfg.val_fraction))) if len(places) >= 10 else 0
+            held = np.isin(groups[tr], rng.permutation(places)[:n_val])
+            va, tr = tr[held], tr[~held]
     return tr, va
+
+
+def _check_places(split: np.ndarray, groups: np.ndarray, column: str | None) -> None:
+    """Refuse given splits that put views of one place on both sides (the place would answer for itself)."""
+    frame = pd.DataFrame({"g": groups, "s": split})
+    n = frame.groupby("g", sort=False)["s"].nunique()
+    cut = n[n > 1]
+    if len(cut):
+        g = cut.index[0]
+        sides = sorted(frame.loc[frame["g"] == g, "s"].unique())
+        raise UserError(f"{len(cut)} places ({column}) have photos in more than one split, e.g. {g!r} in {' and '.join(sides)}: "
+                        f"give all views of one place the same split (or --group-by none to split by photo)")
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -184,10 +225,11 @@ class _Run:
         self.bundle = Bundle(bundle_dir)
         self.cells = _load_cells(self.bundle)
         self.source: Source | None = open_source(data, strict=cfg.strict) if data is not None and not cfg.embeddings else None
-        if isinstance(self.source, ManifestSource):
-            _splits(self.source.df["split"].to_numpy(), cfg)  # refuse a manifest without train rows before embedding it
+        if isinstance(self.source, ManifestSource):  # refuse a manifest without train rows (or cut places) before embedding it
+            _splits(self.source.df["split"].to_numpy(), cfg, *place_groups(self.source.df, cfg.group_by))
         self.bb = _backbone_for(self.bundle, backbone, device)
         self.centres = np.asarray(self.cells.centres, dtype=np.float64)
+        self.tau = float(cfg.tau) if cfg.tau is not None else auto_tau_km(self.centres)
         self.loop = _Loop()
 
     # -- embeddings --------------------------------------------------------------------------------
@@ -210,7 +252,8 @@ class _Run:
             raise UserError(f"{self.data}: augmented views hold another number of photos than the plain one; clear the cache ({cfg.cache_dir or 'PIGEON_CACHE_DIR'}) and rerun")
         rows = store.rows
         self.lat, self.lon = rows["lat"].to_numpy(np.float64), rows["lon"].to_numpy(np.float64)
-        self.tr, self.va = _splits(rows["split"].to_numpy(), cfg)
+        self.groups, self.group_column = place_groups(rows, cfg.group_by)
+        self.tr, self.va = _splits(rows["split"].to_numpy(), cfg, self.groups, self.group_column)
         self.cell = np.asarray(self.cells.cell_of(self.lat, self.lon), dtype=np.int64)
         self.n_views = len(self.stores)
         self.n_examples = self.n_views * len(self.tr)
@@ -268,7 +311,7 @@ class _Run:
     def targets(self, rows: np.ndarray) -> torch.Tensor:
         """PIGEON's haversine-smoothed soft targets of these store rows, computed for this batch only."""
         if not hasattr(self, "_targets"):
-            self._targets = BatchTargets(self.lat, self.lon, self.cell, self.centres, self.cfg.tau)
+            self._targets = BatchTargets(self.lat, self.lon, self.cell, self.centres, self.tau)
         return self._targets(rows)
 
     # -- resume and checkpoints ------------------------------------------------------------------------
@@ -317,8 +360,9 @@ class _Run:
             out[sel] = self.stores[v].take(rows[sel])
         return torch.from_numpy(out)
 
-    def val_chunks(self, rows: np.ndarray, size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(rows, uncalibrated logits) of val photos in chunks (re-embedded when the backbone trains)."""
+    def val_chunks(self, rows: np.ndarray, size: int = 8192, embeddings: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, uncalibrated logits) of val photos in chunks (re-embedded when the backbone trains);
+        (rows, embeddings) with `embeddings`."""
         with torch.no_grad():
             for s in range(0, len(rows), size):
                 r = rows[s:s + size]
@@ -327,7 +371,7 @@ class _Run:
                     E = self.bb.encode_image(torch.stack(ims), normalize=True) if ims else torch.zeros(0, self.bb.embed_dim)
                 else:
                     E = torch.from_numpy(self.stores[0].take(r))
-                yield r, self.head(E).numpy()
+                yield r, (E.numpy() if embeddings else self.head(E).numpy())
 
     def fit(self) -> None:
         """Epochs of soft-target cross-entropy, early stopping on val loss; ends with the best state loaded."""
@@ -414,6 +458,36 @@ class _Run:
         out.update(rep)
         return out
 
+    def choose_combine(self) -> dict[str, Any]:
+        """How views of one place combine (COMBINE_MODES), chosen like the refinement mode: val places
+        with two or more views answer once per mode (no gallery: the top cell's centre), the lowest
+        median km wins, ties go to PIGEON's mean. {} when val has no such place."""
+        if self.groups is None or not len(self.va):
+            return {}
+        codes, _ = place_codes(self.groups[self.va])
+        rows = self.va[np.bincount(codes)[codes] >= 2]
+        places = np.unique(self.groups[rows])
+        if not len(places):
+            return {}
+        cap = max(1, self.cfg.calibration_rows // 4)  # ~4 views a place: the calibration budget
+        if len(places) > cap:
+            keep = np.random.default_rng(self.cfg.seed).choice(places, cap, replace=False)
+            rows, places = rows[np.isin(self.groups[rows], keep)], np.sort(keep)
+        emb = np.concatenate([e for _, e in self.val_chunks(rows, embeddings=True)])
+        codes, labels = place_codes(self.groups[rows])
+        plat, plon = place_truths(self.lat[rows], self.lon[rows], codes, len(labels))
+        pred = Predictor(self.cells, self.head, self.bb)
+        median, within = {}, {}
+        for mode in COMBINE_MODES:
+            p, _, _ = pred.predict_places(emb, self.groups[rows], combine=mode)
+            km = haversine_km(p["lat"], p["lon"], plat, plon)
+            median[mode], within[mode] = float(np.median(km)), float(np.mean(km <= 25.0))
+        best = min(median.values())
+        self.combine_mode = next(m for m in COMBINE_MODES if median[m] <= best + 1e-9)
+        return {"combine_mode": self.combine_mode, "combine_validation": {
+            "places": int(len(labels)), "views": int(len(rows)), "group_by": self.group_column,
+            "median_km": median, "within_25km": within}}
+
     def write(self) -> None:
         """The tuned backbone (with `--unfreeze-last-block`) and the head, through the bundle."""
         cfg, b, bb = self.cfg, self.bundle, self.bb
@@ -422,7 +496,8 @@ class _Run:
             b.write_part("backbone", bb.save_weights, spec=bb.spec, tuned="last block, by pigeon train")
             bb.invalidate_hash()
             b.set_backbone(bb.spec, bb.hash)
-        write_head(b, self.head, bb.hash, init=cfg.init, trained="true", tau_km=cfg.tau,
+        extra = {"combine_mode": self.combine_mode} if getattr(self, "combine_mode", None) else {}
+        write_head(b, self.head, bb.hash, init=cfg.init, trained="true", tau_km=self.tau, **extra,
                    radius_calibrated=str(bool(self.head.radius is not None and self.head.radius.calibrated)).lower())
 
     def speeds(self) -> dict[str, Any]:
@@ -463,6 +538,7 @@ def train(
     report: dict[str, Any] = {"n_train": int(len(run.tr)), "n_val": int(len(run.va)), "n_cells": len(run.cells),
                               "backbone": run.bb.spec, "epochs_run": len(run.loop.history), "history": run.loop.history}
     report.update(run.calibrate())
+    report.update(run.choose_combine(), tau_km=run.tau, tau_source="given" if cfg.tau is not None else "auto (cell spacing)")
     run.write()
     report.update(run.speeds(), best_val_loss=run.loop.best if math.isfinite(run.loop.best) else None)
     with atomic_path(run.bundle.path / "train_report.json") as tmp:

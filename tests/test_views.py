@@ -313,3 +313,147 @@ def test_recorded_combine_mode_is_the_default(tmp_path):
     b.save_manifest()
     with pytest.raises(UserError, match="combine_mode 'median'"):
         Predictor.from_bundle(path)
+
+
+# -- training with grouped views: splits by place, the view combination chosen on val places ------------
+
+def test_auto_val_split_keeps_places_whole():
+    from pigeon.train import TrainConfig, _splits
+
+    groups = np.array([f"P{i // 4}" for i in range(200)], dtype=object)  # 50 places x 4 views
+    split = np.array(["train"] * 200)
+    tr, va = _splits(split, TrainConfig(seed=3), groups, "location_id")
+    assert len(tr) + len(va) == 200 and len(va) == 20  # a tenth of the places, all four views of each
+    assert not set(groups[tr]) & set(groups[va])
+    tr2, va2 = _splits(split, TrainConfig(seed=3), groups, "location_id")
+    assert va.tolist() == va2.tolist()  # seeded
+    _, va_photo = _splits(split, TrainConfig(seed=3))  # no groups: photos drawn one by one
+    assert set(groups[va_photo]) & set(groups[np.setdiff1d(np.arange(200), va_photo)])
+
+
+def test_given_splits_must_not_cut_a_place():
+    from pigeon.train import TrainConfig, _splits
+
+    groups = np.array(["A", "A", "B", "B", "C", "C"], dtype=object)
+    split = np.array(["train", "train", "train", "test", "val", "val"])
+    with pytest.raises(UserError, match=r"1 places \(location_id\) have photos in more than one split, e.g. 'B' in test and train"):
+        _splits(split, TrainConfig(), groups, "location_id")
+    tr, va = _splits(np.array(["train", "train", "test", "test", "val", "val"]), TrainConfig(), groups, "location_id")
+    assert tr.tolist() == [0, 1] and va.tolist() == [4, 5]
+
+
+def test_place_groups_options():
+    import pandas as pd
+
+    from pigeon.train import place_groups
+
+    rows = pd.DataFrame({"key": ["a", "b", "c"], "location_id": ["L1", "nan", "L1"], "site": ["x", "y", "y"]})
+    labels, col = place_groups(rows, "auto")
+    assert col == "location_id" and labels[0] == labels[2] and labels[1] not in (labels[0], "nan")  # no label: a place of its own
+    assert place_groups(rows, "none") == (None, None)
+    assert place_groups(rows.drop(columns="location_id"), "auto") == (None, None)
+    assert place_groups(rows, "site")[0].tolist() == ["x", "y", "y"]
+    with pytest.raises(UserError, match="--group-by place: the photos have no such column"):
+        place_groups(rows, "place")
+
+
+def test_auto_tau_follows_cell_spacing():
+    from pigeon.head import DEFAULT_TAU_KM, auto_tau_km
+    from pigeon.core.sphere import haversine_km
+
+    centres = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 3.0], [10.0, 3.0]])
+    one_deg = float(haversine_km(0.0, 0.0, 0.0, 1.0))
+    # nearest neighbours: 1 deg, 1 deg, 2 deg, 10 deg of latitude -> median 1.5 deg along the equator, halved
+    assert auto_tau_km(centres) == pytest.approx(0.5 * 1.5 * one_deg, rel=1e-4)
+    assert auto_tau_km(centres[:1]) == DEFAULT_TAU_KM
+
+
+@pytest.fixture(scope="module")
+def grouped_training(tmp_path_factory):
+    from worlds import world_bundle
+    from pigeon.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("grouped")
+    manifest, df, bundle, _ = world_bundle(root, n_images=240, image_size=48, seed=14, min_size=8, max_size=20, zero_shot=False)
+    df["location_id"] = [f"L{i // 3}" for i in range(len(df))]  # 80 "places" of three photos
+    df["split"] = "train"
+    df.to_csv(manifest, index=False)
+    rep = train(manifest, bundle, backbone="tiny", config=TrainConfig(epochs=8, seed=1, cache_dir=str(root / "cache"), progress=False))
+    return manifest, df, bundle, root, rep
+
+
+def test_training_chooses_and_records_the_view_combination(grouped_training):
+    from pigeon.bundle import Bundle
+    from pigeon.core.sphere import haversine_km, spherical_mean
+    from pigeon.datasets import open_source
+    from pigeon.embed import cached_embeddings
+    from pigeon.geocells import GeoCells
+    from pigeon.head import auto_tau_km
+    from pigeon.predictor import Predictor
+
+    manifest, df, bundle, root, rep = grouped_training
+    cv = rep["combine_validation"]
+    assert rep["n_val"] == 24 and cv["places"] == 8 and cv["views"] == 24 and cv["group_by"] == "location_id"
+    assert set(cv["median_km"]) == set(COMBINE_MODES) and rep["combine_mode"] in COMBINE_MODES
+    best = min(cv["median_km"].values())
+    assert cv["median_km"][rep["combine_mode"]] == best
+    assert all(cv["median_km"][m] > best for m in COMBINE_MODES[:COMBINE_MODES.index(rep["combine_mode"])])  # ties: the earlier mode
+    b = Bundle(bundle)
+    assert b.meta("head")["combine_mode"] == rep["combine_mode"]
+    pred = Predictor.from_bundle(bundle)
+    assert pred.combine == rep["combine_mode"]
+    # the same medians by hand: the val places' views through predict_places (no gallery: top cells' centres)
+    store, _ = cached_embeddings(open_source(manifest), pred.backbone, root / "cache", progress=False)
+    rows = store.rows
+    val_places = sorted(set(rows["location_id"]) - set(_train_places(rows, store, b, pred)))
+    sel = np.flatnonzero(rows["location_id"].isin(val_places).to_numpy())
+    assert len(sel) == 24
+    for mode in COMBINE_MODES:
+        p, labels, _ = pred.predict_places(store.take(sel), rows["location_id"].to_numpy()[sel], combine=mode)
+        # a place's three photos have their own truths here: the place's truth is their spherical mean
+        truths = np.array([spherical_mean(g["lat"].to_numpy(), g["lon"].to_numpy()) for _, g in rows.iloc[sel].groupby("location_id")])
+        km = haversine_km(p["lat"], p["lon"], truths[:, 0], truths[:, 1])
+        assert float(np.median(km)) == pytest.approx(cv["median_km"][mode], rel=1e-6)
+    assert rep["tau_km"] == pytest.approx(auto_tau_km(GeoCells.load(b.part_path("cells")).centres)) and rep["tau_source"].startswith("auto")
+    assert float(b.meta("head")["tau_km"]) == pytest.approx(rep["tau_km"])
+
+
+def _train_places(rows, store, b, pred):
+    """The places the head was trained on: the val draw is seeded, so redo it."""
+    from pigeon.train import TrainConfig, _splits, place_groups
+
+    groups, col = place_groups(rows, "auto")
+    tr, _ = _splits(rows["split"].to_numpy(), TrainConfig(seed=1), groups, col)
+    return rows["location_id"].to_numpy()[tr]
+
+
+def test_training_refuses_a_place_cut_in_two(grouped_training, tmp_path):
+    from pigeon.train import TrainConfig, train
+
+    manifest, df, bundle, root, _ = grouped_training
+    bad = manifest.parent / "cut.csv"
+    df.assign(split=["train", "val", "train"] * (len(df) // 3)).to_csv(bad, index=False)
+    with pytest.raises(UserError, match="80 places \\(location_id\\) have photos in more than one split"):
+        train(bad, bundle, config=TrainConfig(epochs=1, cache_dir=str(root / "cache"), progress=False))
+    rep = train(bad, bundle, config=TrainConfig(epochs=1, group_by="none", cache_dir=str(root / "cache"), progress=False))
+    assert "combine_mode" not in rep and rep["n_val"] == 80
+
+
+def test_evaluate_reports_plain_retrieval(tmp_path):
+    from worlds import gallery_bundle
+    from pigeon.evaluate import evaluate
+
+    bundle = gallery_bundle(tmp_path, seed=15)
+    manifest = tmp_path / "world" / "manifest.csv"
+    # photos of the gallery itself: the nearest gallery photo is the photo, so retrieval is exact
+    own = evaluate(bundle, manifest, split="train", progress=False, plots=False, allow_gallery_overlap=True)
+    assert own["baseline_retrieval"]["median_km"] == pytest.approx(0.0, abs=1e-6) and own["baseline_retrieval"]["within_1km"] == 1.0
+    import pandas as pd
+
+    alone = manifest.parent / "alone.csv"
+    pd.read_csv(manifest).pipe(lambda d: d.assign(location_id=d["image"])).to_csv(alone, index=False)
+    held = evaluate(bundle, alone, split="test", progress=False, plots=False, group_by="location_id")
+    r = held["baseline_retrieval"]
+    assert r["median_km"] > 1.0 and set(r) == {"median_km"} | {k for k in held if k.startswith("within_")}
+    # one photo per place: the per-place retrieval is the per-photo one
+    assert held["per_place"]["baseline_retrieval"]["median_km"] == pytest.approx(r["median_km"], rel=1e-6)

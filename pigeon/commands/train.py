@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(30, help="most epochs (early stopping on validation loss)"),
         lr: float = typer.Option(0.01, help="head learning rate (AdamW)"),
         batch_size: int = typer.Option(256, "--batch-size", help="embeddings per step"),
-        tau: float = typer.Option(65.0, help="haversine label smoothing temperature in km (PIGEOTTO 65, PIGEON 75)"),
+        tau: Optional[float] = typer.Option(None, help="haversine label smoothing temperature in km; default: half the cells' spacing (median km from a cell centre to the nearest other one; 35 on 1,005 MP-16 cells, ~5 on a few districts); PIGEOTTO used 65, PIGEON 75"),
+        group_by: str = typer.Option("auto", "--group-by", help="column naming the place of each photo: views of one place stay in one split, and the view combination is chosen on val places; auto = location_id when present, none = off"),
         balanced: bool = typer.Option(False, "--balanced", help="class-balanced sampling: every cell equally likely"),
         augment: int = typer.Option(0, "--augment", help="augmented views per training photo (crop, jitter, erasing, noise; no flips)"),
         unfreeze_last_block: bool = typer.Option(False, "--unfreeze-last-block", help="also train the image tower's last block; writes backbone.safetensors"),
@@ -49,11 +50,11 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, balanced=balanced, augment=augment,
                           unfreeze_last_block=unfreeze_last_block, init=init, patience=patience, resume=resume, seed=seed,
                           cache_dir=str(cache_dir) if cache_dir else None, embeddings=str(embeddings) if embeddings else None,
-                          workers=workers, strict=strict, samples_per_epoch=samples_per_epoch)
+                          workers=workers, strict=strict, samples_per_epoch=samples_per_epoch, group_by=group_by)
         rep = train(data, bundle, backbone=backbone, config=cfg, device=device)
         last = rep["history"][-1] if rep["history"] else {}
-        keys = ("n_train", "n_val", "n_cells", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after",
-                "radius_calibration", "radius_scales", "skipped", "images_embedded", "embeddings_reused", "images_embedded_per_s", "head_examples_per_s")
+        keys = ("n_train", "n_val", "n_cells", "tau_km", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after",
+                "radius_calibration", "radius_scales", "combine_mode", "combine_validation", "skipped", "images_embedded", "embeddings_reused", "images_embedded_per_s", "head_examples_per_s")
         summary = {k: rep.get(k) for k in keys}
         summary["val_median_km"] = last.get("val_median_km")
         typer.echo(json.dumps(summary))
