@@ -148,6 +148,8 @@ def checked_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
 
 def _split_rows(store: Any, split: str | None, name: Any) -> np.ndarray:
     """Store rows of `split` (case ignored; None: all)."""
+    if len(store.rows) == 0:
+        raise UserError(f"no photo of data {name} could be read; check its image paths (relative to the manifest's folder) and files")
     if not split:
         return np.arange(len(store.rows))
     sel = np.flatnonzero(store.rows["split"].astype(str).str.lower().to_numpy() == split.lower())

@@ -41,7 +41,8 @@ from .datasets.sources import ManifestSource, Source, decode_image, open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
 from .geocells import GeoCells
-from .head import BatchTargets, PrototypeHead, auto_tau_km, mean_prototypes, text_prototypes, write_head
+from .head import (BatchTargets, PrototypeHead, auto_tau_km, choose_templates, mean_prototypes, text_prototypes, write_head,
+                   zero_shot_scale)
 from .predictor import COMBINE_MODES, Predictor, missing_places, place_codes, place_truths
 
 STATE_FILE = ".train_state.pt"
@@ -111,23 +112,18 @@ def _backbone_for(bundle: Any, spec: str | None, device: str):
     return backbone_from_bundle(bundle, device=device)
 
 
-def _zero_shot_scale(bb: Any) -> float:
-    ls = getattr(bb.model, "logit_scale", None)
-    try:
-        return float(min(ls.exp().item(), 100.0)) if ls is not None else 100.0
-    except Exception:
-        return 100.0
-
-
-def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Write a text-prototype head (one caption per cell): zero-shot geolocation, no data needed."""
+def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, device: str = "cpu",
+                    templates: int | str | None = 1) -> dict[str, Any]:
+    """Write a text-prototype head: zero-shot geolocation, no data needed. `templates`: 1 = one caption
+    per cell; more (or 'all') = CLIP's prompt ensemble over that many of ZERO_SHOT_TEMPLATES."""
+    chosen = choose_templates(templates)
     b = Bundle(bundle_dir)
     cells = _load_cells(b)
     bb = _backbone_for(b, backbone, device)
-    protos = text_prototypes(bb, cells.gdf)
-    head = PrototypeHead(protos, scale=_zero_shot_scale(bb))
-    write_head(b, head, bb.hash, init="text", trained="false")
-    return {"mode": "zero-shot", "n_cells": len(cells), "backbone": bb.spec, "embed_dim": bb.embed_dim}
+    protos = text_prototypes(bb, cells.gdf) if len(chosen) == 1 else text_prototypes(bb, cells.gdf, templates=chosen)
+    head = PrototypeHead(protos, scale=zero_shot_scale(bb))
+    write_head(b, head, bb.hash, init="text", trained="false", templates=len(chosen))
+    return {"mode": "zero-shot", "n_cells": len(cells), "backbone": bb.spec, "embed_dim": bb.embed_dim, "templates": len(chosen)}
 
 
 def place_groups(rows: pd.DataFrame, group_by: str) -> tuple[np.ndarray | None, str | None]:
@@ -290,7 +286,7 @@ class _Run:
             centre = self.stores[0].mean(self.tr)
             chunks = (v for _, v in self.stores[0].chunks(self.tr))
             protos = mean_prototypes(chunks, self.cell[self.tr], C, fallback=text, centre=centre)
-        self.head = PrototypeHead(protos, scale=_zero_shot_scale(self.bb) if cfg.init == "text" else 30.0, centre=centre)
+        self.head = PrototypeHead(protos, scale=zero_shot_scale(self.bb) if cfg.init == "text" else 30.0, centre=centre)
         params = [{"params": self.head.parameters(), "lr": cfg.lr}]
         if cfg.unfreeze_last_block:
             self._unfreeze()

@@ -289,3 +289,16 @@ def test_build_index_splits_option(world, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == len(df)
     assert cli(["build-index", "--bundle", str(b), "--images", str(manifest), "--splits", "holdout"]) == 2
     assert "no rows with split in holdout" in capsys.readouterr().err
+
+
+def test_evaluate_with_no_readable_photo_is_one_line(world, tmp_path, capsys):
+    from worlds import cli
+
+    root, manifest, df, bpath, _ = world
+    gone = tmp_path / "gone.csv"
+    df.head(5).assign(image=[f"missing{i}.jpg" for i in range(5)], split="test").to_csv(gone, index=False)
+    for split in ("all", "test"):
+        assert cli(["evaluate", "--bundle", str(bpath), "--data", str(gone), "--split", split, "--cache-dir", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the progress bar
+        assert "no photo of data" in last and "gone.csv could be read" in last and "Traceback" not in err, err

@@ -149,3 +149,28 @@ def test_pretrained_backbone_goes_into_the_bundle(tmp_path, tiny):
         build_world(tmp_path / "w2", backbone="lite", pretrained=src.path)
     with pytest.raises(UserError, match="does not carry the weights"):
         build_world(tmp_path / "w3", backbone=tiny, pretrained=src.path)
+
+
+def test_train_zero_shot_takes_the_prompt_ensemble(tmp_path, tiny, capsys):
+    import shutil
+
+    import torch
+
+    from api_support import tiny_bundle
+    from pigeon.bundle import Bundle
+    from pigeon.geocells import GeoCells
+    from pigeon.head import ZERO_SHOT_TEMPLATES, PrototypeHead, text_prototypes
+
+    path = tmp_path / "zs"
+    shutil.copytree(tiny_bundle(), path)
+    assert cli(["train", "--bundle", str(path), "--zero-shot", "--templates", "all"]) == 0
+    assert "8 template(s) per cell" in capsys.readouterr().out
+    b = Bundle(path)
+    assert b.meta("head")["templates"] == len(ZERO_SHOT_TEMPLATES)
+    cells = GeoCells.load(b.part_path("cells"))
+    head = PrototypeHead.load(b.part_path("head"))
+    want = text_prototypes(tiny, cells.gdf, templates=ZERO_SHOT_TEMPLATES)
+    np.testing.assert_allclose(torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).numpy(), want, atol=1e-5)
+    assert cli(["train", "--bundle", str(path), "--zero-shot", "--templates", "nine"]) == 2
+    assert "--templates must be 'all' or a number" in capsys.readouterr().err
+    assert Bundle(path).meta("head")["templates"] == len(ZERO_SHOT_TEMPLATES)  # the refused call changed nothing

@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images when this run embeds"),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="backbone spec when the bundle names none (default open_clip:ViT-B-16:openai; tiny, lite, ...)"),
         zero_shot: bool = typer.Option(False, "--zero-shot", help="write a text-prototype head (one caption per cell); needs no data"),
+        templates: str = typer.Option("1", "--templates", help="with --zero-shot: prompt templates per cell to ensemble, a number (1 = one caption) or all (CLIP's recipe; see docs/world.md)"),
         epochs: int = typer.Option(30, help="most epochs (early stopping on validation loss)"),
         lr: float = typer.Option(0.01, help="head learning rate (AdamW)"),
         batch_size: int = typer.Option(256, "--batch-size", help="embeddings per step"),
@@ -42,8 +43,8 @@ def register(app: typer.Typer) -> None:
         from pigeon.train import TrainConfig, train, train_zero_shot
 
         if zero_shot:
-            rep = train_zero_shot(bundle, backbone=backbone, device=device)
-            typer.echo(f"zero-shot head written: {rep['n_cells']} cells, backbone {rep['backbone']}")
+            rep = train_zero_shot(bundle, backbone=backbone, device=device, templates=templates)
+            typer.echo(f"zero-shot head written: {rep['n_cells']} cells, backbone {rep['backbone']}, {rep['templates']} template(s) per cell")
             return
         if data is None and embeddings is None:
             raise UserError("`pigeon train` needs --data SOURCE or --embeddings FOLDER (or --zero-shot for a head without training data)")
