@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python bench/scale.py train --sizes 100000 1000000 5000000 --samples-per-epoch 1000000
 	$(BIN)/python bench/serve_workers.py ivfpq
 	$(BIN)/python bench/world.py
+	$(BIN)/python bench/views.py --seeds 10 --tau auto,65
 
 clean:
 	rm -rf $(VENV) demo out .pytest_cache

@@ -457,3 +457,26 @@ def test_evaluate_reports_plain_retrieval(tmp_path):
     assert r["median_km"] > 1.0 and set(r) == {"median_km"} | {k for k in held if k.startswith("within_")}
     # one photo per place: the per-place retrieval is the per-photo one
     assert held["per_place"]["baseline_retrieval"]["median_km"] == pytest.approx(r["median_km"], rel=1e-6)
+
+
+def test_cli_same_place_refuses_what_looks_like_several_places(photos, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from api_support import tiny_bundle
+
+    mixed = tmp_path / "mixed"
+    for place, names in (("harbour", ("v0.jpg", "v1.png")), ("square", ("v2.jpg", "v3.png"))):
+        (mixed / place).mkdir(parents=True)
+        for n in names:
+            shutil.copy(photos / n, mixed / place / n)
+    m = tmp_path / "m.csv"
+    pd.DataFrame({"image": [str(photos / "v0.jpg"), str(photos / "v2.jpg")], "location_id": ["a", "b"]}).to_csv(m, index=False)
+    for inputs, needle in (([mixed], "holds images in 2 folders (harbour, square)"), ([m], "not a manifest")):
+        assert _cli(["locate", *map(str, inputs), "--bundle", str(tiny_bundle()), "--same-place"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    # one place's folder (even with views of several formats and sizes) is one answer
+    assert _cli(["locate", str(mixed / "harbour"), "--bundle", str(tiny_bundle()), "--same-place"]) == 0
+    assert "2 views (mean)" in capsys.readouterr().out

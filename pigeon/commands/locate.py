@@ -61,7 +61,7 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
 
     from pigeon.core.io import check_writable
     from pigeon.index import RefineConfig
-    from pigeon.predictor import Predictor, check_combine, collect_images
+    from pigeon.predictor import Predictor, check_combine
 
     _check_options(out, top_k, batch_size)
     if combine is not None:
@@ -69,7 +69,7 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     if out is not None:
         check_writable(out)
     if group_by is None:
-        files = collect_images(inputs)
+        files = _one_place_files(inputs)
         groups = [" + ".join(str(i) for i in inputs)] * len(files)
     else:
         files, groups = _manifest_places(inputs, group_by)
@@ -85,6 +85,25 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     if out is not None and answers:
         _write_answers(answers, out)
     return answers, failures
+
+
+def _one_place_files(inputs: list[Path]) -> list[Path]:
+    """The image files of `--same-place` inputs; refused when they look like several places: a manifest
+    (its rows name places: --group-by), or a folder whose images lie in several subfolders."""
+    from pigeon.predictor import collect_images
+
+    for p in inputs:
+        if p.is_file() and p.suffix.lower() in (".csv", ".parquet"):
+            raise UserError(f"--same-place takes the image files or the folder of ONE place, not a manifest ({p}); "
+                            f"for a manifest of several places use --group-by COLUMN (e.g. location_id)")
+    files = collect_images(inputs)
+    for p in inputs:
+        if p.is_dir():
+            subs = sorted({f.parent.relative_to(p).as_posix() for f in files if f.is_relative_to(p)})
+            if len(subs) > 1:
+                raise UserError(f"--same-place: folder {p} holds images in {len(subs)} folders ({', '.join(subs[:3])}{', ...' if len(subs) > 3 else ''}), "
+                                f"which looks like several places; give one place's folder per run, or list the photos in a manifest with a place column and use --group-by")
+    return files
 
 
 def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[str]]:
