@@ -6,7 +6,8 @@ the 100 places train+val, a tenth of those val; 25% test), the whole pipeline as
 on val places), `build_index` (gallery = train photos; val chooses the refinement mode), then
 `evaluate --split test --group-by location_id`. Reported per photo and per place (4 views combined):
 median km and the shares within 1/25/200 km, next to plain nearest-neighbour retrieval over the same
-gallery with the same (combined) embedding (`baseline_retrieval`). Each `--tau` value is a variant
+gallery with the same (combined) embedding (`baseline_retrieval`), and every refinement mode on the
+same test photos (`photo_MODE`, `place_MODE`: what validation's choice left on the table). Each `--tau` value is a variant
 (`auto` = half the cells' spacing, the default; 65 = PIGEOTTO's). Figures pool the test photos
 (places) of all splits; `median_km_per_split` shows the spread. Prints one JSON line.
 
@@ -81,10 +82,22 @@ def one_split(df, seed: int, tau: float | None, tmp: Path) -> dict:
         r = frame.loc[ids[:, 0]]
         return haversine_km(r["lat"].to_numpy(), r["lon"].to_numpy(), la, lo)
 
+    pe = mean_view_embeddings(emb, codes, len(labels))
     out = {
         "photo": haversine_km(p["lat"], p["lon"], tlat, tlon), "place": haversine_km(pp["lat"], pp["lon"], plat, plon),
-        "photo_retrieval": retrieval(emb, tlat, tlon), "place_retrieval": retrieval(mean_view_embeddings(emb, codes, len(labels)), plat, plon),
+        "photo_retrieval": retrieval(emb, tlat, tlon), "place_retrieval": retrieval(pe, plat, plon),
     }
+    # every refinement mode on the same test photos and places (validation picked one of them)
+    import dataclasses
+
+    from pigeon.index.refine import MODES
+
+    for mode in MODES:
+        cfg = dataclasses.replace(pred.refine, mode=mode)
+        la, lo, _ = pred.gallery.answer(emb, p["probs"], cfg)
+        out[f"photo_{mode}"] = haversine_km(la, lo, tlat, tlon)
+        la, lo, _ = pred.gallery.answer(pe, pp["probs"], cfg)
+        out[f"place_{mode}"] = haversine_km(la, lo, plat, plon)
     # the pooled errors must be evaluate's own figures on this split
     assert abs(float(np.median(out["photo"])) - m["median_km"]) < 1e-6 and abs(float(np.median(out["place"])) - m["per_place"]["median_km"]) < 1e-6
     assert abs(float(np.median(out["place_retrieval"])) - m["per_place"]["baseline_retrieval"]["median_km"]) < 1e-6
@@ -116,7 +129,7 @@ def main() -> None:
             tau = None if t.strip() == "auto" else float(t)
             runs = [one_split(df, s, tau, Path(d)) for s in range(a.seeds)]
             var: dict = {}
-            for key in ("photo", "place", "photo_retrieval", "place_retrieval"):
+            for key in runs[0]["errors"]:
                 km = np.concatenate([r["errors"][key] for r in runs])
                 var[key] = _summary(km) | {"n": int(len(km)), "median_km_per_split": [round(float(np.median(r["errors"][key])), 1) for r in runs]}
             var["runs"] = [r["meta"] for r in runs]

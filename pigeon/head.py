@@ -233,8 +233,9 @@ def auto_tau_km(centres: np.ndarray) -> float:
     """Label smoothing's tau for these cells: half the median distance from a cell centre to its
     nearest neighbour's. Why: tau sets how far target mass spreads, so it must follow the cell
     spacing. PIGEON's fixed 65-75 km made every target near-uniform over 17 cells a few km apart
-    (streetview_mini); over 10 place splits there, the pipeline's median error fell as tau fell (65 km:
-    14.7 km per photo, worse than plain retrieval's 13.1; spacing x0.5: 11.1; docs/benchmarks.md).
+    (streetview_mini); over 10 place splits there, the pipeline's median error per photo was 16.8 km at
+    65 km (plain retrieval: 14.8) and 12.4 km with this default; 2-16 km were level, 32+ lost
+    (docs/benchmarks.md).
     On 1,005 cells over the 100K MP-16 photos this gives 35 km (the spacing is 70.7 km), below
     PIGEOTTO's 65: that scale is not measured here, and `--tau 65` follows the paper.
     DEFAULT_TAU_KM with fewer than two distinct centres."""

@@ -55,7 +55,7 @@ class TrainConfig:
     epochs: int = 30
     lr: float = 0.01
     batch_size: int = 256
-    tau: float | None = None         # label smoothing km; None: auto_tau_km(cell centres), the cells' spacing
+    tau: float | None = None         # label smoothing km; None: auto_tau_km(cell centres), half the cells' spacing
     balanced: bool = False
     augment: int = 0                 # extra augmented views per training photo (frozen) / on-the-fly (unfrozen)
     unfreeze_last_block: bool = False
