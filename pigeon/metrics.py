@@ -27,6 +27,28 @@ def geoguessr_score(km: np.ndarray) -> np.ndarray:
     return 5000.0 * np.exp(-np.asarray(km, dtype=np.float64) / GEOGUESSR_SCALE_KM)
 
 
+SWITCH_CONFIDENCE = 0.95  # a validated choice leaves PIGEON's default only when it wins this share of resamples
+
+
+def median_wins(km: np.ndarray, km_ref: np.ndarray, seed: int = 0, resamples: int = 400, most: int = 4096) -> float:
+    """Share of paired bootstrap resamples (the same photos for both) in which `km`'s median error is
+    below `km_ref`'s: how sure a validation set is that one answer beats another (at most `most` photos
+    per resample, a seeded subsample; chunks of 50 resamples: O(50 x most) memory)."""
+    km, km_ref = np.asarray(km, np.float64), np.asarray(km_ref, np.float64)
+    rng = np.random.default_rng(seed)
+    n = len(km)
+    if n == 0:
+        return 0.0
+    if n > most:
+        keep = rng.choice(n, most, replace=False)
+        km, km_ref, n = km[keep], km_ref[keep], most
+    wins = 0
+    for s in range(0, resamples, 50):
+        idx = rng.integers(0, n, size=(min(50, resamples - s), n))
+        wins += int(np.sum(np.median(km[idx], axis=1) < np.median(km_ref[idx], axis=1)))
+    return wins / resamples
+
+
 def distance_metrics(km: np.ndarray, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
     """Summary of an array of errors in km: n, median/mean km, share within each threshold, GeoGuessr score."""
     km = np.asarray(km, dtype=np.float64)
@@ -88,4 +110,4 @@ def _admin1_lookup():
     return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)
 
 
-__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at"]
+__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "median_wins", "SWITCH_CONFIDENCE"]

@@ -43,6 +43,7 @@ from .embeddings import EmbeddingStore
 from .geocells import GeoCells
 from .head import (BatchTargets, PrototypeHead, auto_tau_km, choose_templates, mean_prototypes, text_prototypes, write_head,
                    zero_shot_scale)
+from .metrics import SWITCH_CONFIDENCE, median_wins
 from .predictor import COMBINE_MODES, Predictor, missing_places, place_codes, place_truths
 
 STATE_FILE = ".train_state.pt"
@@ -457,7 +458,8 @@ class _Run:
     def choose_combine(self) -> dict[str, Any]:
         """How views of one place combine (COMBINE_MODES), chosen like the refinement mode: val places
         with two or more views answer once per mode (no gallery: the top cell's centre), the lowest
-        median km wins, ties go to PIGEON's mean. {} when val has no such place."""
+        median km wins if it beats PIGEON's mean in SWITCH_CONFIDENCE of paired bootstrap resamples
+        (ties and noise go to mean). {} when val has no such place."""
         if self.groups is None or not len(self.va):
             return {}
         codes, _ = place_codes(self.groups[self.va])
@@ -473,16 +475,21 @@ class _Run:
         codes, labels = place_codes(self.groups[rows])
         plat, plon = place_truths(self.lat[rows], self.lon[rows], codes, len(labels))
         pred = Predictor(self.cells, self.head, self.bb)
-        median, within = {}, {}
+        median, within, km = {}, {}, {}
         for mode in COMBINE_MODES:
             p, _, _ = pred.predict_places(emb, self.groups[rows], combine=mode)
-            km = haversine_km(p["lat"], p["lon"], plat, plon)
-            median[mode], within[mode] = float(np.median(km)), float(np.mean(km <= 25.0))
+            km[mode] = haversine_km(p["lat"], p["lon"], plat, plon)
+            median[mode], within[mode] = float(np.median(km[mode])), float(np.mean(km[mode] <= 25.0))
         best = min(median.values())
         self.combine_mode = next(m for m in COMBINE_MODES if median[m] <= best + 1e-9)
+        beats = {}
+        if self.combine_mode != "mean":  # as for the refinement mode: PIGEON's mean unless beaten beyond noise
+            beats[self.combine_mode] = median_wins(km[self.combine_mode], km["mean"], self.cfg.seed)
+            if beats[self.combine_mode] < SWITCH_CONFIDENCE:
+                self.combine_mode = "mean"
         return {"combine_mode": self.combine_mode, "combine_validation": {
             "places": int(len(labels)), "views": int(len(rows)), "group_by": self.group_column,
-            "median_km": median, "within_25km": within}}
+            "median_km": median, "within_25km": within, "beats_mean_share": beats}}
 
     def write(self) -> None:
         """The tuned backbone (with `--unfreeze-last-block`) and the head, through the bundle."""

@@ -180,3 +180,17 @@ def test_radius_coverage_hand_computed():
     cov = radius_coverage(km, np.array([10.0, 10.0, 200.0, 100.0]), np.array([20.0, 60.0, 300.0, 1000.0]))
     assert cov["share_within_radius_50"] == pytest.approx(0.5) and cov["share_within_radius_90"] == pytest.approx(1.0)
     assert cov["median_radius_km_50"] == pytest.approx(55.0)
+
+
+def test_median_wins_paired_bootstrap():
+    from pigeon.metrics import median_wins
+
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(1, 100, 200)
+    assert median_wins(ref * 0.5, ref) == 1.0 and median_wins(ref * 2, ref) == 0.0
+    assert median_wins(ref, ref) == 0.0  # equal medians are not a win
+    coin = np.where(rng.random(200) < 0.5, ref * 0.95, ref * 1.05)
+    assert 0.05 < median_wins(coin, ref, seed=3) < 0.95  # a coin flip per photo: not sure either way
+    assert median_wins(coin, ref, seed=3) == median_wins(coin, ref, seed=3)  # seeded
+    big = rng.uniform(1, 100, 10000)
+    assert median_wins(big * 0.9, big, most=500) == 1.0 and median_wins(np.array([]), np.array([])) == 0.0

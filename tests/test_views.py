@@ -396,8 +396,10 @@ def test_training_chooses_and_records_the_view_combination(grouped_training):
     assert rep["n_val"] == 24 and cv["places"] == 8 and cv["views"] == 24 and cv["group_by"] == "location_id"
     assert set(cv["median_km"]) == set(COMBINE_MODES) and rep["combine_mode"] in COMBINE_MODES
     best = min(cv["median_km"].values())
-    assert cv["median_km"][rep["combine_mode"]] == best
-    assert all(cv["median_km"][m] > best for m in COMBINE_MODES[:COMBINE_MODES.index(rep["combine_mode"])])  # ties: the earlier mode
+    if rep["combine_mode"] != "mean":  # leaving PIGEON's mean needs the lowest median, beyond bootstrap noise
+        assert cv["median_km"][rep["combine_mode"]] == best and cv["beats_mean_share"][rep["combine_mode"]] >= 0.95
+    else:
+        assert all(share < 0.95 for share in cv["beats_mean_share"].values())
     b = Bundle(bundle)
     assert b.meta("head")["combine_mode"] == rep["combine_mode"]
     pred = Predictor.from_bundle(bundle)
