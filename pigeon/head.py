@@ -234,7 +234,8 @@ def auto_tau_km(centres: np.ndarray) -> float:
     nearest neighbour's. Why: tau sets how far target mass spreads, so it must follow the cell
     spacing. PIGEON's fixed 65-75 km made every target near-uniform over 17 cells a few km apart
     (streetview_mini); over 10 place splits there, the pipeline's median error per photo was 16.8 km at
-    65 km (plain retrieval: 14.8) and 12.4 km with this default; 2-16 km were level, 32+ lost
+    65 km (plain retrieval: 14.8) and 12.4 km with this default (10.9 with the bootstrap rule on the
+    refinement choice); 2-16 km were level, 32+ lost
     (docs/benchmarks.md).
     On 1,005 cells over the 100K MP-16 photos this gives 35 km (the spacing is 70.7 km), below
     PIGEOTTO's 65: that scale is not measured here, and `--tau 65` follows the paper.
