@@ -165,8 +165,9 @@ class GeoCells:
     def max_reach_km(self) -> float | None:
         """The build's `max_reach_km`: land farther than this from every training point is in no cell.
         None when there was no limit (inf) or the file does not record it."""
-        r = float(self.gdf["reach_km"].iloc[0])
-        return r if np.isfinite(r) else None
+        r = self.gdf["reach_km"].to_numpy(np.float64)
+        r = r[np.isfinite(r)]  # cells without a limit of their own (e.g. countries with no photos) hold NaN
+        return float(r.max()) if len(r) else None
 
     @property
     def at_reach_edge(self) -> np.ndarray:

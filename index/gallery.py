@@ -111,11 +111,6 @@ class GeoIndex:
             inner = None  # ivf/ivfpq: made by `train` (or the first add), once nlist is known
         return None if inner is None else faiss.IndexIDMap2(inner)
 
-    @property
-    def is_trained(self) -> bool:
-        """Whether vectors can be added (ivf/ivfpq need `train` or a first `add` before that)."""
-        return self._index is not None
-
     def plan_training(self, n_total: int) -> int:
         """Fix nlist for a gallery of `n_total` vectors and return how many vectors to train on
         (0 for flat/hnsw). ivf: 4 sqrt(n) lists, up to 256 per list; ivfpq: 64 per list, at least

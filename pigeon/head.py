@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pigeon.core.errors import UserError
-from pigeon.core.sphere import EARTH_RADIUS_KM, pairwise_km, to_xyz
+from pigeon.core.sphere import EARTH_RADIUS_KM, chord_to_km, pairwise_km, to_xyz
 
 from .calibration import RadiusModel
 
@@ -247,7 +247,7 @@ def auto_tau_km(centres: np.ndarray) -> float:
         return DEFAULT_TAU_KM
     xyz = to_xyz(c[:, 0], c[:, 1])
     chord, _ = cKDTree(xyz).query(xyz, k=2)
-    km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord[:, 1] / 2.0, 0.0, 1.0))
+    km = chord_to_km(chord[:, 1])
     km = km[km > 1e-6]
     return TAU_SPACING_SHARE * float(np.median(km)) if len(km) else DEFAULT_TAU_KM
 

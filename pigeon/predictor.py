@@ -145,7 +145,8 @@ class Predictor:
         self._country_m, self._country_keys = _group_matrix(cells.composition("country"), ["iso_a2", "country"], self.n_cells)
         self._admin_m, self._admin_keys = _group_matrix(cells.composition("admin1"), ["admin1", "country"], self.n_cells)
         # cells whose land was cut at the cells' reach limit (None: no limit recorded): see `reach` in `format`
-        self._edge = cells.at_reach_edge.astype(np.float64) if cells.max_reach_km is not None else None
+        self._reach_km = cells.max_reach_km  # a column scan: once, not per answer
+        self._edge = cells.at_reach_edge.astype(np.float64) if self._reach_km is not None else None
         # Head weights as plain tensors: inference is two matmuls, no autograd.
         with torch.no_grad():
             self._protos = torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).to(device)
@@ -335,7 +336,7 @@ class Predictor:
                 "top_cells": cells, "countries": countries, "admin1": admins, "refinement": p["refinement"][i],
                 "region_at_answer": {"admin1": str(here["admin1"][i]), "country": str(here["country"][i]),
                                      "iso_a2": str(here["iso_a2"][i]), "at_sea": bool(here["at_sea"][i])},
-                "reach": None if edge is None else {"max_reach_km": self.cells.max_reach_km, "edge_probability": float(edge[i])},
+                "reach": None if edge is None else {"max_reach_km": self._reach_km, "edge_probability": float(edge[i])},
             })
         return out
 

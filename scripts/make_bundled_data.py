@@ -78,11 +78,7 @@ def make_driving_side(src: Path, out: Path, write: bool = True) -> pd.DataFrame:
 def make_admin1(src: Path, out: Path, ds: pd.DataFrame, tolerance: float) -> None:
     """admin1.parquet: Natural Earth admin-1, valid, simplified as a coverage."""
     g = gpd.read_parquet(src / "ne_10m_admin1.parquet")
-    geom = shapely.make_valid(g.geometry.values)
-    geom = shapely.coverage_simplify(geom, tolerance)
-    geom = shapely.make_valid(geom)
-    # keep only polygonal parts (make_valid can leave lines where a sliver collapsed)
-    geom = np.array([polygonal(x) for x in geom], dtype=object)
+    geom = _simplified(g.geometry.values, tolerance)  # polygonal parts only: make_valid can leave lines where a sliver collapsed
     admin1 = g["name_en"].where(g["name_en"].astype(str).str.len() > 0, g["name"]).fillna(g["name"])
     iso = g["iso_a2"].where(g["iso_a2"].str.len() == 2, g["adm0_a3"].map(dict(zip(ds.adm0_a3, ds.iso_a2))))
     b = gpd.GeoDataFrame(

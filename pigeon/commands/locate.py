@@ -112,6 +112,8 @@ def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[
     import numpy as np
     import pandas as pd
 
+    from pigeon.predictor import missing_places
+
     if len(inputs) != 1 or inputs[0].suffix.lower() not in (".csv", ".parquet") or not inputs[0].is_file():
         raise UserError(f"--group-by {column} reads a manifest: give one existing .csv or .parquet file with columns image and {column} "
                         f"(got {', '.join(map(str, inputs))}); for loose files of one place use --same-place")
@@ -121,7 +123,7 @@ def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[
     if missing:
         raise UserError(f"manifest {path} lacks column(s) {', '.join(missing)} (it has {', '.join(map(str, df.columns[:8]))}); "
                         f"add them or give --group-by another column")
-    empty = (df[column].isna() | (df[column].astype(str).str.strip() == "")).to_numpy()
+    empty = missing_places(df[column])
     if empty.any():
         rows = ", ".join(map(str, np.flatnonzero(empty)[:10] + 2))  # line numbers as a spreadsheet shows them (header = 1)
         raise UserError(f"manifest {path}: `{column}` is empty on line(s) {rows}; give every row its place, or drop those rows")
