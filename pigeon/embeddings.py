@@ -163,14 +163,6 @@ class EmbeddingStore:
                                for i in range(self.n_shards)]) if self.n_shards else np.zeros(0, dtype=object)
         return keys if idx is None else keys[np.asarray(idx, np.int64)]
 
-    def ids(self) -> np.ndarray:
-        """Integer photo ids: the source's `id` when every row has one, else the global row number."""
-        if "id" in self.rows.columns:
-            ids = pd.to_numeric(self.rows["id"], errors="coerce")
-            if ids.notna().all() and (ids == ids.round()).all():
-                return ids.to_numpy(np.int64)
-        return np.arange(len(self), dtype=np.int64)
-
     def take(self, idx: np.ndarray) -> np.ndarray:
         """float32 vectors (len(idx), dim) of global rows `idx`, in the given order."""
         idx = np.asarray(idx, np.int64)

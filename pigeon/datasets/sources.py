@@ -135,8 +135,7 @@ class ManifestSource(Source):
         extra = [c for c in META_COLUMNS if c in part.columns and c != "split"]
         metas = part[extra].to_dict("records") if extra else [{}] * len(part)
         for key, path, lat, lon, split, meta in zip(part["image"], part["path"], part["lat"], part["lon"], part["split"], metas):
-            meta = {k: v for k, v in meta.items() if not (v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT)}
-            yield Record(str(key), float(lat), float(lon), str(path), str(split), meta)
+            yield Record(str(key), float(lat), float(lon), str(path), str(split), _clean_meta(meta))
 
     def fingerprint(self, shard: int) -> str:
         h = hashlib.sha1()
