@@ -101,6 +101,7 @@ async function drawAnswer(a) {
   layer.clearLayers();
   page.cellLayers = [];
   page.regionLayer = null;
+  page.marker = page.circle50 = page.circle90 = null;  // a new answer without radii must not fit the old circles
   // the top cells' polygons, darker for likelier ones (drawn first: under the circles and marker)
   const idx = await loadCells().catch(() => null);
   if (idx) {
