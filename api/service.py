@@ -274,16 +274,16 @@ class Service:
             raise _all_failed(list(bad.values()))
         t1 = time.perf_counter()
         pred = self.predictor
-        p, labels, counts = pred.predict_places(pred.embed([decoded[i].image for i in good]), [places[i] for i in good], combine=combine, top_k=top_k)
-        answers = dict(zip(labels.tolist(), plain(pred.format(p, top_k=top_k))))
+        pp = pred.predict_places(pred.embed([decoded[i].image for i in good]), [places[i] for i in good], combine=combine, top_k=top_k)
+        answers = {a.pop("place"): a for a in plain(pred.format_places(pp, top_k=top_k))}
         t2 = time.perf_counter()
-        items = [self._place_item(pl, blobs, places, decoded, answers.get(pl), bad.get(pl), combine or pred.combine) for pl in order]
+        items = [self._place_item(pl, blobs, places, decoded, answers.get(pl), bad.get(pl)) for pl in order]
         if pixels > LARGE_REQUEST_PIXELS:
             release_memory()
         return {"results": items, "timings_ms": {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}}
 
     def _place_item(self, place: str, blobs: list[tuple[str | None, bytes]], places: list[str], decoded: list[Any],
-                    res: dict[str, Any] | None, err: UploadError | None, combine: str) -> dict[str, Any]:
+                    res: dict[str, Any] | None, err: UploadError | None) -> dict[str, Any]:
         """A batch entry for one place: `{place, filenames, result}` or `{place, filenames, error}`."""
         mine = [i for i, pl in enumerate(places) if pl == place]
         item: dict[str, Any] = {"place": place, "filenames": [blobs[i][0] for i in mine]}
@@ -292,7 +292,7 @@ class Service:
             return item
         views = [decoded[i] for i in mine]
         out = self._finish(res, views[0])
-        out.update(views=len(views), combine=combine, exif_gps_present=any(d.exif_gps_present for d in views),
+        out.update(exif_gps_present=any(d.exif_gps_present for d in views),
                    view_images=[{"format": d.format, "width": d.width, "height": d.height} for d in views])
         item["result"] = out
         return item

@@ -19,11 +19,12 @@ from typing import Annotated, Any, Optional
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pigeon.core.errors import UserError
+from pigeon.core.errors import FieldError, UserError
 from pigeon.index import RefineConfig
 from pigeon.index.refine import MODES
 
 ENV_PREFIX = "PIGEON_"
+SETTING_OF_FIELD = {"mode": "refine"}   # RefineConfig's field -> the setting (and `pigeon serve` flag) that sets it
 _OFF = ("inf", "infinity", "none", "off")
 
 # What a field accepts, for fields whose type and bounds do not say it (see `_allowed`).
@@ -67,7 +68,11 @@ class Settings(BaseSettings):
             super().__init__(**values)
         except ValidationError as e:
             raise UserError(_one_line(e)) from None
-        self.refine_config()  # the refinement options are checked here too (RefineConfig names the flag and variable)
+        try:
+            self.refine_config()  # the refinement options are checked here too, named as the user set them
+        except FieldError as e:
+            name = SETTING_OF_FIELD.get(e.field, e.field)
+            raise e.renamed(f"--{name.replace('_', '-')}", f"{ENV_PREFIX}{name.upper()}") from None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":

@@ -44,7 +44,8 @@ def one_split(df, seed: int, tau: float | None, tmp: Path) -> dict:
     from pigeon.core.sphere import haversine_km
     from pigeon.evaluate import evaluate
     from pigeon.geocells import build_cells
-    from pigeon.predictor import Predictor, mean_view_embeddings, place_codes, place_truths
+    from pigeon.places import place_truths
+    from pigeon.predictor import Predictor
     from pigeon.train import TrainConfig, train
 
     d = _split(df, seed)
@@ -71,18 +72,14 @@ def one_split(df, seed: int, tau: float | None, tmp: Path) -> dict:
     emb, tlat, tlon = store.take(sel), rows["lat"].to_numpy()[sel], rows["lon"].to_numpy()[sel]
     places = rows["location_id"].astype(str).to_numpy()[sel]
     p = pred.predict_embeddings(emb, top_k=1)
-    pp, labels, _ = pred.predict_places(emb, places, top_k=1)
-    codes, _ = place_codes(places)
+    placed = pred.predict_places(emb, places, top_k=1)
+    pp, codes, labels = placed.arrays, placed.codes, placed.labels
     plat, plon = place_truths(tlat, tlon, codes, len(labels))
-    g = pred.gallery.gallery
-    frame = g.frame.set_index("id")
-
     def retrieval(q, la, lo):
-        _, ids = g.index.search(np.ascontiguousarray(q, np.float32), 1)
-        r = frame.loc[ids[:, 0]]
-        return haversine_km(r["lat"].to_numpy(), r["lon"].to_numpy(), la, lo)
+        glat, glon, _ = pred.gallery.gallery.nearest(q)
+        return haversine_km(glat, glon, la, lo)
 
-    pe = mean_view_embeddings(emb, codes, len(labels))
+    pe = placed.mean_embeddings
     out = {
         "photo": haversine_km(p["lat"], p["lon"], tlat, tlon), "place": haversine_km(pp["lat"], pp["lon"], plat, plon),
         "photo_retrieval": retrieval(emb, tlat, tlon), "place_retrieval": retrieval(pe, plat, plon),
@@ -94,10 +91,10 @@ def one_split(df, seed: int, tau: float | None, tmp: Path) -> dict:
 
     for mode in MODES:
         cfg = dataclasses.replace(pred.refine, mode=mode)
-        la, lo, _ = pred.gallery.answer(emb, p["probs"], cfg)
-        out[f"photo_{mode}"] = haversine_km(la, lo, tlat, tlon)
-        la, lo, _ = pred.gallery.answer(pe, pp["probs"], cfg)
-        out[f"place_{mode}"] = haversine_km(la, lo, plat, plon)
+        r = pred.gallery.answer(emb, p["probs"], cfg)
+        out[f"photo_{mode}"] = haversine_km(r.lat, r.lon, tlat, tlon)
+        r = pred.gallery.answer(pe, pp["probs"], cfg)
+        out[f"place_{mode}"] = haversine_km(r.lat, r.lon, plat, plon)
     # the pooled errors must be evaluate's own figures on this split
     assert abs(float(np.median(out["photo"])) - m["median_km"]) < 1e-6 and abs(float(np.median(out["place"])) - m["per_place"]["median_km"]) < 1e-6
     assert abs(float(np.median(out["place_retrieval"])) - m["per_place"]["baseline_retrieval"]["median_km"]) < 1e-6

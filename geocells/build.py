@@ -35,7 +35,7 @@ from pigeon.core.errors import UserError
 from .geometry import adjacency, assign_points, from_local, local_points, nearest_polygon, polygonal, to_local
 from .optics import optics_xi_labels
 from .reach import DEFAULT_MAX_REACH_KM, clip_to_reach
-from pigeon.core.sphere import from_xyz, to_xyz
+from pigeon.core.sphere import from_xyz, to_xyz, wrap_lon
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _timed(st: BuildStats, name: str) -> Iterator[None]:
 def _checked_points(lat, lon, min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
     """float64 arrays, longitudes wrapped to [-180, 180); UserError for inputs no cells can come from."""
     lat = np.asarray(lat, dtype=np.float64)
-    lon = (np.asarray(lon, dtype=np.float64) + 180.0) % 360.0 - 180.0
+    lon = wrap_lon(lon)
     if lat.shape != lon.shape or lat.ndim != 1:
         raise UserError("lat and lon must be 1-D arrays of the same length")
     if len(lat) == 0:

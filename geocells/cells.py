@@ -16,7 +16,7 @@ from shapely import STRtree
 
 from pigeon.core.errors import UserError
 from pigeon.core.io import atomic_path
-from pigeon.core.sphere import to_xyz
+from pigeon.core.sphere import to_xyz, wrap_lon
 
 from .geometry import NearestIndex, adjacency, assign_points
 
@@ -188,7 +188,7 @@ class GeoCells:
         """Cell id of each point (vectorised); a point in no cell (at sea, or on land beyond the cells'
         reach) goes to the nearest cell on the sphere."""
         lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
-        lon = (np.atleast_1d(np.asarray(lon, dtype=np.float64)) + 180.0) % 360.0 - 180.0
+        lon = wrap_lon(np.atleast_1d(lon))
         if lat.shape != lon.shape:
             raise UserError("lat and lon must have the same shape")
         bad = ~np.isfinite(lat) | ~np.isfinite(lon) | (np.abs(lat) > 90)

@@ -8,7 +8,7 @@ from shapely import STRtree
 
 from scipy.spatial import cKDTree
 
-from pigeon.core.sphere import chord_to_km, to_xyz
+from pigeon.core.sphere import chord_to_km, to_xyz, wrap_lon
 
 
 def assign_points(lat: np.ndarray, lon: np.ndarray, geoms: np.ndarray, tree: STRtree | None = None, nearest: "NearestIndex | None" = None, snap: bool = False):
@@ -76,7 +76,7 @@ def nearest_polygon(lat: np.ndarray, lon: np.ndarray, geoms: np.ndarray, index: 
         shift = np.where(vlon - lon > 180, -360.0, np.where(vlon - lon < -180, 360.0, 0.0))
         pts = shapely.points(lon - shift, lat)
         end = shapely.get_coordinates(shapely.get_point(shapely.shortest_line(pts, geoms[j]), 1))
-        slon = (end[:, 0] + shift + 180.0) % 360.0 - 180.0
+        slon = wrap_lon(end[:, 0] + shift)
         slat = end[:, 1]
     return j, slat, slon
 
@@ -111,7 +111,7 @@ def local_points(lat: np.ndarray, lon: np.ndarray, lon0: float, lat0: float, wra
     c = max(np.cos(np.radians(lat0)), 0.05)
     x = np.asarray(lon, np.float64) - lon0
     if wrap:
-        x = (x + 180.0) % 360.0 - 180.0
+        x = wrap_lon(x)
     return np.column_stack([x * c, np.asarray(lat, np.float64)])
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from pigeon.core.errors import UserError
+from pigeon.core.sphere import wrap_lon
+from pigeon.core.splits import select as select_splits
 
 LAT_NAMES = ("lat", "latitude", "y", "gps_lat", "lat_deg")
 LON_NAMES = ("lon", "lng", "long", "longitude", "x", "gps_lon", "lon_deg")
@@ -60,16 +62,12 @@ def load_points(path: str | os.PathLike, lat_col: str | None = None, lon_col: st
 
 
 def _split_mask(df: pd.DataFrame, splits: Sequence[str] | None, where: str) -> np.ndarray:
-    """Rows whose `split` (missing: train) is one of `splits`; every row when there is no such column or no `splits`."""
+    """Rows whose `split` (missing: train) is one of `splits` (`pigeon.core.splits`); every row when
+    there is no such column or no `splits`."""
     col = detect_column([str(c) for c in df.columns], ("split",))
     if not splits or col is None:
         return np.ones(len(df), dtype=bool)
-    values = df[col].fillna("train").astype(str).str.strip().to_numpy()
-    keep = np.isin(values, list(splits))
-    if len(df) and not keep.any():
-        have = ", ".join(sorted(set(values))[:8])
-        raise UserError(f"{where} has no rows with split in {', '.join(splits)} (its splits: {have}); pass --splits with those you want, or --splits all")
-    return keep
+    return select_splits(df[col], splits, where)
 
 
 def points_from_frame(df: pd.DataFrame, lat_col: str | None = None, lon_col: str | None = None, path: Path | None = None,
@@ -105,7 +103,7 @@ def points_from_frame(df: pd.DataFrame, lat_col: str | None = None, lon_col: str
     rows = np.flatnonzero(ok & keep)
     if len(rows) == 0:
         raise UserError(f"{where} has no usable rows: all {int(keep.sum())} have a missing lat or lon")
-    lon_ok = (lon[rows] + 180.0) % 360.0 - 180.0
+    lon_ok = wrap_lon(lon[rows])
     return Points(lat=lat[rows], lon=lon_ok, rows=rows, skipped=int(keep.sum() - len(rows)), path=path, left_out=int((~keep).sum()))
 
 

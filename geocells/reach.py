@@ -25,7 +25,7 @@ import shapely
 from scipy.spatial import cKDTree
 
 from pigeon.core.errors import UserError
-from pigeon.core.sphere import EARTH_RADIUS_KM, chord_to_km, from_xyz, km_to_chord, to_xyz
+from pigeon.core.sphere import EARTH_RADIUS_KM, chord_to_km, from_xyz, km_to_chord, to_xyz, wrap_lon
 
 from .geometry import polygonal
 
@@ -74,7 +74,7 @@ def circles(xyz: np.ndarray, radius_km: float, k: int = CIRCLE_VERTICES) -> np.n
 def _cap(x: np.ndarray, y: np.ndarray, side: float):
     """The polygon between a circle around a pole and that pole: its boundary by longitude, closed
     along ±180° and the pole's latitude."""
-    x = (x + 180.0) % 360.0 - 180.0
+    x = wrap_lon(x)
     o = np.argsort(x)
     x, y = x[o], y[o]
     # latitude where the boundary crosses ±180°: between the last and the first point, across the seam

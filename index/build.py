@@ -24,7 +24,7 @@ import pandas as pd
 from pigeon.core.errors import UserError
 
 from .clusters import ClusterTable, assign_to_existing, cluster_points
-from .gallery import GeoIndex, Kind, normalise
+from .gallery import GeoIndex, Kind, check_new_ids, normalise
 
 GALLERY_COLUMNS = ["id", "lat", "lon", "cell", "cluster", "image"]
 CHUNK = 1 << 16  # rows read, normalised and added at a time
@@ -107,6 +107,18 @@ class Gallery:
     frame: pd.DataFrame          # GALLERY_COLUMNS, one row per indexed image
     clusters: ClusterTable
 
+    def nearest(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Plain retrieval, the baseline every answer is measured against: (lat, lon, id) of the most
+        similar gallery image anywhere (no head, no cells) for each of (n, d) embeddings."""
+        q = np.ascontiguousarray(emb, dtype=np.float32)
+        if len(q) == 0:
+            return np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
+        _, ids = self.index.search(q, 1)
+        pos = pd.Index(self.frame["id"].to_numpy(np.int64)).get_indexer(ids[:, 0])   # -1: no result (an empty index)
+        lat = np.where(pos >= 0, self.frame["lat"].to_numpy(np.float64)[pos], np.nan)
+        lon = np.where(pos >= 0, self.frame["lon"].to_numpy(np.float64)[pos], np.nan)
+        return lat, lon, ids[:, 0].astype(np.int64)
+
 
 def write_gallery_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write `gallery.parquet` (callers make it atomic)."""
@@ -173,10 +185,8 @@ def _fill_in_cluster_order(emb: Any, ids: np.ndarray, cluster: np.ndarray, kind:
                            index_options: dict[str, Any] | None) -> tuple[GeoIndex, np.ndarray]:
     """A trained GeoIndex filled cluster by cluster, chunk by chunk, and each cluster's sum of
     normalised embeddings, from one read of the input (see `index_in_cluster_order`)."""
-    ids = np.asarray(ids, np.int64)
+    ids = check_new_ids(ids)
     cluster = np.asarray(cluster, np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise UserError("gallery ids must be unique; give one id per image")
     index = GeoIndex(emb.shape[1], kind=kind, **(index_options or {}))
     _train_on_sample(index, emb)
     index.reserve(len(ids))
@@ -226,9 +236,7 @@ def append_gallery(g: Gallery, emb: np.ndarray, ids: np.ndarray, lat: np.ndarray
     _check(emb, ids, lat, lon, cell)
     if len(emb) == 0:
         return g
-    ids = np.asarray(ids, np.int64)
-    if len(np.unique(ids)) != len(ids) or np.isin(ids, g.index.ids()).any():
-        raise UserError("gallery ids must be unique and not already in the index; remove the old ids first or give new ones")
+    ids = check_new_ids(ids, g.index.ids())
     for s in range(0, len(ids), CHUNK):
         g.index.add(_read_rows(emb, np.arange(s, min(s + CHUNK, len(ids)))), ids[s:s + CHUNK], check_ids=False)
     cl = assign_to_existing(lat, lon, cell, g.clusters.frame)

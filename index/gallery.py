@@ -56,6 +56,15 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def check_new_ids(ids: np.ndarray, existing: np.ndarray | None = None) -> np.ndarray:
+    """int64 `ids`, refused unless unique and (given the ids already indexed) all new: the one check of
+    gallery ids, made where ids enter an index."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if len(np.unique(ids)) != len(ids) or (existing is not None and len(existing) and np.isin(ids, existing).any()):
+        raise UserError("gallery ids must be unique and not already in the index; remove the old ids first or give new ones")
+    return ids
+
+
 def default_pq_m(dim: int) -> int:
     """PQ sub-quantizers for `dim`: the largest divisor of dim that is at most dim / 8 (64 for 512, 96 for 768)."""
     return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
@@ -227,8 +236,8 @@ class GeoIndex:
             raise UserError(f"{len(x)} embeddings but {len(ids)} ids; give one id per embedding")
         if len(x) == 0:
             return
-        if check_ids and (len(np.unique(ids)) != len(ids) or (self.ntotal and np.isin(ids, self.ids()).any())):
-            raise UserError("gallery ids must be unique and not already in the index; remove the old ids first or give new ones")
+        if check_ids:
+            check_new_ids(ids, self.ids() if self.ntotal else None)
         if self._index is None:
             self.train(x)
         self._index.add_with_ids(x, ids)

@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from pigeon.core.errors import UserError
+from pigeon.core.errors import FieldError, UserError
 from pigeon.core.sphere import EARTH_RADIUS_KM
 
 from .build import Gallery
@@ -43,6 +43,13 @@ MODES: tuple[str, ...] = ("none", "cluster", "nn", "cluster+nn")
 _MODE_NAMES = np.array(MODES, dtype=object)  # kernel mode codes 0..3 -> names
 TEMPERATURE = {"streetview": 1.6, "flickr": 0.6}  # PIGEON's softmax temperatures
 DEFAULT_MODE = "cluster+nn"  # PIGEON's
+
+
+def check_mode(mode: Any) -> str:
+    """`mode` when it is one of MODES; else a `FieldError` (field `mode`) naming the choices."""
+    if mode not in MODES:
+        raise FieldError("mode", mode, f"unknown refinement mode; use one of {', '.join(MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -62,17 +69,22 @@ class RefineConfig:
     top_k: int = 5
 
     def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in MODES:
-            raise UserError(f"--refine {self.mode} (PIGEON_REFINE): unknown refinement mode; use one of {', '.join(MODES)}")
-        km = math.inf if self.max_refinement_km is None else float(self.max_refinement_km)
+        """Every refinement option is checked here, once (`Refiner.refine` builds one of these too); a bad
+        one raises a `FieldError` naming the field, which the CLI and the settings map to a flag."""
+        if self.mode is not None:
+            check_mode(self.mode)
+        try:
+            km = math.inf if self.max_refinement_km is None else float(self.max_refinement_km)
+        except (TypeError, ValueError):
+            km = math.nan
         if not km > 0:
-            raise UserError(f"--max-refinement-km {self.max_refinement_km} (PIGEON_MAX_REFINEMENT_KM): give a distance > 0 km (inf turns the guard off)")
+            raise FieldError("max_refinement_km", self.max_refinement_km, "give a distance > 0 km (inf turns the guard off)")
         object.__setattr__(self, "max_refinement_km", km)
-        if not float(self.temperature) > 0:
-            raise UserError(f"refinement temperature {self.temperature!r} must be > 0 (PIGEON: 1.6 street view, 0.6 Flickr)")
+        if self.temperature is None or not float(self.temperature) > 0:
+            raise FieldError("temperature", self.temperature, "the refinement temperature must be > 0 (PIGEON: 1.6 street view, 0.6 Flickr)")
         for name in ("neighbours", "average", "top_k"):
             if int(getattr(self, name)) < 1:
-                raise UserError(f"refinement {name} {getattr(self, name)!r} must be >= 1")
+                raise FieldError(name, getattr(self, name), "must be 1 or more")
 
     @classmethod
     def from_options(cls, mode: str | None = None, max_refinement_km: float | None = None, **kw: Any) -> "RefineConfig":
@@ -384,8 +396,8 @@ class Refiner:
         farther than this from the top cell's centre is cancelled and the top cell's own best cluster
         answers; if even that is too far, the top cell's centre answers. None = no guard.
         """
-        if mode not in MODES:
-            raise UserError(f"refinement mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        cfg = RefineConfig(mode=mode or DEFAULT_MODE, top_k=top_k, temperature=temperature, neighbours=neighbours,
+                           average=average, max_refinement_km=max_refinement_km)   # every option checked there, once
         p = np.asarray(cell_probs)
         if p.dtype != np.float32 and p.dtype != np.float64:
             p = p.astype(np.float64)
@@ -400,20 +412,15 @@ class Refiner:
             raise UserError(f"{len(q)} query embeddings but {len(p)} rows of cell probabilities; give one of each per image")
         if len(self.prototypes) and q.shape[1] != self.prototypes.shape[1]:
             raise UserError(f"query embeddings are {q.shape[1]}-d but the gallery is {self.prototypes.shape[1]}-d; use the bundle's backbone")
-        if temperature is None or not float(temperature) > 0:
-            raise UserError(f"refinement temperature {temperature!r} must be > 0 (PIGEON: 1.6 street view, 0.6 Flickr)")
-        if max_refinement_km is not None and not float(max_refinement_km) >= 0:
-            raise UserError(f"max_refinement_km {max_refinement_km!r} must be >= 0 km (or None / inf for no guard)")
-        neighbours = max(int(neighbours), int(average), 1)
+        neighbours = max(int(cfg.neighbours), int(cfg.average))
         b = len(q)
-        k = max(1, min(int(top_k), self.n_cells))
+        k = min(int(cfg.top_k), self.n_cells)
         lat, lon, moved = np.empty((3, b))                     # few allocations: at batch 1 they show
         cell, cluster = np.empty((2, b), np.int64)
         nb_ids, nb_rows = np.empty((2, b, neighbours), np.int64)
         nb_sim = np.empty((b, neighbours), np.float32)
         used = np.empty(b, np.int8)
-        limit = np.inf if max_refinement_km is None else float(max_refinement_km)
-        _refine_kernel(q, np.ascontiguousarray(p), k, float(temperature), MODES.index(mode), int(average), limit,
+        _refine_kernel(q, np.ascontiguousarray(p), k, float(cfg.temperature), MODES.index(cfg.mode), int(cfg.average), cfg.max_refinement_km,
                        self.centres, self.c_offs, self.c_order, self.prototypes, self.c_cell, self.c_lat, self.c_lon,
                        self.gk_offs, self.gk_order, self.gc_offs, self.gc_order, self._rows, self.g_lat, self.g_lon,
                        self.g_id, self.g_row, lat, lon, cell, cluster, moved, nb_ids, nb_rows, nb_sim, used)
@@ -430,15 +437,18 @@ def _gallery_rows(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def centre_answers(probs: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Answers without a gallery (or with refinement off): the top cell's centre, reported as mode "cell"."""
-    top = np.asarray(probs).argmax(axis=1)
-    ref = [{"mode": "cell", "moved_km": 0.0, "cluster": -1, "cell": int(c), "neighbours": []} for c in top]
-    return centres[top, 0].copy(), centres[top, 1].copy(), ref
+def centre_answers(probs: np.ndarray, centres: np.ndarray) -> RefineResult:
+    """Answers without a gallery (or with refinement off): the top cell's centre (mode "none", no neighbours)."""
+    top = np.asarray(probs).argmax(axis=1).astype(np.int64)
+    b = len(top)
+    return RefineResult(lat=centres[top, 0].astype(np.float64), lon=centres[top, 1].astype(np.float64), cell=top,
+                        cluster_id=np.full(b, -1, np.int64), moved_km=np.zeros(b), neighbour_ids=np.empty((b, 0), np.int64),
+                        neighbour_sims=np.empty((b, 0), np.float32), mode=np.full(b, "none", dtype=object),
+                        neighbour_rows=np.empty((b, 0), np.int64))
 
 
 class GalleryRefiner:
-    """A `Refiner` over one loaded `Gallery` that turns its results into JSON-ready answers."""
+    """A `Refiner` over one loaded `Gallery`, with the gallery's own columns for the neighbours it finds."""
 
     def __init__(self, gallery: Gallery, cell_centres: np.ndarray):
         self.gallery = gallery
@@ -448,22 +458,20 @@ class GalleryRefiner:
         self._lat, self._lon = f["lat"].to_numpy(np.float64), f["lon"].to_numpy(np.float64)
         self._img = f["image"].astype(str).to_numpy(object) if "image" in f else np.full(len(f), "", object)
 
-    def answer(self, emb: np.ndarray, probs: np.ndarray, config: RefineConfig) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """(lat, lon, refinement dicts) per query under `config` (whose mode must be resolved)."""
+    def answer(self, emb: np.ndarray, probs: np.ndarray, config: RefineConfig) -> RefineResult:
+        """The refined answers of a batch under `config` (mode None: PIGEON's cluster+nn; "none": the top
+        cells' centres)."""
         mode = config.mode or DEFAULT_MODE
         if mode == "none":
             return centre_answers(probs, self.centres)
-        r = self.refiner.refine(emb, probs, mode=mode, **config.refine_kwargs())
+        return self.refiner.refine(emb, probs, mode=mode, **config.refine_kwargs())
+
+    def neighbour_places(self, r: RefineResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lat, lon, image) of each neighbour in `r`, (B, m) arrays: nan / "" where there is none."""
         ids = r.neighbour_ids
         valid = ids >= 0
         rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index
-        nb_lat, nb_lon = np.full(ids.shape, np.nan), np.full(ids.shape, np.nan)
-        nb_img = np.full(ids.shape, "", dtype=object)
-        nb_lat[valid], nb_lon[valid], nb_img[valid] = self._lat[rows], self._lon[rows], self._img[rows]
-        out = []
-        for i in range(len(ids)):  # building the JSON-ready answer, not a distance computation
-            nbs = [{"id": int(ids[i, j]), "similarity": float(r.neighbour_sims[i, j]), "lat": float(nb_lat[i, j]),
-                    "lon": float(nb_lon[i, j]), "image": str(nb_img[i, j])} for j in np.flatnonzero(valid[i])]
-            out.append({"mode": "cell" if r.mode[i] == "none" else str(r.mode[i]), "moved_km": float(r.moved_km[i]),
-                        "cluster": int(r.cluster_id[i]), "cell": int(r.cell[i]), "neighbours": nbs})
-        return r.lat, r.lon, out
+        lat, lon = np.full(ids.shape, np.nan), np.full(ids.shape, np.nan)
+        img = np.full(ids.shape, "", dtype=object)
+        lat[valid], lon[valid], img[valid] = self._lat[rows], self._lon[rows], self._img[rows]
+        return lat, lon, img

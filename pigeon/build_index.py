@@ -27,25 +27,22 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .backbones import backbone_from_bundle
 from .bundle import Bundle
 from .core.errors import UserError
+from .core.splits import GALLERY_SPLITS, VAL, describe as describe_splits, normalise as normalise_splits, parse as parse_splits, select as select_splits
 from .core.sphere import haversine_km
 from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
 from .gallery import has_gallery, load_gallery, save_gallery
-from .geocells import GeoCells
-from .head import PrototypeHead
 from .index import KINDS, Refiner, append_gallery, build_gallery, remove_from_gallery
 from .index.refine import DEFAULT_MODE, MODES, RefineConfig
-from .metrics import SWITCH_CONFIDENCE, median_wins
-from .predictor import Predictor
+from .metrics import SWITCH_CONFIDENCE, choose_on_validation
+from .loading import load_bundle
 
 # -- choosing the refinement mode on validation photos -------------------------------------------
 _TIE_ORDER = ("cluster+nn", "nn", "cluster", "none")  # ties go to PIGEON's mode first
 VALIDATION_KEYS = ("refine_mode", "refine_validation")
-GALLERY_SPLITS = ("train",)  # test photos never answer for themselves unless asked for (--splits)
 
 
 def choose_refinement(refiner: Refiner, emb: np.ndarray, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray,
@@ -58,33 +55,13 @@ def choose_refinement(refiner: Refiner, emb: np.ndarray, probs: np.ndarray, lat:
     1.5 km median and 7 points within 1 km on the test photos; docs/benchmarks.md).
     Returns {"refine_mode", "refine_validation": {"n", "median_km", "within_25km", "beats_default_share"}}."""
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
-    median, within, km = {}, {}, {}
+    km = {}
     for m in MODES:
         r = refiner.refine(emb, probs, mode=m, **config.refine_kwargs())
         km[m] = haversine_km(lat, lon, r.lat, r.lon)
-        median[m], within[m] = float(np.median(km[m])), float(np.mean(km[m] <= 25.0))
-    best = min(median.values())
-    mode = next(m for m in _TIE_ORDER if median[m] <= best + 1e-9)
-    beats = {}
-    if mode != DEFAULT_MODE:
-        beats[mode] = median_wins(km[mode], km[DEFAULT_MODE], seed)
-        if beats[mode] < confidence:
-            mode = DEFAULT_MODE
-    return {"refine_mode": mode, "refine_validation": {"n": int(len(lat)), "median_km": median, "within_25km": within,
-                                                       "beats_default_share": beats, "switch_confidence": confidence}}
-
-
-def _validation_probs(b: Any, cells: Any, bb: Any, emb: np.ndarray) -> np.ndarray | str:
-    """Cell probabilities of validation embeddings from the bundle's head, or why there are none."""
-    if not b.has("head"):
-        return "the bundle has no head.safetensors (run `pigeon train` first)"
-    want = b.meta("head").get("backbone_hash")
-    if want and want != bb.hash:
-        return "head.safetensors was trained with another backbone"
-    head = PrototypeHead.load(b.part_path("head"))
-    if head.embed_dim != bb.embed_dim or head.n_cells != len(cells):
-        return "head.safetensors does not match the bundle's backbone or cells"
-    return Predictor(cells, head, bb).cell_probs(emb)
+    c = choose_on_validation(km, DEFAULT_MODE, _TIE_ORDER, seed, confidence)
+    return {"refine_mode": c["choice"], "refine_validation": {"n": int(len(lat)), "median_km": c["median_km"], "within_25km": c["within_25km"],
+                                                             "beats_default_share": c["beats_default_share"], "switch_confidence": confidence}}
 
 
 # -- the command's functions ---------------------------------------------------------------------
@@ -107,16 +84,14 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
         raise UserError(f"--workers {workers}: give 0 (decode in this process) or more")
     if images is None and embeddings is None:
         raise UserError("`pigeon build-index` needs --images SOURCE or --embeddings FOLDER")
-    b = Bundle(bundle)
-    b.require("cells")
     source = open_source(images) if embeddings is None else None
-    bb = backbone_from_bundle(b, device=device)
+    parts = load_bundle(bundle, device=device, head="optional", gallery=False)
+    b, bb, cells = parts.bundle, parts.backbone, parts.cells
     old = None
     if append:
         if not has_gallery(b):
             raise UserError(f"bundle {b.path} has no index to append to; run `pigeon build-index` without --append first")
         old = load_gallery(b, expect_backbone_hash=bb.hash)
-    cells = GeoCells.load(b.part_path("cells"))
     if source is None:
         store, skipped = open_embeddings(embeddings, backbone_hash=bb.hash), 0
     else:
@@ -136,19 +111,19 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
     chosen = {k: b.meta("index")[k] for k in VALIDATION_KEYS if k in b.meta("index")} if old is not None else {}
     note = None
     if len(val_df) and validate is not False:
-        probs = _validation_probs(b, cells, bb, val_emb)
-        if isinstance(probs, str):
+        if parts.head is None:
             if validate:
-                raise UserError(f"bundle {b.path}: cannot validate refinement: {probs}")
-            note = probs
+                raise UserError(f"bundle {b.path}: cannot validate refinement: {parts.head_note}")
+            note = parts.head_note
         else:
+            probs = parts.head.cell_probs(val_emb)
             refiner = Refiner.from_index(np.asarray(cells.centres, np.float64), g.clusters, g.frame, g.index)
             chosen = choose_refinement(refiner, val_emb, probs, val_df["lat"].to_numpy(), val_df["lon"].to_numpy())
     build_id = save_gallery(b, g, bb.hash, index_meta=chosen, backbone_spec=bb.spec)
     rep = {"images": int(len(df)), "skipped": int(skipped), "total": int(g.index.ntotal), "clusters": len(g.clusters),
            "cells_used": int(np.unique(g.frame["cell"]).size), "kind": g.index.kind, "appended": bool(append),
            "build_id": build_id, "held_out_val": int(len(val_df)),
-           "left_out_rows": left_out, "splits": list(splits) if splits else "all", **chosen}
+           "left_out_rows": left_out, "splits": describe_splits(parse_splits(splits)), **chosen}
     if note:
         rep["validation_skipped"] = note
     return rep
@@ -158,7 +133,7 @@ def _store_frame(store: EmbeddingStore) -> pd.DataFrame:
     """image (the source key), lat, lon, split and (when the source has them) integer ids, per store row."""
     rows = store.rows
     df = pd.DataFrame({"image": store.keys(), "lat": rows["lat"].to_numpy(np.float64), "lon": rows["lon"].to_numpy(np.float64),
-                       "split": rows["split"].astype(str).to_numpy()})
+                       "split": normalise_splits(rows["split"])})
     if "id" in rows.columns:
         df["id"] = rows["id"].to_numpy()
     return df
@@ -169,15 +144,10 @@ def _hold_out_val(store: EmbeddingStore, images: Any, validate: bool | None,
     """(gallery rows, their embeddings, val rows, theirs, rows left out): the gallery holds the rows of
     `splits` (None: all), val rows not among them answer for the refinement mode, the rest (test) stay out."""
     df = _store_frame(store)
-    split = df["split"].astype(str).str.strip().str.lower().to_numpy() if "split" in df.columns else np.full(len(df), "train")
-    keep = np.isin(split, [s.lower() for s in splits]) if splits else np.ones(len(df), bool)
-    is_val = (split == "val") & ~keep
+    keep = select_splits(df["split"], splits, f"data {images}")
+    is_val = (normalise_splits(df["split"]) == VAL) & ~keep
     if validate and not is_val.any():
-        raise UserError(f"manifest {images}: --validate needs rows with split == \"val\" outside --splits (readable images); add a `split` column or drop --validate")
-    if not keep.any():
-        have = ", ".join(sorted(set(split))[:8])
-        raise UserError(f"data {images} has no rows with split in {', '.join(splits or [])} for the gallery (its splits: {have}); "
-                        f"mark gallery rows `train`, or pass --splits with those you want (--splits all: every row)")
+        raise UserError(f"data {images}: --validate needs rows with split val outside --splits (readable images); add a `split` column or drop --validate")
     g, v = np.flatnonzero(keep), np.flatnonzero(is_val)
     return (df.iloc[g].reset_index(drop=True), store.view(g), df.iloc[v].reset_index(drop=True), store.take(v),
             int(len(df) - len(g) - len(v)))

@@ -168,17 +168,3 @@ class CaptionMaker:
         """One caption; successive calls draw afresh from the maker's seeded generator."""
         f = self.facts([lat], [lon], None if taken_at is None else [taken_at], None if heading is None else [heading])
         return self.compose(f)[0]
-
-    def cell_caption(self, cell_id: int) -> str:
-        """The zero-shot prompt of a cell: 'A photo taken in {region}, {country}.' (the cell's label; the
-        country alone when the cell has no admin-1 of its own)."""
-        if not 0 <= int(cell_id) < len(self._region):
-            raise UserError(f"cell id {cell_id} is out of range (0..{len(self._region) - 1})")
-        region, country = self._region[int(cell_id)], self._country[int(cell_id)]
-        if not region or region == country:
-            return self.templates["cell_country"].format(country=country or "an unknown country")
-        return self.templates["cell"].format(region=region, country=country)
-
-    def cell_captions(self) -> list[str]:
-        """`cell_caption` of every cell, in cell order."""
-        return [self.cell_caption(i) for i in range(len(self._region))]

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from .core.errors import UserError
+from .core.errors import FieldError, UserError
 
 app = typer.Typer(
     name="pigeon",
@@ -39,10 +39,23 @@ for _mod in COMMANDS:
     importlib.import_module(_mod).register(app)
 
 
+# options whose flag is not the field's name with dashes (`max_refinement_km` -> `--max-refinement-km`)
+FLAG_OF_FIELD = {"mode": "--refine"}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag that sets a `FieldError`'s field."""
+    return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning `UserError` into one line on stderr and exit code 2."""
+    """Console entry point: run the app, turning `UserError` into one line on stderr and exit code 2
+    (a `FieldError` names the flag that set the field)."""
     try:
         app(args=argv, prog_name="pigeon")
+    except FieldError as e:
+        print(f"pigeon: error: {e.renamed(flag_of(e.field))}", file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"pigeon: error: {e}", file=sys.stderr)
         sys.exit(2)

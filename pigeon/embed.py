@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .backbones import backbone_from_bundle, create_backbone
 from .bundle import Bundle
 from .core.errors import UserError
+from .core.splits import normalise as normalise_splits
 from .core.io import pause_point
 from .datasets.sources import Record, Source, decode_image
 from .distributed import Dist, all_ok, barrier, setup_distributed, teardown
@@ -123,7 +124,7 @@ def _rows_frame(pos: np.ndarray, records: list[Record]) -> pd.DataFrame:
     """The Parquet rows of a shard: pos, key, lat, lon, split, and the optional fields present."""
     df = pd.DataFrame({"pos": pos.astype(np.int64), "key": [r.key for r in records],
                        "lat": np.array([r.lat for r in records], np.float64), "lon": np.array([r.lon for r in records], np.float64),
-                       "split": [r.split for r in records]})
+                       "split": normalise_splits([r.split for r in records])})
     for c in OPTIONAL_COLUMNS:
         vals = [r.meta.get(c) for r in records]
         if any(v is not None for v in vals):

@@ -26,17 +26,19 @@ from pigeon.core.sphere import chord_to_km, haversine_km, spherical_mean, to_xyz
 
 from .calibration import coverage
 from .core.errors import UserError
+from .core.splits import TEST, TRAIN, VAL, normalise as normalise_splits, parse as parse_splits, rows_of
 from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .index import MODES, RefineConfig
 from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
-from .predictor import Predictor, check_combine, mean_view_embeddings, missing_places, place_truths
+from .places import check_combine, group_column, place_truths
+from .predictor import Predictor
 
 
 def evaluate(
     bundle_dir: str | os.PathLike,
     data: str | os.PathLike | None,
-    split: str | None = "test",
+    split: str | Sequence[str] | None = TEST,
     out: str | os.PathLike | None = None,
     cache_dir: str | None = None,
     device: str = "cpu",
@@ -65,10 +67,10 @@ def evaluate(
     if data is None and embeddings is None:
         raise UserError("`pigeon evaluate` needs --data SOURCE or --embeddings FOLDER")
     thresholds = checked_thresholds(thresholds)
+    splits = parse_splits(split, "--split")
+    split = ",".join(splits) if splits else "all"
     _check_place_options(group_by, combine)
     every = refine is not None and refine.strip().lower() == "all"
-    if refine is not None and not every and refine not in MODES:
-        raise UserError(f"--refine {refine}: unknown refinement mode; use one of {', '.join(MODES)}, or all (every mode side by side)")
     pred = Predictor.from_bundle(bundle_dir, device=device,
                                  refine=RefineConfig.from_options(None if every else refine, max_refinement_km, temperature=temperature))
     if every and pred.gallery is None:
@@ -78,12 +80,12 @@ def evaluate(
         store = open_embeddings(embeddings, backbone_hash=pred.backbone.hash)
     else:
         store, _ = cached_embeddings(open_source(data), pred.backbone, cache_dir, workers=workers, progress=progress)
-    sel = _split_rows(store, split, embeddings or data)
+    sel = _split_rows(store, splits, embeddings or data)
     keys, rows = store.keys(sel), store.rows.iloc[sel]
     tlat, tlon = rows["lat"].to_numpy(np.float64), rows["lon"].to_numpy(np.float64)
     overlap = gallery_overlap(pred, keys, rows.get("id"), tlat, tlon)
     if overlap.any() and not allow_gallery_overlap:
-        raise UserError(f"{int(overlap.sum())} of the {len(sel)} {split or 'all'} photos of {embeddings or data} are in bundle {bundle_dir}'s "
+        raise UserError(f"{int(overlap.sum())} of the {len(sel)} {split} photos of {embeddings or data} are in bundle {bundle_dir}'s "
                         f"gallery (same key or id and place, e.g. {keys[np.flatnonzero(overlap)[0]]}): refinement would answer with their own "
                         f"positions. Rebuild the index from other photos (`pigeon build-index --splits train`), or pass --allow-gallery-overlap")
     emb = store.take(sel)
@@ -91,7 +93,7 @@ def evaluate(
     m, preds, table = _score(pred, p, keys, tlat, tlon, thresholds)
     m.update(_baselines(pred, store.rows, tlat, tlon), **retrieval_baseline(pred, emb, tlat, tlon, thresholds),
              refine_mode=pred.refine.mode if pred.gallery is not None else "none",
-             gallery_overlap=int(overlap.sum()), split=split or "all", bundle=str(bundle_dir))
+             gallery_overlap=int(overlap.sum()), split=split, bundle=str(bundle_dir))
     if every:
         m["by_refine_mode"] = _by_refine_mode(pred, emb, p["probs"], tlat, tlon, thresholds)
     if group_by is not None:
@@ -113,24 +115,20 @@ def _check_place_options(group_by: str | None, combine: str | None) -> None:
 def per_place_metrics(pred: Predictor, emb: np.ndarray, rows: pd.DataFrame, group_by: str, combine: str | None,
                       thresholds: Sequence[float], name: Any) -> dict[str, Any]:
     """The figures of one answer per place: rows with the same `group_by` value are views of one place,
-    combined by `combine` (`Predictor.predict_places`); a place's truth is its rows' spherical mean."""
-    if group_by not in rows.columns:
-        raise UserError(f"--group-by {group_by}: data {name} has no column {group_by!r} (it has {', '.join(map(str, rows.columns[:10]))}); "
-                        f"give one of those, or drop --group-by")
-    col = rows[group_by]
-    empty = missing_places(col)
-    if empty.any():
-        raise UserError(f"--group-by {group_by}: {int(empty.sum())} of the {len(rows)} rows scored have no {group_by} "
-                        f"(e.g. {rows.index[np.flatnonzero(empty)[0]]}); fill it in, or drop --group-by")
-    p, labels, counts = pred.predict_places(emb, col.astype(str).to_numpy(), combine=combine, top_k=1)
-    codes = np.searchsorted(labels, col.astype(str).to_numpy())
-    tlat, tlon = place_truths(rows["lat"].to_numpy(), rows["lon"].to_numpy(), codes, len(labels))
-    retrieval = retrieval_baseline(pred, mean_view_embeddings(emb, codes, len(labels)), tlat, tlon, thresholds)
+    combined by `combine` (`Predictor.predict_places`; a row without a place is a place of its own); a
+    place's truth is its rows' spherical mean."""
+    col = group_column(rows.columns, group_by, f"data {name}")
+    if col is None:
+        raise UserError(f"--group-by {group_by}: data {name} has no place column to group by; name one, e.g. --group-by location_id")
+    pp = pred.predict_places(emb, rows[col], combine=combine, top_k=1)
+    p, labels, counts = pp.arrays, pp.labels, pp.views
+    tlat, tlon = place_truths(rows["lat"].to_numpy(), rows["lon"].to_numpy(), pp.codes, len(labels))
+    retrieval = retrieval_baseline(pred, pp.mean_embeddings, tlat, tlon, thresholds)
     t_iso, _, t_adm = reverse_geocode(tlat, tlon)
     p_iso, _, p_adm = reverse_geocode(p["lat"], p["lon"])
     m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
     km = haversine_km(p["lat"], p["lon"], tlat, tlon)
-    m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), group_by=group_by, combine=combine or pred.combine,
+    m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), group_by=group_by, combine=pp.combine,
              n_places=int(len(labels)), views_per_place_mean=float(counts.mean()), views_per_place_max=int(counts.max()), **retrieval)
     return m
 
@@ -146,16 +144,11 @@ def checked_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     return tuple(t)
 
 
-def _split_rows(store: Any, split: str | None, name: Any) -> np.ndarray:
-    """Store rows of `split` (case ignored; None: all)."""
+def _split_rows(store: Any, splits: tuple[str, ...] | None, name: Any) -> np.ndarray:
+    """Store rows of `splits` (`pigeon.core.splits`; None: all)."""
     if len(store.rows) == 0:
         raise UserError(f"no photo of data {name} could be read; check its image paths (relative to the manifest's folder) and files")
-    if not split:
-        return np.arange(len(store.rows))
-    sel = np.flatnonzero(store.rows["split"].astype(str).str.lower().to_numpy() == split.lower())
-    if len(sel) == 0:
-        raise UserError(f"data {name} has no rows with split {split!r}; pick another --split or give `--split all`")
-    return sel
+    return rows_of(store.rows["split"], splits, f"data {name}", flag="--split")
 
 
 def gallery_overlap(pred: Predictor, keys: np.ndarray, ids: Any, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -210,13 +203,13 @@ def _baselines(pred: Predictor, rows: pd.DataFrame, tlat: np.ndarray, tlon: np.n
     """What the figures are worth on this data: always answering the centroid of the training photos
     (never of the photos scored); and how many truths lie beyond the cells' reach (farther than
     max_reach_km from every train/val photo of the data: no cell covers where they were taken)."""
-    split = rows["split"].astype(str).str.lower().to_numpy()
-    is_train = split == "train"
+    split = normalise_splits(rows["split"])
+    is_train = split == TRAIN
     base = is_train if is_train.any() else np.ones(len(rows), bool)
     clat, clon = spherical_mean(rows["lat"].to_numpy()[base], rows["lon"].to_numpy()[base])
     out: dict[str, Any] = {"baseline_centroid_median_km": float(np.median(haversine_km(clat, clon, tlat, tlon))),
                            "baseline_centroid_of": "train rows" if is_train.any() else "all rows (the data has no train rows)"}
-    seen = np.isin(split, ("train", "val"))
+    seen = np.isin(split, (TRAIN, VAL))
     reach = pred.cells.max_reach_km
     if reach is not None and seen.any():
         d, _ = cKDTree(to_xyz(rows["lat"].to_numpy()[seen], rows["lon"].to_numpy()[seen])).query(to_xyz(tlat, tlon))
@@ -231,10 +224,8 @@ def retrieval_baseline(pred: Predictor, emb: np.ndarray, tlat: np.ndarray, tlon:
     at least match it; docs/benchmarks.md (views) shows where it did not and why."""
     if pred.gallery is None or not len(emb):
         return {}
-    g = pred.gallery.gallery
-    _, ids = g.index.search(np.ascontiguousarray(emb, dtype=np.float32), 1)
-    row = g.frame.set_index("id").loc[ids[:, 0]]
-    km = haversine_km(row["lat"].to_numpy(np.float64), row["lon"].to_numpy(np.float64), tlat, tlon)
+    lat, lon, _ = pred.gallery.gallery.nearest(emb)
+    km = haversine_km(lat, lon, tlat, tlon)
     out = {"median_km": float(np.median(km))}
     out.update({f"within_{t:g}km": float(np.mean(km <= t)) for t in thresholds})
     return {"baseline_retrieval": out}
@@ -247,7 +238,8 @@ def _by_refine_mode(pred: Predictor, emb: np.ndarray, probs: np.ndarray, tlat: n
     t_iso, _, t_adm = reverse_geocode(tlat, tlon)
     out = {}
     for mode in MODES:
-        lat, lon, _ = pred.gallery.answer(emb, probs, dataclasses.replace(pred.refine, mode=mode))
+        r = pred.gallery.answer(emb, probs, dataclasses.replace(pred.refine, mode=mode))
+        lat, lon = r.lat, r.lon
         p_iso, _, p_adm = reverse_geocode(lat, lon)
         out[mode] = geo_metrics(lat, lon, tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
     return out

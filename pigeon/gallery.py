@@ -12,9 +12,9 @@ import uuid
 from typing import Any
 
 from .bundle import Bundle
-from .core.errors import UserError
+from .core.errors import FieldError, UserError
 from .index import ClusterTable, Gallery, GeoIndex, read_gallery_frame, write_gallery_frame
-from .index.refine import MODES
+from .index.refine import check_mode
 
 GALLERY_PARTS = ("index", "gallery", "clusters")
 
@@ -28,10 +28,11 @@ def recorded_refine_mode(bundle: Bundle | None) -> str | None:
     """The refinement mode `pigeon build-index` validated for this bundle's gallery (None when none);
     an unknown recorded mode is refused by name."""
     mode = bundle.meta("index").get("refine_mode") if bundle is not None and bundle.listed("index") else None
-    if mode is not None and mode not in MODES:
-        raise UserError(f"bundle {bundle.path}: the index record names refinement mode {mode!r}, not one of {', '.join(MODES)}; "
-                        f"rerun `pigeon build-index` or fix manifest.json")
-    return mode
+    try:
+        return None if mode is None else check_mode(mode)
+    except FieldError as e:
+        raise UserError(f"bundle {bundle.path}: the index record names refinement {e.field} {mode!r} ({e.why}); "
+                        f"rerun `pigeon build-index` or fix manifest.json") from None
 
 
 def load_gallery(bundle: Bundle, expect_backbone_hash: str | None = None, mmap: bool = False) -> Gallery:

@@ -3,7 +3,7 @@
 Why prototypes: a cosine head over L2-normalised CLIP embeddings can be initialised from text
 (one caption per cell — zero-shot geolocation with any CLIP) or from the mean image embedding of
 each cell, and then fine-tuned; the same vectors serve as cell descriptors elsewhere.
-Also here: PIGEON's haversine label smoothing, the soft targets the head is trained on.
+Also here: PIGEON's haversine label smoothing (`BatchTargets`), the soft targets the head is trained on.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pigeon.core.errors import UserError
-from pigeon.core.sphere import EARTH_RADIUS_KM, chord_to_km, pairwise_km, to_xyz
+from pigeon.core.errors import FieldError, UserError
+from pigeon.core.sphere import chord_to_km, to_xyz
 
 from .calibration import RadiusModel
 
 CAPTION = "A photo taken in {region}, {country}."
 CAPTION_COUNTRY = "A photo taken in {country}."
 DEFAULT_TAU_KM = 65.0   # PIGEOTTO's; `pigeon train` defaults to auto_tau_km (the cells' spacing)
+MAX_SCALE = 200.0       # the head's logit scale is clamped here (CLIP clamps its own at 100)
 TAU_SPACING_SHARE = 0.5  # auto tau = this x the median nearest-neighbour spacing of the cell centres
 # Zero-shot prompt ensemble (CLIP's recipe: a class's prototype is the normalised mean of its prompts'
 # normalised text embeddings), in the PIGEON/StreetCLIP style. Each template is a pair: the sentence
@@ -62,6 +63,7 @@ class PrototypeHead(nn.Module):
         self.centre = nn.Parameter(c.clone())
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
         self.radius: RadiusModel | None = None
+        self._unit: tuple[tuple[Any, ...], torch.Tensor] | None = None   # normalised prototypes, outside autograd
 
     @property
     def n_cells(self) -> int:
@@ -72,9 +74,28 @@ class PrototypeHead(nn.Module):
         return self.prototypes.shape[1]
 
     def forward(self, x: torch.Tensor, calibrated: bool = False) -> torch.Tensor:
-        scale = self.log_scale.clamp(max=math.log(200.0)).exp()
-        logits = scale * nn.functional.normalize(x - self.centre, dim=-1) @ nn.functional.normalize(self.prototypes, dim=-1).T
+        """The one formula for the head's logits: scale · cos(x − centre, prototypes), scale = exp(log_scale)
+        clamped at MAX_SCALE; divided by the fitted temperature when `calibrated` (what serving uses)."""
+        scale = self.log_scale.clamp(max=math.log(MAX_SCALE)).exp()
+        logits = scale * nn.functional.normalize(x - self.centre, dim=-1) @ self.unit_prototypes().T
         return logits / self.temperature if calibrated else logits
+
+    def unit_prototypes(self) -> torch.Tensor:
+        """(C, D) prototypes at unit length. Outside autograd they are normalised once and cached until the
+        parameter changes (its storage or version), so a served answer does not pay for C x D norms."""
+        p = self.prototypes
+        if torch.is_grad_enabled() and p.requires_grad:
+            return nn.functional.normalize(p, dim=-1)
+        key = (p.data_ptr(), p._version, p.device, p.dtype)
+        if self._unit is None or self._unit[0] != key:
+            self._unit = (key, nn.functional.normalize(p.detach(), dim=-1))
+        return self._unit[1]
+
+    @torch.no_grad()
+    def cell_probs(self, emb: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(n, C) calibrated cell probabilities of (n, D) embeddings: softmax(head(x, calibrated=True))."""
+        x = torch.as_tensor(np.asarray(emb, dtype=np.float32), device=self.prototypes.device)
+        return torch.softmax(self(x, calibrated=True), dim=-1).cpu().numpy()
 
     def state_arrays(self) -> dict[str, torch.Tensor]:
         out = {
@@ -139,7 +160,7 @@ def cell_captions(gdf: Any, template: tuple[str, str] = (CAPTION, CAPTION_COUNTR
 
 
 def choose_templates(n: int | str | None) -> tuple[tuple[str, str], ...]:
-    """The first `n` of `ZERO_SHOT_TEMPLATES` ('all' or None: every one); UserError naming `--templates` otherwise."""
+    """The first `n` of `ZERO_SHOT_TEMPLATES` ('all' or None: every one); a `FieldError` (templates) otherwise."""
     if n is None or str(n).strip().lower() == "all":
         return ZERO_SHOT_TEMPLATES
     try:
@@ -147,7 +168,7 @@ def choose_templates(n: int | str | None) -> tuple[tuple[str, str], ...]:
     except ValueError:
         k = 0
     if not 1 <= k <= len(ZERO_SHOT_TEMPLATES):
-        raise UserError(f"--templates must be 'all' or a number from 1 to {len(ZERO_SHOT_TEMPLATES)}, got {n!r}")
+        raise FieldError("templates", repr(n), f"give 'all' or a number from 1 to {len(ZERO_SHOT_TEMPLATES)}")
     return ZERO_SHOT_TEMPLATES[:k]
 
 
@@ -211,22 +232,11 @@ def mean_prototypes(emb: np.ndarray | Iterable[np.ndarray], cell: np.ndarray, n_
     return _normalise(sums.astype(np.float32))
 
 
-def smoothed_targets(true_lat: np.ndarray, true_lon: np.ndarray, true_cell: np.ndarray, centres: np.ndarray, tau_km: float = DEFAULT_TAU_KM) -> np.ndarray:
-    """PIGEON's haversine label smoothing: target_i ∝ exp(-(d(c_i, x) - d(c_true, x)) / tau), rows sum to 1.
-
-    x is the image's true location, c_i the cell centres (C, 2 lat/lon). Distances are measured
-    from x, so the true cell need not have the highest weight when x lies near a neighbour's centre.
-    """
-    if tau_km <= 0:
-        raise UserError(f"--tau must be positive (km), got {tau_km}")
-    x = to_xyz(true_lat, true_lon)                       # (n, 3)
-    c = to_xyz(centres[:, 0], centres[:, 1])             # (C, 3)
-    d = pairwise_km(x, c)
-    d_true = d[np.arange(len(x)), np.asarray(true_cell)]
-    z = -(d - d_true[:, None]) / tau_km
-    z -= z.max(axis=1, keepdims=True)
-    w = np.exp(z)
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+def check_tau_km(tau_km: float) -> float:
+    """Label smoothing's distance scale, refused unless a positive number of km (the one check of it)."""
+    if not (isinstance(tau_km, (int, float)) and math.isfinite(tau_km) and tau_km > 0):
+        raise FieldError("tau", tau_km, "label smoothing's distance scale must be a positive number of km (e.g. 65)")
+    return float(tau_km)
 
 
 def auto_tau_km(centres: np.ndarray) -> float:
@@ -253,23 +263,25 @@ def auto_tau_km(centres: np.ndarray) -> float:
 
 
 class BatchTargets:
-    """`smoothed_targets` for one batch of photos at a time, in torch float64 (the same values).
+    """PIGEON's haversine label smoothing, the one formula the head is trained on: for a photo at x
+    whose true cell is t, target_i ∝ exp(-(d(c_i, x) - d(c_t, x)) / tau) over the cell centres c_i,
+    rows summing to 1. Distances are measured from x, so the true cell need not have the highest
+    weight when x lies near a neighbour's centre.
 
-    Why: the dense N x C matrix does not fit at scale (5M photos x 2,500 cells = 50 GB); this keeps
-    each photo's unit vector and cell (O(N x 4) numbers) and makes a batch's (B, C) targets on demand."""
+    Made one batch of photos at a time (`targets(rows)`, float64 maths): the dense N x C matrix does
+    not fit at scale (5M photos x 2,500 cells = 50 GB); this keeps each photo's unit vector and cell
+    (O(N x 4) numbers)."""
 
     def __init__(self, lat: np.ndarray, lon: np.ndarray, cell: np.ndarray, centres: np.ndarray, tau_km: float = DEFAULT_TAU_KM):
-        if tau_km <= 0:
-            raise UserError(f"--tau must be positive (km), got {tau_km}")
+        self.tau = check_tau_km(tau_km)
         self.xyz = torch.from_numpy(to_xyz(lat, lon))                          # (N, 3) float64
         self.cell = torch.from_numpy(np.asarray(cell, np.int64))
         self.centres = torch.from_numpy(to_xyz(centres[:, 0], centres[:, 1]))  # (C, 3)
-        self.tau = float(tau_km)
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
         r = torch.from_numpy(np.asarray(rows, np.int64))
         chord = (2.0 - 2.0 * (self.xyz[r] @ self.centres.T)).clamp(0.0, 4.0).sqrt()
-        d = 2.0 * EARTH_RADIUS_KM * torch.asin((chord / 2.0).clamp(0.0, 1.0))   # (B, C) km, as pairwise_km
+        d = torch.from_numpy(chord_to_km(chord.numpy()))   # (B, C) km
         z = -(d - d.gather(1, self.cell[r][:, None])) / self.tau
         return torch.softmax(z, dim=1).float()
 
@@ -281,5 +293,5 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 __all__ = [
     "CAPTION", "CAPTION_COUNTRY", "DEFAULT_TAU_KM", "ZERO_SHOT_TEMPLATES", "PrototypeHead", "write_head", "cell_captions",
     "choose_templates", "text_prototypes", "zero_shot_scale",
-    "mean_prototypes", "smoothed_targets", "BatchTargets", "auto_tau_km",
+    "mean_prototypes", "BatchTargets", "auto_tau_km", "check_tau_km", "MAX_SCALE",
 ]

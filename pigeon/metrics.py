@@ -9,12 +9,12 @@ accuracy (the guess lands in the same country / admin-1 region as the truth).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import shapely
 
-from pigeon.core.sphere import haversine_km
+from pigeon.core.sphere import haversine_km, wrap_lon
 from pigeon.geocells import bundled
 from pigeon.geocells.geometry import NearestIndex, assign_points
 
@@ -47,6 +47,28 @@ def median_wins(km: np.ndarray, km_ref: np.ndarray, seed: int = 0, resamples: in
         idx = rng.integers(0, n, size=(min(50, resamples - s), n))
         wins += int(np.sum(np.median(km[idx], axis=1) < np.median(km_ref[idx], axis=1)))
     return wins / resamples
+
+
+def choose_on_validation(km: Mapping[str, np.ndarray], default: str, order: Sequence[str] | None = None, seed: int = 0,
+                         confidence: float = SWITCH_CONFIDENCE) -> dict[str, Any]:
+    """The one rule for a choice made on validation photos (refinement mode, view combination): each
+    option's errors `km` on the same photos; the lowest median wins (ties: the first in `order`, default
+    the keys' order), but an option other than PIGEON's `default` is taken only when it beats the
+    default's median in at least `confidence` of paired bootstrap resamples (`median_wins`): on a few
+    dozen photos the lowest median is mostly noise.
+    Returns {"choice", "median_km", "within_25km", "beats_default_share"} (the last: {choice: share}
+    when a non-default option had the lowest median, else {})."""
+    order = list(order or km)
+    median = {m: float(np.median(km[m])) for m in km}
+    within = {m: float(np.mean(np.asarray(km[m]) <= 25.0)) for m in km}
+    best = min(median.values())
+    choice = next(m for m in order if median[m] <= best + 1e-9)
+    beats: dict[str, float] = {}
+    if choice != default:
+        beats[choice] = median_wins(km[choice], km[default], seed)
+        if beats[choice] < confidence:
+            choice = default
+    return {"choice": choice, "median_km": median, "within_25km": within, "beats_default_share": beats}
 
 
 def distance_metrics(km: np.ndarray, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
@@ -96,7 +118,7 @@ def regions_at(lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
     """The bundled admin-1 region at each point: arrays `admin1`, `country`, `iso_a2` (object) and
     `at_sea` (bool: the point is in no polygon, and the region is the nearest one on the sphere)."""
     adm, geoms, tree, nearest = _admin1_lookup()
-    lon = (np.asarray(lon, np.float64) + 180.0) % 360.0 - 180.0
+    lon = wrap_lon(lon)
     idx, _, _, sea = assign_points(np.asarray(lat, np.float64), lon, geoms, tree, nearest)
     return {"admin1": adm["admin1"].to_numpy(object)[idx], "country": adm["country"].to_numpy(object)[idx],
             "iso_a2": adm["iso_a2"].to_numpy(object)[idx], "at_sea": np.asarray(sea, bool)}
@@ -110,4 +132,4 @@ def _admin1_lookup():
     return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)
 
 
-__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "median_wins", "SWITCH_CONFIDENCE"]
+__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "median_wins", "choose_on_validation", "SWITCH_CONFIDENCE"]

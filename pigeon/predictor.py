@@ -15,32 +15,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
-import torch
 from scipy import sparse
 
-from .backbones import backbone_from_bundle
 from .bundle import Bundle
 from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixture_radii
 from .core.errors import UserError
-from .core.sphere import from_xyz, to_xyz
+from .core.sphere import to_xyz
 from .datasets import load_image
-from .gallery import GALLERY_PARTS, load_gallery, recorded_refine_mode
+from .gallery import recorded_refine_mode
+from .loading import RETRAIN, check_head, load_bundle
 from .geocells import GeoCells
 from .head import PrototypeHead
-from .index import Gallery, GalleryRefiner, RefineConfig, centre_answers
+from .index import Gallery, GalleryRefiner, RefineConfig, RefineResult, centre_answers
 from .metrics import regions_at
+from .places import (COMBINE_MODES, PlacePrediction, check_combine, combine_place_probs, mean_view_embeddings, place_codes,
+                     place_labels, resolve_combine)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-# How several views of one place become one answer (`Predictor.predict_places`):
-#   mean:    PIGEON's: the mean of the views' L2-normalised embeddings, renormalised, goes through the head
-#   product: the views as independent evidence: sum of each view's log cell probabilities, renormalised
-#   both:    the geometric mean of those two: (log mean-probs + sum of view log probs) / 2, renormalised
-#            (with one view every mode gives `locate`'s answer)
-# Refinement always uses the mean embedding (the one vector that stands for the place).
-COMBINE_MODES = ("mean", "product", "both")
-
-
 def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int) -> tuple[sparse.csr_matrix, np.ndarray]:
     """Sparse (C, K) share of each cell's training points per group, rows summing to 1, and the K sorted
     group labels (`key_cols` joined by "\x1f"), from a `GeoCells.composition` table: probs (n, C) @ it
@@ -52,65 +43,11 @@ def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int) -> tuple[spa
     return sparse.csr_matrix(m, dtype=np.float32), labels
 
 
-def place_codes(groups: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(code per view, sorted place labels): views with the same label are one place."""
-    labels, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    return codes.ravel(), labels
-
-
-def missing_places(labels: pd.Series) -> np.ndarray:
-    """Which rows have no place label (embedding stores keep labels as text: a missing one reads "nan" or "None")."""
-    return (labels.isna() | labels.astype(str).str.strip().isin(("", "nan", "None", "<NA>"))).to_numpy()
-
-
-def place_truths(lat: np.ndarray, lon: np.ndarray, codes: np.ndarray, n_places: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each place's position: the spherical mean of its views' positions (views of a place share one)."""
-    xyz = _place_sum(to_xyz(np.asarray(lat, np.float64), np.asarray(lon, np.float64)), codes, n_places)
-    return from_xyz(xyz / np.linalg.norm(xyz, axis=1, keepdims=True))
-
-
-def _place_sum(x: np.ndarray, codes: np.ndarray, n_places: int) -> np.ndarray:
-    """(P, ...) sums of the rows of `x` per place, as one sparse matmul (no loop over places)."""
-    m = sparse.csr_matrix((np.ones(len(codes), np.float64), (codes, np.arange(len(codes)))), shape=(n_places, len(codes)))
-    return np.asarray(m @ x)
-
-
-def mean_view_embeddings(emb: np.ndarray, codes: np.ndarray, n_places: int) -> np.ndarray:
-    """PIGEON's view combination: per place, the mean of its views' L2-normalised embeddings, renormalised."""
-    e = np.asarray(emb, np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    m = _place_sum(e, codes, n_places)
-    return (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def _renormalise_logs(logp: np.ndarray) -> np.ndarray:
-    """Rows of log probabilities -> probabilities summing to 1 (a stable softmax)."""
-    z = np.exp(logp - logp.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def combine_place_probs(view_probs: np.ndarray, mean_probs: np.ndarray, codes: np.ndarray, combine: str) -> np.ndarray:
-    """(P, C) cell probabilities per place under `combine` (see COMBINE_MODES) from each view's (n, C)
-    probabilities and the (P, C) probabilities of the places' mean embeddings."""
-    if combine == "mean":
-        return np.asarray(mean_probs, np.float32)
-    logp = _place_sum(np.log(np.maximum(view_probs.astype(np.float64), 1e-30)), codes, len(mean_probs))
-    if combine == "both":
-        logp = 0.5 * (logp + np.log(np.maximum(mean_probs.astype(np.float64), 1e-30)))
-    return _renormalise_logs(logp)
-
-
-def check_combine(combine: str, source: str = "combine") -> str:
-    """`combine` when it is one of COMBINE_MODES, else a UserError naming it and the choices."""
-    if combine not in COMBINE_MODES:
-        raise UserError(f"{source} {combine!r}: unknown way to combine views; use one of {', '.join(COMBINE_MODES)}")
-    return combine
-
-
 def recorded_combine_mode(bundle: Bundle | None) -> str | None:
     """The view combination recorded in the head's manifest record (`combine_mode`), None when none."""
     mode = bundle.meta("head").get("combine_mode") if bundle is not None else None
     return None if mode is None else check_combine(mode, f"bundle {bundle.path}: the head record's combine_mode")
+
 
 
 class Predictor:
@@ -126,12 +63,13 @@ class Predictor:
         self.bundle = bundle
         self.device = device
         self.refine = (refine or RefineConfig()).resolve(recorded_refine_mode(bundle))
-        # how `locate_place` combines views by default: the mode recorded for the bundle, else PIGEON's mean
-        self.combine = recorded_combine_mode(bundle) or "mean"
+        # how views of one place combine by default: the mode recorded for the bundle, else PIGEON's mean
+        self.combine = resolve_combine(None, recorded_combine_mode(bundle))
         g = cells.gdf
         self.n_cells = len(g)
-        if head.n_cells != self.n_cells:
-            raise UserError(f"head has {head.n_cells} prototypes but the bundle has {self.n_cells} cells; retrain with `pigeon train`")
+        why = check_head(head, backbone, self.n_cells)
+        if why:
+            raise UserError(f"{why}; {RETRAIN}")
         self.centres = np.asarray(cells.centres, dtype=np.float64)
         self.centres_xyz = to_xyz(self.centres[:, 0], self.centres[:, 1])
         self.gallery = GalleryRefiner(gallery, self.centres) if gallery is not None else None
@@ -147,11 +85,6 @@ class Predictor:
         # cells whose land was cut at the cells' reach limit (None: no limit recorded): see `reach` in `format`
         self._reach_km = cells.max_reach_km  # a column scan: once, not per answer
         self._edge = cells.at_reach_edge.astype(np.float64) if self._reach_km is not None else None
-        # Head weights as plain tensors: inference is two matmuls, no autograd.
-        with torch.no_grad():
-            self._protos = torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).to(device)
-            self._centre = head.centre.detach().to(device)
-            self._scale = float(head.log_scale.detach().clamp(max=np.log(200.0)).exp() / head.temperature)
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -159,37 +92,20 @@ class Predictor:
         """Load cells, head, backbone and (when the bundle has one) the gallery, refusing parts that do
         not belong together. The gallery is loaded and checked here, at start-up, so a mismatched index
         refuses the bundle instead of failing the first request."""
-        b = Bundle(path)
-        b.require("cells", "head")
-        b.verify()  # every listed part against its sha256: a missing or changed part is refused by name
-        cells = GeoCells.load(b.part_path("cells"))
-        head = PrototypeHead.load(b.part_path("head"))
-        bb = backbone_from_bundle(b, device=device)
-        want = b.meta("head").get("backbone_hash")
-        if want and want != bb.hash:
-            raise UserError(f"bundle {b.path}: head.safetensors was trained with another backbone (hash {want[:12]} vs {bb.hash[:12]}); retrain it with `pigeon train`")
-        if head.embed_dim != bb.embed_dim:
-            raise UserError(f"bundle {b.path}: head expects {head.embed_dim}-d embeddings, backbone {bb.spec} gives {bb.embed_dim}; retrain with `pigeon train`")
-        gallery = load_gallery(b, mmap=True) if any(b.listed(p) for p in GALLERY_PARTS) else None  # read-only: workers share it
-        if gallery is not None and gallery.index.dim != bb.embed_dim:
-            raise UserError(f"bundle {b.path}: index.faiss holds {gallery.index.dim}-d vectors, backbone {bb.spec} gives {bb.embed_dim}; "
-                            f"rerun `pigeon build-index`")
-        if gallery is None and refine is not None and refine.mode not in (None, "none"):
-            raise UserError(f"--refine {refine.mode}: bundle {b.path} has no gallery index to refine with; "
+        parts = load_bundle(path, device=device, head="required", gallery=True, verify=True)
+        if parts.gallery is None and refine is not None and refine.mode not in (None, "none"):
+            raise UserError(f"--refine {refine.mode}: bundle {parts.bundle.path} has no gallery index to refine with; "
                             f"build one with `pigeon build-index`, or use --refine none")
-        return cls(cells, head.to(device), bb, bundle=b, device=device, refine=refine, gallery=gallery)
+        return cls(parts.cells, parts.head, parts.backbone, bundle=parts.bundle, device=device, refine=refine, gallery=parts.gallery)
 
     # -- array level -----------------------------------------------------------------------------------
     def cell_probs(self, emb: np.ndarray) -> np.ndarray:
-        """(n, C) calibrated cell probabilities of (n, D) embeddings."""
-        with torch.no_grad():
-            x = torch.as_tensor(np.asarray(emb, dtype=np.float32), device=self.device)
-            z = self._scale * torch.nn.functional.normalize(x - self._centre, dim=-1) @ self._protos.T
-            return torch.softmax(z, dim=-1).cpu().numpy()
+        """(n, C) calibrated cell probabilities of (n, D) embeddings: the head's own maths (`PrototypeHead.cell_probs`)."""
+        return self.head.cell_probs(emb)
 
-    def _answer_points(self, emb: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """The answer (lat, lon) per image and what refinement did: PIGEON's refinement over the
-        gallery under `self.refine`, else (no gallery) the top cell's centre, reported as mode "cell"."""
+    def _answer_points(self, emb: np.ndarray, probs: np.ndarray) -> RefineResult:
+        """The answer per image and what refinement did, as arrays: PIGEON's refinement over the gallery
+        under `self.refine`, else (no gallery) the top cell's centre."""
         if self.gallery is None:
             return centre_answers(probs, self.centres)
         return self.gallery.answer(emb, probs, self.refine)
@@ -199,16 +115,22 @@ class Predictor:
 
         Keys: probs (n, C), lat, lon, confidence (n,), radius_km_50, radius_km_90 (n,), top_cells
         (n, k) ids, top_probs (n, k), country_probs (n, K) over `country_keys`, admin1_probs
-        (n, A) over `admin1_keys`, refinement (list of dicts).
+        (n, A) over `admin1_keys`, refinement (a `RefineResult`: arrays; `format` writes it out).
         """
+        emb = self._checked(emb)
+        return self._predict(emb, self.cell_probs(emb), top_k)
+
+    def _checked(self, emb: np.ndarray) -> np.ndarray:
+        """(n, D) float32 embeddings of the head's width, or a UserError naming the shape."""
         emb = np.asarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.head.embed_dim:
             raise UserError(f"embeddings must have shape (n, {self.head.embed_dim}), got {emb.shape}")
-        return self._predict(emb, self.cell_probs(emb), top_k)
+        return emb
 
     def _predict(self, emb: np.ndarray, probs: np.ndarray, top_k: int) -> dict[str, np.ndarray | list]:
         """`predict_embeddings`' arrays from embeddings and their (already computed or combined) cell probabilities."""
-        lat, lon, ref = self._answer_points(emb, probs)
+        ref = self._answer_points(emb, probs)
+        lat, lon = ref.lat, ref.lon
         k = min(top_k, self.n_cells)
         part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(probs, part, 1), axis=1)
@@ -224,25 +146,33 @@ class Predictor:
         }
 
     def predict_places(self, emb: np.ndarray, groups: Sequence[Any] | np.ndarray, combine: str | None = None,
-                       top_k: int = 5) -> tuple[dict[str, np.ndarray | list], np.ndarray, np.ndarray]:
-        """One answer per place for (n, D) view embeddings and each view's place label `groups` (n,).
+                       top_k: int = 5) -> PlacePrediction:
+        """One answer per place for (n, D) view embeddings and each view's place label `groups` (n,;
+        a missing label is a place of its own: `pigeon.places`).
 
         `combine`: one of COMBINE_MODES (None: `self.combine`, the bundle's recorded mode else "mean").
-        Returns (`predict_embeddings`-style arrays with one row per place, the sorted place labels, the
-        number of views per place). Refinement uses each place's mean embedding."""
-        emb = np.asarray(emb, dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[1] != self.head.embed_dim:
-            raise UserError(f"embeddings must have shape (n, {self.head.embed_dim}), got {emb.shape}")
+        Returns the answers' arrays (one row per place) with the labels, views per place and the mode
+        used; refinement uses each place's mean embedding."""
+        emb = self._checked(emb)
         if len(groups) != len(emb):
             raise UserError(f"{len(groups)} place labels for {len(emb)} views; give one place label per view")
         if len(emb) == 0:
             raise UserError("no views given; give at least one image of the place")
-        mode = check_combine(combine or self.combine)
-        codes, labels = place_codes(groups)
+        mode = resolve_combine(combine, self.combine)
+        codes, labels = place_codes(place_labels(groups))
         mean_emb = mean_view_embeddings(emb, codes, len(labels))
         mean_probs = self.cell_probs(mean_emb)
-        probs = mean_probs if mode == "mean" else combine_place_probs(self.cell_probs(emb), mean_probs, codes, mode)
-        return self._predict(mean_emb, probs, top_k), labels, np.bincount(codes, minlength=len(labels))
+        view_probs = None if mode == "mean" else self.cell_probs(emb)
+        probs = combine_place_probs(view_probs, mean_probs, codes, mode)
+        return PlacePrediction(self._predict(mean_emb, probs, top_k), labels, np.bincount(codes, minlength=len(labels)),
+                               codes, mode, mean_emb)
+
+    def format_places(self, pp: PlacePrediction, top_k: int = 5) -> list[dict[str, Any]]:
+        """`format`'s dicts, one per place, each with its `place` label, `views` and `combine`."""
+        out = self.format(pp.arrays, top_k=top_k)
+        for a, label, n in zip(out, pp.labels, pp.views):
+            a.update(place=str(label), views=int(n), combine=pp.combine)
+        return out
 
     def locate_place(self, images: Sequence[Any] | None = None, *, embeddings: np.ndarray | None = None,
                      combine: str | None = None, top_k: int = 5) -> dict[str, Any]:
@@ -258,13 +188,12 @@ class Predictor:
                 raise UserError("no views given; give at least one image of the place")
             embeddings = self.embed(images)
         t1 = time.perf_counter()
-        n = len(embeddings)
-        p, _, _ = self.predict_places(embeddings, np.zeros(n, dtype=np.int64), combine=combine, top_k=top_k)
+        pp = self.predict_places(embeddings, np.zeros(len(embeddings), dtype=np.int64), combine=combine, top_k=top_k)
         t2 = time.perf_counter()
-        out = self.format(p, top_k=top_k)[0]
+        out = self.format_places(pp, top_k=top_k)[0]
+        del out["place"]
         t3 = time.perf_counter()
-        out.update(views=n, combine=combine or self.combine,
-                   timings_ms={"embed_ms": (t1 - t0) * 1e3, "head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t0) * 1e3})
+        out["timings_ms"] = {"embed_ms": (t1 - t0) * 1e3, "head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t0) * 1e3}
         return out
 
     def radii(self, lat: np.ndarray, lon: np.ndarray, probs: np.ndarray, levels: Sequence[float] = RADIUS_LEVELS) -> tuple[np.ndarray, ...]:
@@ -315,6 +244,7 @@ class Predictor:
         top_admin = np.argsort(-p["admin1_probs"], axis=1)[:, :k_a]
         here = regions_at(p["lat"], p["lon"])   # the admin-1 the answer point lies in (bundled Natural Earth)
         edge = p["probs"] @ self._edge if self._edge is not None else None
+        refinement = self._refinement_dicts(p["refinement"])
         g = self.centres
         out = []
         for i in range(n):  # formatting only: k small dicts per image
@@ -333,11 +263,25 @@ class Predictor:
             out.append({
                 "lat": float(p["lat"][i]), "lon": float(p["lon"][i]), "confidence": float(p["confidence"][i]),
                 "radius_km_50": float(p["radius_km_50"][i]), "radius_km_90": float(p["radius_km_90"][i]),
-                "top_cells": cells, "countries": countries, "admin1": admins, "refinement": p["refinement"][i],
+                "top_cells": cells, "countries": countries, "admin1": admins, "refinement": refinement[i],
                 "region_at_answer": {"admin1": str(here["admin1"][i]), "country": str(here["country"][i]),
                                      "iso_a2": str(here["iso_a2"][i]), "at_sea": bool(here["at_sea"][i])},
                 "reach": None if edge is None else {"max_reach_km": self._reach_km, "edge_probability": float(edge[i])},
             })
+        return out
+
+    def _refinement_dicts(self, r: RefineResult) -> list[dict[str, Any]]:
+        """What refinement did, per answer: mode ("cell" when the top cell's centre answered), moved_km,
+        cluster, cell and the neighbours {id, similarity, lat, lon, image} it used."""
+        ids = r.neighbour_ids
+        if self.gallery is not None and ids.shape[1]:
+            nb_lat, nb_lon, nb_img = self.gallery.neighbour_places(r)
+        out = []
+        for i in range(len(r.lat)):  # formatting only: a few small dicts per answer
+            nbs = [{"id": int(ids[i, j]), "similarity": float(r.neighbour_sims[i, j]), "lat": float(nb_lat[i, j]),
+                    "lon": float(nb_lon[i, j]), "image": str(nb_img[i, j])} for j in np.flatnonzero(ids[i] >= 0)]
+            out.append({"mode": "cell" if r.mode[i] == "none" else str(r.mode[i]), "moved_km": float(r.moved_km[i]),
+                        "cluster": int(r.cluster_id[i]), "cell": int(r.cell[i]), "neighbours": nbs})
         return out
 
     @property
@@ -377,5 +321,4 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-__all__ = ["Predictor", "load", "collect_images", "IMAGE_SUFFIXES", "COMBINE_MODES", "place_codes", "mean_view_embeddings",
-           "combine_place_probs", "recorded_combine_mode"]
+__all__ = ["Predictor", "load", "collect_images", "IMAGE_SUFFIXES", "COMBINE_MODES", "recorded_combine_mode"]

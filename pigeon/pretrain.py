@@ -46,6 +46,7 @@ from .backbones import Backbone, create_backbone, parse_spec
 from .bundle import Bundle
 from .captions import CaptionMaker
 from .core.errors import UserError
+from .core.splits import TRAIN, normalise_one as normalise_split, select as select_splits
 from .distributed import Dist as _Dist
 from .distributed import all_ok
 from .distributed import barrier as _barrier
@@ -79,7 +80,7 @@ class PretrainConfig:
     checkpoint_every: int = 50  # optimizer steps
     amp: bool | None = None  # None: on where CUDA is
     strict: bool = False
-    split: str = "train"
+    split: str = TRAIN
     samples_per_epoch: int | None = None  # streamed sources: epoch length for the schedule (None: count the source once)
     shuffle_buffer: int = 2000  # streamed sources: samples per loader worker's shuffle buffer
 
@@ -242,10 +243,7 @@ def _usable_rows(df: pd.DataFrame, strict: bool) -> tuple[np.ndarray, list[str]]
 def _training_rows(data: str | os.PathLike, cfg: PretrainConfig) -> tuple[pd.DataFrame, list[str]]:
     """The manifest's rows of `cfg.split` whose images open; enough of them for one optimizer step."""
     df = read_manifest(data, strict=cfg.strict)
-    if cfg.split and "split" in df.columns and (df["split"] == cfg.split).any():
-        df = df[df["split"] == cfg.split].reset_index(drop=True)
-    elif cfg.split and (df["split"] != "train").all() and cfg.split == "train":
-        raise UserError(f"manifest {data} has no rows with split == 'train'; mark training rows or pass another split")
+    df = df[select_splits(df["split"], cfg.split or None, f"manifest {data}", flag="--split")].reset_index(drop=True)
     ok, skipped = _usable_rows(df, cfg.strict)
     df = df[ok].reset_index(drop=True)
     if len(df) < cfg.batch_size * cfg.accum:
@@ -274,10 +272,7 @@ def _stream_source(data: str | os.PathLike, cfg: PretrainConfig, d: _Dist) -> tu
         if cfg.samples_per_epoch < 1:
             raise UserError(f"--samples-per-epoch {cfg.samples_per_epoch}: give a positive number of samples")
         return src, int(cfg.samples_per_epoch)
-    split = src.coords()["split"].to_numpy()
-    n = int((split == cfg.split).sum()) if cfg.split else len(split)
-    if n == 0:
-        raise UserError(f"data source {data} has no samples with split == {cfg.split!r} (splits: {', '.join(sorted(set(split)))}); pass that --split")
+    n = int(select_splits(src.coords()["split"], cfg.split or None, f"data source {data}", flag="--split").sum())
     return src, n
 
 

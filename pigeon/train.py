@@ -35,16 +35,18 @@ from pigeon.core.sphere import haversine_km
 from .backbones import DEFAULT_SPEC, backbone_from_bundle, create_backbone
 from .bundle import Bundle
 from .calibration import calibrate_radii, cell_spread_km, ece, fit_temperature, geometric_spread_km, softmax
-from .core.errors import UserError
+from .core.errors import FieldError, UserError
+from .core.splits import TRAIN, VAL, normalise as normalise_splits, rows_of
 from .datasets import EpochSampler, build_train_transform, rare_cell_weights
 from .datasets.sources import ManifestSource, Source, decode_image, open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
-from .geocells import GeoCells
-from .head import (BatchTargets, PrototypeHead, auto_tau_km, choose_templates, mean_prototypes, text_prototypes, write_head,
+from .head import (BatchTargets, PrototypeHead, auto_tau_km, check_tau_km, choose_templates, mean_prototypes, text_prototypes, write_head,
                    zero_shot_scale)
-from .metrics import SWITCH_CONFIDENCE, median_wins
-from .predictor import COMBINE_MODES, Predictor, missing_places, place_codes, place_truths
+from .metrics import choose_on_validation
+from .places import COMBINE_MODES, DEFAULT_COMBINE, group_column, missing_places, place_codes, place_labels, place_truths
+from .loading import load_cells
+from .predictor import Predictor
 
 STATE_FILE = ".train_state.pt"
 
@@ -83,8 +85,11 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.tau is not None and self.tau <= 0:
-            raise UserError(f"--tau must be positive (km), got {self.tau}")
+        if self.tau is not None:
+            try:
+                check_tau_km(self.tau)
+            except FieldError as e:
+                raise e.renamed("--tau") from None
         if self.augment < 0:
             raise UserError(f"--augment must be 0 or more, got {self.augment}")
         if self.init not in ("mean", "text"):
@@ -95,11 +100,6 @@ class TrainConfig:
             raise UserError(f"--samples-per-epoch must be at least 1, got {self.samples_per_epoch}")
         if self.embeddings and (self.augment or self.unfreeze_last_block):
             raise UserError("--embeddings holds plain views only: --augment and --unfreeze-last-block need the photos (give --data)")
-
-
-def _load_cells(bundle: Any) -> GeoCells:
-    bundle.require("cells")
-    return GeoCells.load(bundle.part_path("cells"))
 
 
 def _backbone_for(bundle: Any, spec: str | None, device: str):
@@ -119,7 +119,7 @@ def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, 
     per cell; more (or 'all') = CLIP's prompt ensemble over that many of ZERO_SHOT_TEMPLATES."""
     chosen = choose_templates(templates)
     b = Bundle(bundle_dir)
-    cells = _load_cells(b)
+    cells = load_cells(b)
     bb = _backbone_for(b, backbone, device)
     protos = text_prototypes(bb, cells.gdf) if len(chosen) == 1 else text_prototypes(bb, cells.gdf, templates=chosen)
     head = PrototypeHead(protos, scale=zero_shot_scale(bb))
@@ -128,30 +128,21 @@ def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, 
 
 
 def place_groups(rows: pd.DataFrame, group_by: str) -> tuple[np.ndarray | None, str | None]:
-    """(place label per row, the column) for `--group-by`: "auto" takes `location_id` when the rows
-    have one, "none" turns grouping off; a row without a label is a place of its own."""
-    col = "location_id" if group_by == "auto" else group_by
-    if group_by in ("none", "") or (group_by == "auto" and col not in rows.columns):
+    """(place label per row, the column) for `--group-by` (`pigeon.places.group_column`: "auto" takes
+    `location_id` when the rows have one, "none" turns grouping off); a row without a label is a place
+    of its own, and a column without any label is no grouping."""
+    col = group_column(rows.columns, group_by, "the training data")
+    if col is None or missing_places(rows[col]).all():
         return None, None
-    if col not in rows.columns:
-        have = ", ".join(c for c in rows.columns if c not in ("pos",))
-        raise UserError(f"--group-by {col}: the photos have no such column (they have: {have}); name a column of the manifest or use --group-by none")
-    labels = rows[col].astype(str).to_numpy(dtype=object)
-    missing = missing_places(rows[col])
-    if missing.all():
-        return None, None
-    labels[missing] = np.array([f"<row {i}>" for i in np.flatnonzero(missing)], dtype=object)
-    return labels, col
+    return place_labels(rows[col]), col
 
 
 def _splits(split: np.ndarray, cfg: TrainConfig, groups: np.ndarray | None = None, column: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the train and val rows. Without val rows a seeded share of train becomes val, whole
     places at a time when `groups` labels the places; given splits must not cut a place in two."""
-    split = np.char.lower(np.asarray(split, dtype=str))
-    tr = np.flatnonzero(split == "train")
-    va = np.flatnonzero(split == "val")
-    if len(tr) == 0:
-        raise UserError("manifest has no rows with split 'train'; add a `split` column with train/val/test (or leave it out: all rows train)")
+    split = normalise_splits(split)
+    tr = rows_of(split, TRAIN, "the training data", flag=None)
+    va = np.flatnonzero(split == VAL)
     if groups is not None:
         _check_places(split, groups, column)
     if len(va) == 0:
@@ -220,7 +211,7 @@ class _Run:
         self.cfg = cfg
         self.data = str(cfg.embeddings or data)
         self.bundle = Bundle(bundle_dir)
-        self.cells = _load_cells(self.bundle)
+        self.cells = load_cells(self.bundle)
         self.source: Source | None = open_source(data, strict=cfg.strict) if data is not None and not cfg.embeddings else None
         if isinstance(self.source, ManifestSource):  # refuse a manifest without train rows (or cut places) before embedding it
             _splits(self.source.df["split"].to_numpy(), cfg, *place_groups(self.source.df, cfg.group_by))
@@ -458,7 +449,7 @@ class _Run:
     def choose_combine(self) -> dict[str, Any]:
         """How views of one place combine (COMBINE_MODES), chosen like the refinement mode: val places
         with two or more views answer once per mode (no gallery: the top cell's centre), the lowest
-        median km wins if it beats PIGEON's mean in SWITCH_CONFIDENCE of paired bootstrap resamples
+        median km wins if it beats PIGEON's mean beyond noise (`metrics.choose_on_validation`)
         (ties and noise go to mean). {} when val has no such place."""
         if self.groups is None or not len(self.va):
             return {}
@@ -475,21 +466,15 @@ class _Run:
         codes, labels = place_codes(self.groups[rows])
         plat, plon = place_truths(self.lat[rows], self.lon[rows], codes, len(labels))
         pred = Predictor(self.cells, self.head, self.bb)
-        median, within, km = {}, {}, {}
+        km = {}
         for mode in COMBINE_MODES:
-            p, _, _ = pred.predict_places(emb, self.groups[rows], combine=mode)
+            p = pred.predict_places(emb, self.groups[rows], combine=mode).arrays
             km[mode] = haversine_km(p["lat"], p["lon"], plat, plon)
-            median[mode], within[mode] = float(np.median(km[mode])), float(np.mean(km[mode] <= 25.0))
-        best = min(median.values())
-        self.combine_mode = next(m for m in COMBINE_MODES if median[m] <= best + 1e-9)
-        beats = {}
-        if self.combine_mode != "mean":  # as for the refinement mode: PIGEON's mean unless beaten beyond noise
-            beats[self.combine_mode] = median_wins(km[self.combine_mode], km["mean"], self.cfg.seed)
-            if beats[self.combine_mode] < SWITCH_CONFIDENCE:
-                self.combine_mode = "mean"
+        c = choose_on_validation(km, DEFAULT_COMBINE, COMBINE_MODES, self.cfg.seed)  # as the refinement mode: mean unless beaten beyond noise
+        self.combine_mode = c["choice"]
         return {"combine_mode": self.combine_mode, "combine_validation": {
             "places": int(len(labels)), "views": int(len(rows)), "group_by": self.group_column,
-            "median_km": median, "within_25km": within, "beats_mean_share": beats}}
+            "median_km": c["median_km"], "within_25km": c["within_25km"], "beats_mean_share": c["beats_default_share"]}}
 
     def write(self) -> None:
         """The tuned backbone (with `--unfreeze-last-block`) and the head, through the bundle."""

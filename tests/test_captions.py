@@ -6,6 +6,7 @@ import pytest
 
 from pigeon.captions import CaptionMaker, compass, load_templates, nearest_towns
 from pigeon.core.errors import UserError
+from pigeon.head import cell_captions
 
 ALL = dict(p_region=1, p_town=1, driving_side=1, facing=1, month=1, hemisphere=1, climate=1)
 
@@ -68,19 +69,17 @@ def test_probabilities_and_seed(cells):
 
 
 def test_cell_caption(cells):
-    m = CaptionMaker(cells)
+    """The zero-shot caption of a cell has one owner: `pigeon.head.cell_captions`."""
     tokyo = int(cells.cell_of([35.68], [139.69])[0])
-    assert m.cell_caption(tokyo) == "A photo taken in Tokyo, Japan."
-    assert len(m.cell_captions()) == len(cells)
-    with pytest.raises(UserError):
-        m.cell_caption(len(cells))
+    caps = cell_captions(cells.gdf)
+    assert caps[tokyo] == "A photo taken in Tokyo, Japan." and len(caps) == len(cells)
 
 
 def test_templates_are_data(cells, tmp_path):
     t = load_templates()
-    t["cell"] = "Somewhere in {region} ({country})."
-    m = CaptionMaker(cells, templates=t)
-    assert m.cell_caption(int(cells.cell_of([35.68], [139.69])[0])) == "Somewhere in Tokyo (Japan)."
+    t["base"]["region"] = "Somewhere in {region} ({country})."
+    m = CaptionMaker(cells, templates=t, probabilities={**{k: 0 for k in ALL}, "p_region": 1.0})
+    assert m.caption(35.68, 139.69) == "Somewhere in Tokyo (Japan)."
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="bad.json"):
         CaptionMaker(cells, templates=tmp_path / "bad.json")
@@ -117,7 +116,7 @@ def test_captions_use_the_cells_majority_labels():
     cells = build_cells(lat, lon, b, min_size=30, max_size=100, progress=False)
     assert len(cells) == 1
     m = CaptionMaker(cells, probabilities={**ALL, "p_town": 0})
-    assert m.cell_captions() == ["A photo taken in Canillo, Andorra."]
+    assert cell_captions(cells.gdf) == ["A photo taken in Canillo, Andorra."]
     caps = m.captions([0.5, 0.5], [0.5, 3.5])  # in Canillo and in Lleida (a minority country of the cell)
     assert all("region of Canillo in Andorra" in c and "right side of the road" in c for c in caps)
     assert not any("Spain" in c for c in caps)

@@ -21,7 +21,8 @@ from pigeon.datasets import open_source
 from pigeon.datasets.shards import write_webdataset
 from pigeon.embed import cached_embeddings, embed_source
 from pigeon.embeddings import EmbeddingStore, ShardFiles
-from pigeon.head import BatchTargets, smoothed_targets
+from pigeon.core.sphere import haversine_km
+from pigeon.head import BatchTargets
 
 from worlds import cli
 
@@ -168,13 +169,15 @@ def test_per_batch_targets_equal_the_dense_targets(world):
     lat, lon = rng.uniform(-60, 70, 500), rng.uniform(-180, 180, 500)
     centres = np.stack([rng.uniform(-60, 70, 40), rng.uniform(-180, 180, 40)], 1)
     cell = rng.integers(0, 40, 500)
-    dense = smoothed_targets(lat, lon, cell, centres, 65.0)             # the old N x C matrix
+    d = haversine_km(lat[:, None], lon[:, None], centres[None, :, 0], centres[None, :, 1])   # the old N x C matrix, by hand
+    w = np.exp(-(d - d[np.arange(500), cell][:, None]) / 65.0)
+    dense = w / w.sum(1, keepdims=True)
     rows = rng.choice(500, 64, replace=False)
     got = BatchTargets(lat, lon, cell, centres, 65.0)(rows)
     assert got.shape == (64, 40) and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), dense[rows], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.sum(1).numpy(), 1.0, rtol=1e-5)
-    with pytest.raises(UserError, match="--tau"):
+    with pytest.raises(UserError, match="tau 0.0"):
         BatchTargets(lat, lon, cell, centres, 0.0)
 
 

@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from pigeon.core.errors import UserError
-from pigeon.head import PrototypeHead, cell_captions, mean_prototypes, smoothed_targets
+from pigeon.head import BatchTargets, PrototypeHead, cell_captions, mean_prototypes
 
 CENTRES = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]])  # 111.195 km apart on the equator
+
+
+def smoothed_targets(lat, lon, cell, centres, tau_km):
+    """The soft targets of photos (lat, lon) with true cells `cell`: the head's one formula, `BatchTargets`."""
+    return BatchTargets(lat, lon, cell, centres, tau_km)(np.arange(len(lat))).numpy()
 
 
 def test_smoothing_hand_computed_at_true_centre():
@@ -32,7 +37,7 @@ def test_smoothing_tau_limits():
     flat = smoothed_targets(np.array([0.0]), np.array([0.0]), np.array([0]), CENTRES, tau_km=1e7)
     assert sharp[0, 0] == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(flat[0], 1 / 3, atol=1e-4)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="tau 0.0: label smoothing's distance scale must be a positive number of km"):
         smoothed_targets(np.array([0.0]), np.array([0.0]), np.array([0]), CENTRES, tau_km=0.0)
 
 

@@ -163,3 +163,27 @@ def test_cli_locate_and_errors(zs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--bundle", str(root / "bundle")])
     assert e.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+def test_served_probabilities_are_the_heads_own_maths(zs):
+    """One formula for the logits: the Predictor's probabilities are softmax(head(x, calibrated=True)),
+    also after the head changes in place (no stale copy of the prototypes is served)."""
+    import torch
+
+    root, _, _ = zs
+    pred = Predictor.from_bundle(root / "bundle")
+    x = np.random.default_rng(0).normal(size=(7, pred.head.embed_dim)).astype(np.float32)
+    with torch.no_grad():
+        pred.head.temperature.fill_(1.7)
+        pred.head.centre.add_(0.05)
+
+    def heads(x):
+        return torch.softmax(pred.head(torch.from_numpy(x), calibrated=True), dim=-1).detach().numpy()
+
+    want = heads(x)
+    np.testing.assert_allclose(pred.cell_probs(x), want, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        pred.head.prototypes.mul_(-1.0)   # as an optimizer step would, in place
+    after = heads(x)
+    assert not np.allclose(after, want, atol=1e-4)
+    np.testing.assert_allclose(pred.cell_probs(x), after, rtol=1e-6, atol=1e-9)

@@ -7,7 +7,7 @@ import pytest
 
 from api_support import encode, photo, tiny_predictor
 from pigeon.core.errors import UserError
-from pigeon.predictor import COMBINE_MODES, combine_place_probs, mean_view_embeddings, place_codes
+from pigeon.places import COMBINE_MODES, combine_place_probs, mean_view_embeddings, place_codes
 
 
 def test_mean_view_embeddings_is_renormalised_mean_of_unit_vectors():
@@ -66,7 +66,9 @@ def test_locate_place_combines_views():
 def test_predict_places_groups_views_vectorised():
     pred = tiny_predictor()
     emb = pred.embed([photo(seed=s) for s in range(5)])
-    p, labels, counts = pred.predict_places(emb, ["x", "y", "x", "y", "y"], combine="both")
+    pp = pred.predict_places(emb, ["x", "y", "x", "y", "y"], combine="both")
+    p, labels, counts = pp.arrays, pp.labels, pp.views
+    assert pp.combine == "both" and pp.codes.tolist() == [0, 1, 0, 1, 1]
     assert labels.tolist() == ["x", "y"] and counts.tolist() == [2, 3]
     alone = pred.locate_place(embeddings=emb[[1, 3, 4]], combine="both")
     assert float(p["lat"][1]) == pytest.approx(alone["lat"]) and float(p["confidence"][1]) == pytest.approx(alone["confidence"], rel=1e-5)
@@ -201,9 +203,11 @@ def test_cli_group_by_missing_place(photos, tmp_path, capsys):
 
     m = tmp_path / "m.csv"
     m.write_text(f"image,location_id\n{photos / 'v0.jpg'},a\n{photos / 'v1.png'},\n")
-    assert _cli(["locate", str(m), "--bundle", str(tiny_bundle()), "--group-by", "location_id"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "`location_id` is empty on line(s) 3" in err[0], err
+    # one policy (pigeon.places): a photo without a place label is a place of its own
+    from pigeon.commands.locate import locate_places
+
+    answers, failures = locate_places([m], tiny_bundle(), group_by="location_id")
+    assert not failures and [(a["place"], a["views"]) for a in answers] == [("<row 1>", 1), ("a", 1)]
     assert _cli(["locate", str(m), "--bundle", str(tiny_bundle()), "--group-by", "place"]) == 2
     assert "lacks column(s) place" in capsys.readouterr().err
 
@@ -227,8 +231,8 @@ def test_api_batch_place_on_some_entries(client):
     files = [("images", (f"{i}.png", png, "image/png")) for i in range(3)]
     r = client.post("/locate/batch", files=files, data={"place": ["a", "b"]})
     assert r.status_code == 422 and "`place` given for 2 of 3 images" in r.json()["detail"]
-    r = client.post("/locate/batch", files=files, data={"place": ["a", " ", "b"]})
-    assert r.status_code == 422 and "non-empty" in r.json()["detail"]
+    r = client.post("/locate/batch", files=files, data={"place": ["a", " ", "b"]})   # no label: a place of its own
+    assert r.status_code == 200 and [e["place"] for e in r.json()["results"]] == ["a", "<row 1>", "b"]
     # 16 images, each with a place: within the form's field limit
     files16 = [("images", (f"{i}.png", png, "image/png")) for i in range(16)]
     r = client.post("/locate/batch", files=files16, data={"place": [str(i % 4) for i in range(16)], "top_k": "1", "combine": "both"})
@@ -261,7 +265,8 @@ def test_evaluate_group_by_scores_places(world):
     from pigeon.core.sphere import haversine_km, spherical_mean
     pred = Predictor.from_bundle(bundle)
     emb = pred.embed([root / "world" / f for f in df["image"]])
-    p, labels, _ = pred.predict_places(emb, df["location_id"].to_numpy(), combine="product", top_k=1)
+    placed = pred.predict_places(emb, df["location_id"].to_numpy(), combine="product", top_k=1)
+    p, labels = placed.arrays, placed.labels
     truths = np.array([spherical_mean(g["lat"].to_numpy(), g["lon"].to_numpy()) for _, g in df.groupby("location_id")])
     km = haversine_km(p["lat"], p["lon"], truths[:, 0], truths[:, 1])
     assert pp["median_km"] == pytest.approx(float(np.median(km)), rel=1e-3)
@@ -289,8 +294,9 @@ def test_evaluate_group_by_bad_input(world):
         evaluate(bundle, manifest, split=None, cache_dir=str(root / "cache"), progress=False, plots=False, combine="mean")
     holes = manifest.parent / "holes.csv"
     df.assign(location_id=["L1", ""] + ["L2"] * (len(df) - 2)).to_csv(holes, index=False)
-    with pytest.raises(UserError, match="1 of the 60 rows scored have no location_id"):
-        evaluate(bundle, holes, split=None, cache_dir=str(root / "cache"), progress=False, plots=False, group_by="location_id")
+    # one policy (pigeon.places): the row without a place is a place of its own
+    m = evaluate(bundle, holes, split=None, cache_dir=str(root / "cache"), progress=False, plots=False, group_by="location_id")
+    assert (m["per_place"]["n_places"], m["per_place"]["views_per_place_max"]) == (3, 58)
 
 
 def test_recorded_combine_mode_is_the_default(tmp_path):
@@ -353,7 +359,7 @@ def test_place_groups_options():
     assert place_groups(rows, "none") == (None, None)
     assert place_groups(rows.drop(columns="location_id"), "auto") == (None, None)
     assert place_groups(rows, "site")[0].tolist() == ["x", "y", "y"]
-    with pytest.raises(UserError, match="--group-by place: the photos have no such column"):
+    with pytest.raises(UserError, match="--group-by place: the training data has no column .place."):
         place_groups(rows, "place")
 
 
@@ -411,7 +417,8 @@ def test_training_chooses_and_records_the_view_combination(grouped_training):
     sel = np.flatnonzero(rows["location_id"].isin(val_places).to_numpy())
     assert len(sel) == 24
     for mode in COMBINE_MODES:
-        p, labels, _ = pred.predict_places(store.take(sel), rows["location_id"].to_numpy()[sel], combine=mode)
+        placed = pred.predict_places(store.take(sel), rows["location_id"].to_numpy()[sel], combine=mode)
+        p, labels = placed.arrays, placed.labels
         # a place's three photos have their own truths here: the place's truth is their spherical mean
         truths = np.array([spherical_mean(g["lat"].to_numpy(), g["lon"].to_numpy()) for _, g in rows.iloc[sel].groupby("location_id")])
         km = haversine_km(p["lat"], p["lon"], truths[:, 0], truths[:, 1])

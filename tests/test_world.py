@@ -172,5 +172,5 @@ def test_train_zero_shot_takes_the_prompt_ensemble(tmp_path, tiny, capsys):
     want = text_prototypes(tiny, cells.gdf, templates=ZERO_SHOT_TEMPLATES)
     np.testing.assert_allclose(torch.nn.functional.normalize(head.prototypes.detach(), dim=-1).numpy(), want, atol=1e-5)
     assert cli(["train", "--bundle", str(path), "--zero-shot", "--templates", "nine"]) == 2
-    assert "--templates must be 'all' or a number" in capsys.readouterr().err
+    assert "--templates 'nine': give 'all' or a number from 1 to 8" in capsys.readouterr().err
     assert Bundle(path).meta("head")["templates"] == len(ZERO_SHOT_TEMPLATES)  # the refused call changed nothing

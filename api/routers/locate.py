@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
+from pigeon.places import place_labels
+
 from ..deps import ServiceDep, SettingsDep, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
 from ..schemas import BatchResponse, Location
@@ -38,7 +40,7 @@ BATCH_200 = ("One entry per uploaded file, in order: `{filename, result}` when i
              "`filename` is then null, and `place`/`filenames` are null on per-file entries.")
 BATCH_DESCRIPTION = ("Photos of different places, one batched forward pass. To send several views per place, give each `images` part a "
                      "`place` form field (the same count, in the same order: the n-th `place` labels the n-th image); images with the "
-                     "same label are one place. All parts have a place or none does (422 otherwise).")
+                     "same label are one place; an empty label is a place of its own. All parts have a `place` field or none does (422 otherwise).")
 
 
 def _check_top_k(top_k: int, settings: Settings) -> None:
@@ -105,12 +107,11 @@ async def locate_batch(
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:
-    """The `place` labels when every image has a non-empty one, None when none has; 422 otherwise."""
+    """The `place` labels when every image has a `place` field, None when none has; 422 otherwise. An
+    empty label is a place of its own (`<row N>`: the one policy of `pigeon.places`)."""
     if not place:
         return None
-    labels = [p.strip() for p in place]
-    if len(labels) != n_images or not all(labels):
-        given = sum(1 for p in labels if p)
-        raise ApiError(422, "validation_error", f"`place` given for {given} of {n_images} images; give every `images` part a non-empty "
+    if len(place) != n_images:
+        raise ApiError(422, "validation_error", f"`place` given for {len(place)} of {n_images} images; give every `images` part a "
                                                 f"`place` field (in the same order), or none")
-    return labels
+    return place_labels([p.strip() for p in place]).tolist()

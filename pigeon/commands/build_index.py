@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from pigeon.core.errors import UserError
+from pigeon.core.splits import GALLERY_SPLITS, parse as parse_splits
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device"),
         validate: Optional[bool] = typer.Option(None, "--validate/--no-validate",
                                                 help="answer the manifest's split == val rows (held out of the gallery) with each refinement mode and record the best; default: when there are any"),
-        splits: str = typer.Option("train", "--splits", help="rows that go into the gallery, by their `split` (missing: train): comma list, or 'all'; "
+        splits: str = typer.Option(",".join(GALLERY_SPLITS), "--splits", help="rows that go into the gallery, by their `split` (missing: train): comma list, or 'all'; "
                                                             "test rows stay out unless listed, val rows not listed choose the refinement mode"),
     ) -> None:
         """Embed a gallery of located photos and build the index that refines answers inside cells."""
@@ -39,9 +40,7 @@ def register(app: typer.Typer) -> None:
 
         if images is None and embeddings is None and remove_ids is None:
             raise UserError("`pigeon build-index` needs --images SOURCE or --embeddings FOLDER (to build or --append) or --remove-ids FILE")
-        wanted = None if splits.strip().lower() == "all" else [x.strip() for x in splits.split(",") if x.strip()]
-        if wanted == []:
-            raise UserError(f"--splits {splits!r}: give split names such as train or train,test, or all")
+        wanted = parse_splits(splits)
         if images is not None or embeddings is not None:
             rep = build_index(images, bundle, append=append, kind=kind, batch_size=batch_size, workers=workers, device=device,
                               validate=validate, embeddings=embeddings, cache_dir=str(cache_dir) if cache_dir else None,

@@ -14,9 +14,9 @@ import typer
 from pigeon.bundle import PART_FILES, Bundle
 from pigeon.core.errors import UserError
 from pigeon.core.io import atomic_path
+from pigeon.core.splits import CELL_SPLITS, describe as describe_splits, parse as parse_splits
 
 
-DEFAULT_SPLITS = ("train", "val")   # test rows never shape the cells unless asked for
 DEFAULT_MAX_REACH_KM = 500.0         # = pigeon.geocells.reach.DEFAULT_MAX_REACH_KM (not imported: shapely at start-up)
 _SCHEME_OR_PATTERN = re.compile(r"[{*?\[]|^[A-Za-z][A-Za-z0-9+.-]+:")   # a brace/glob pattern, a URL or pipe:
 
@@ -54,7 +54,7 @@ def _is_points_table(points: str) -> bool:
 
 
 def read_points(points: str | Path, lat_col: str | None = None, lon_col: str | None = None,
-                splits: Sequence[str] | None = DEFAULT_SPLITS):
+                splits: Sequence[str] | None = CELL_SPLITS):
     """The training points of `--points`: a points table through `load_points`, any other data source
     through `Source.coords()` (its bad samples skipped and counted); rows of other `splits` left out."""
     from pigeon.geocells import load_points
@@ -84,7 +84,7 @@ def build_cells_file(
     seed: int = 0,
     progress: bool = True,
     force: bool = False,
-    splits: Sequence[str] | None = DEFAULT_SPLITS,
+    splits: Sequence[str] | None = CELL_SPLITS,
     max_reach_km: float | None = DEFAULT_MAX_REACH_KM,
 ) -> dict:
     """Read points (a points table or any data source; only rows of `splits`, None: all), build cells,
@@ -107,7 +107,7 @@ def build_cells_file(
     cells = build_cells(pts.lat, pts.lon, b, min_size=min_size, max_size=max_size, seed=seed, progress=progress, max_reach_km=max_reach_km)
     meta = {"points_file": str(points), "points": int(len(pts)), "boundaries": str(boundaries), "min_size": int(min_size),
             "max_size": int(max_size), "seed": int(seed), "content_hash": cells.hash,
-            "splits": list(splits) if splits else "all", "left_out_rows": int(pts.left_out),
+            "splits": describe_splits(parse_splits(splits)), "left_out_rows": int(pts.left_out),
             "max_reach_km": cells.max_reach_km}
     _write_cells(cells, out, meta, geojson)
     if plot:
@@ -194,18 +194,15 @@ def register(app: typer.Typer) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a map of the cells and points (PNG)."),
         geojson: Optional[Path] = typer.Option(None, "--geojson", help="Also export the cells as GeoJSON."),
         seed: int = typer.Option(0, "--seed", help="Seed for OPTICS subsampling of very large cells."),
-        splits: str = typer.Option(",".join(DEFAULT_SPLITS), "--splits", help="Rows to build on, by their `split` column/field (missing: train); 'all' for every row."),
+        splits: str = typer.Option(",".join(CELL_SPLITS), "--splits", help="Rows to build on, by their `split` column/field (missing: train); 'all' for every row."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; only the JSON summary."),
         force: bool = typer.Option(False, "--force", help="Replace the cells of a bundle that already has a head or index built on them (they must then be rebuilt)."),
         max_reach_km: float = typer.Option(DEFAULT_MAX_REACH_KM, "--max-reach-km", help="Land farther than this (km) from every point belongs to no cell; inf: cells tile all land."),
     ) -> None:
         """Build geocells: admin regions with photos, small ones merged, big ones split by OPTICS + Voronoi."""
         columns = {k: v for k, v in {"adm0_a3": country_col, "country": country_name_col, "admin1": admin1_col, "admin2": admin2_col}.items() if v}
-        wanted = None if splits.strip().lower() == "all" else [x.strip() for x in splits.split(",") if x.strip()]
-        if wanted == []:
-            raise UserError(f"--splits {splits!r}: give split names such as train,val, or all")
         s = build_cells_file(points, out, boundaries, min_size, max_size, lat_col, lon_col, columns, plot, geojson, seed,
-                             progress=not quiet, force=force, splits=wanted, max_reach_km=max_reach_km)
+                             progress=not quiet, force=force, splits=parse_splits(splits), max_reach_km=max_reach_km)
         if not quiet:
             print(
                 f"{s['cells']} cells from {s['points']:,} points ({s['skipped_rows']} rows skipped, {s['at_sea']} at sea -> nearest land) "

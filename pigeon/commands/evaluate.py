@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
             km = [float(x) for x in thresholds.split(",") if x.strip()]
         except ValueError:
             raise UserError(f"--thresholds {thresholds!r}: give distances in km separated by commas, e.g. 1,25,50,200,750,2500") from None
-        m = evaluate(bundle, data, split=None if split == "all" else split, out=out,
+        m = evaluate(bundle, data, split=split, out=out,
                      cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers,
                      refine=refine, max_refinement_km=max_refinement_km, temperature=temperature, thresholds=km,
                      allow_gallery_overlap=allow_gallery_overlap, group_by=group_by, combine=combine)

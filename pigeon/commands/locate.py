@@ -61,7 +61,8 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
 
     from pigeon.core.io import check_writable
     from pigeon.index import RefineConfig
-    from pigeon.predictor import Predictor, check_combine
+    from pigeon.places import check_combine
+    from pigeon.predictor import Predictor
 
     _check_options(out, top_k, batch_size)
     if combine is not None:
@@ -78,10 +79,9 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     emb, kept = _embed_views(pred, files, batch_size, failures, strict)
     if len(kept) == 0:
         return [], failures
-    p, labels, counts = pred.predict_places(emb, np.asarray(groups, dtype=object)[kept], combine=combine, top_k=top_k)
-    answers = pred.format(p, top_k=top_k)
-    for a, label, n in zip(answers, labels, counts):
-        a.update(image=str(label), place=str(label), views=int(n), combine=combine or pred.combine)
+    answers = pred.format_places(pred.predict_places(emb, np.asarray(groups, dtype=object)[kept], combine=combine, top_k=top_k), top_k=top_k)
+    for a in answers:
+        a["image"] = a["place"]
     if out is not None and answers:
         _write_answers(answers, out)
     return answers, failures
@@ -108,11 +108,11 @@ def _one_place_files(inputs: list[Path]) -> list[Path]:
 
 def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[str]]:
     """(image files, place label per image) from one manifest (CSV or Parquet: columns image and `column`;
-    relative image paths are taken from the manifest's folder). Rows without a place are refused by number."""
-    import numpy as np
+    relative image paths are taken from the manifest's folder). A row without a place is a place of its
+    own (`pigeon.places`)."""
     import pandas as pd
 
-    from pigeon.predictor import missing_places
+    from pigeon.places import place_labels
 
     if len(inputs) != 1 or inputs[0].suffix.lower() not in (".csv", ".parquet") or not inputs[0].is_file():
         raise UserError(f"--group-by {column} reads a manifest: give one existing .csv or .parquet file with columns image and {column} "
@@ -123,13 +123,9 @@ def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[
     if missing:
         raise UserError(f"manifest {path} lacks column(s) {', '.join(missing)} (it has {', '.join(map(str, df.columns[:8]))}); "
                         f"add them or give --group-by another column")
-    empty = missing_places(df[column])
-    if empty.any():
-        rows = ", ".join(map(str, np.flatnonzero(empty)[:10] + 2))  # line numbers as a spreadsheet shows them (header = 1)
-        raise UserError(f"manifest {path}: `{column}` is empty on line(s) {rows}; give every row its place, or drop those rows")
     root = path.resolve().parent
     files = [Path(f) if Path(f).is_absolute() else root / f for f in df["image"].astype(str)]
-    return files, df[column].astype(str).tolist()
+    return files, place_labels(df[column]).tolist()
 
 
 def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict], strict: bool) -> tuple["np.ndarray", "np.ndarray"]:

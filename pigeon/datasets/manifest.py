@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import UserError
+from ..core.splits import TRAIN, normalise as normalise_splits
 
 REQUIRED = ("image", "lat", "lon")
 
@@ -76,10 +77,7 @@ def read_manifest(path: str | os.PathLike, strict: bool = False) -> pd.DataFrame
         df["heading"] = pd.to_numeric(df["heading"], errors="coerce").astype(np.float64) % 360.0
     else:
         df["heading"] = np.nan
-    if "split" in df.columns:
-        df["split"] = df["split"].fillna("train").astype(str)
-    else:
-        df["split"] = "train"
+    df["split"] = normalise_splits(df["split"]) if "split" in df.columns else TRAIN
     if strict:
         exists = np.array([os.path.isfile(p) for p in df["path"]])
         if not exists.all():

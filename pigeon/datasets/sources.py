@@ -46,6 +46,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..core.errors import UserError
+from ..core.splits import TRAIN, normalise as normalise_splits, normalise_one as normalise_split
 from .images import load_image
 from .manifest import read_manifest
 
@@ -384,7 +385,7 @@ class WebDatasetSource(Source):
             self.skip(reason, where)
             return None
         extra = _clean_meta({k: meta.get(k) for k in META_COLUMNS if k != "split"})
-        return lat, lon, str(meta.get("split") or "train"), extra
+        return lat, lon, normalise_split(meta.get("split")), extra
 
     def records(self, shard: int) -> Iterator[Record]:
         for sample in self._groups(shard, None):
@@ -628,7 +629,7 @@ class ParquetSource(Source):
         with `with_image`, each row's image."""
         lat = pd.to_numeric(batch.column(lay.lat).to_pandas(), errors="coerce").to_numpy(np.float64)
         lon = pd.to_numeric(batch.column(lay.lon).to_pandas(), errors="coerce").to_numpy(np.float64)
-        split = batch.column(lay.split).cast(pa.string()).to_pandas().fillna("train").to_numpy(object) if lay.split else "train"
+        split = normalise_splits(batch.column(lay.split).cast(pa.string()).to_pandas()) if lay.split else TRAIN
         frame = pd.DataFrame({"key": self._keys(shard, lay, batch, row0), "lat": lat, "lon": lon, "split": split,
                               **{c: batch.column(c).to_pandas() for c in lay.meta}})
         reasons = _coord_reasons(lat, lon)

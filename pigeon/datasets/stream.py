@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core.errors import UserError
+from ..core.splits import normalise_one as normalise_split, parse as parse_splits
 from .sources import Record, Source, decode_image
 
 UNREADABLE_IMAGE = "unreadable image"    # skip reasons added to the source's own (see docs/data.md)
@@ -152,8 +153,13 @@ class ShardStream(IterableDataset):
                  start: int = 0, rank: int = 0, world: int = 1, split: str | None = "train", buffer_size: int = 2000):
         self.source, self.transform, self.batch_size = source, transform, int(batch_size)
         self.seed, self.epoch, self.start = int(seed), int(epoch), int(start)
-        self.rank, self.world, self.split, self.buffer_size = int(rank), int(world), split, int(buffer_size)
+        self.rank, self.world, self.buffer_size = int(rank), int(world), int(buffer_size)
+        self.splits = parse_splits(split, "--split")   # None: every sample
         self.order = epoch_order(len(source.shards), self.seed, self.epoch)
+
+    def _wanted(self, rec: Record) -> bool:
+        """Whether the sample is of the splits read (`pigeon.core.splits`)."""
+        return self.splits is None or normalise_split(rec.split) in self.splits
 
     def _image(self, shard: int, index: int, rec: Record) -> torch.Tensor:
         """Decoded and transformed; the random view seeded by (seed, epoch, shard, index), whoever decodes it."""
@@ -169,7 +175,7 @@ class ShardStream(IterableDataset):
         before = Counter(self.source.skipped)
         try:
             for index, rec, last in _with_last(self.source.records(shard)):
-                if not self.split or rec.split == self.split or last:
+                if last or self._wanted(rec):
                     yield index, rec, last
         except UserError as e:
             if self.source.strict:
@@ -182,7 +188,7 @@ class ShardStream(IterableDataset):
     def _emit(self, item: tuple[int, int, Record], out: _Filling) -> Iterator[StreamBatch]:
         """Decode one sample into the filling batch (or count it as unreadable); hand the batch over when full."""
         pos, index, rec = item
-        if self.split and rec.split != self.split:   # a shard's last record, kept only to close the shard
+        if not self._wanted(rec):   # a shard's last record, kept only to close the shard
             return
         shard = int(self.order[pos])
         try:
