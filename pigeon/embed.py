@@ -28,6 +28,7 @@ from .backbones import backbone_from_bundle, create_backbone
 from .bundle import Bundle
 from .core.errors import UserError
 from .core.io import pause_point
+from .datasets.fields import FIELDS, normalize_fields
 from .datasets.sources import Record, Source, decode_image
 from .distributed import Dist, all_ok, barrier, setup_distributed, teardown
 from .embeddings import OPTIONAL_COLUMNS, EmbeddingStore, ShardFiles, read_header, write_header
@@ -120,19 +121,18 @@ class _Pending:
 
 
 def _rows_frame(pos: np.ndarray, records: list[Record]) -> pd.DataFrame:
-    """The Parquet rows of a shard: pos, key, lat, lon, split, and the optional fields present."""
+    """The Parquet rows of a shard: pos, key, lat, lon, split, and the optional fields present
+    (taken_at, heading under the rule of `pigeon.datasets.fields`)."""
     df = pd.DataFrame({"pos": pos.astype(np.int64), "key": [r.key for r in records],
                        "lat": np.array([r.lat for r in records], np.float64), "lon": np.array([r.lon for r in records], np.float64),
                        "split": [r.split for r in records]})
     for c in OPTIONAL_COLUMNS:
         vals = [r.meta.get(c) for r in records]
         if any(v is not None for v in vals):
-            df[c] = pd.Series(vals, dtype=object if c in ("location_id",) else None)
+            df[c] = pd.Series(vals, dtype=object if c in ("location_id", *FIELDS) else None)
     if "location_id" in df.columns:
         df["location_id"] = df["location_id"].astype(str)
-    if "taken_at" in df.columns:
-        df["taken_at"] = pd.to_datetime(df["taken_at"], errors="coerce", utc=True).dt.tz_localize(None)
-    return df
+    return normalize_fields(df)
 
 
 @dataclass

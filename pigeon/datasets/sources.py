@@ -46,6 +46,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..core.errors import UserError
+from .fields import normalize_fields
 from .images import load_image
 from .manifest import read_manifest
 
@@ -61,7 +62,8 @@ class Record:
     lon: float
     data: bytes | str
     split: str = "train"
-    meta: dict[str, Any] = field(default_factory=dict)   # taken_at, heading, location_id, id when known
+    meta: dict[str, Any] = field(default_factory=dict)   # taken_at, heading, location_id, id when known, as the
+                                                         # source gives them (columns of them: pigeon.datasets.fields)
 
 
 def decode_image(data: bytes | str, name: str = "image") -> Image.Image:
@@ -93,12 +95,13 @@ class Source(ABC):
         """Changes whenever shard `shard`'s content may have changed (resume refuses a changed shard)."""
 
     def coords(self) -> pd.DataFrame:
-        """key, lat, lon, split (+ meta columns) of every sample, shard by shard (`build-cells` input)."""
+        """key, lat, lon, split (+ meta columns; taken_at/heading under the rule of `fields`) of every
+        sample, shard by shard (`build-cells` input)."""
         rows = [dict(key=r.key, lat=r.lat, lon=r.lon, split=r.split, **r.meta)
                 for i in range(len(self.shards)) for r in self.records(i)]
         if not rows:
             raise UserError(f"data source {self.spec} holds no usable sample; check it (skipped: {dict(self.skipped)})")
-        return pd.DataFrame(rows)
+        return normalize_fields(pd.DataFrame(rows))
 
     def skip(self, reason: str, where: str) -> None:
         """Count a bad sample, or refuse it by name when strict."""
@@ -235,17 +238,11 @@ def _has_magic(name: str) -> bool:
 
 
 def _finish_coords(frames: list[pd.DataFrame], source: Source) -> pd.DataFrame:
-    """One coords frame from per-shard pieces, with taken_at/heading parsed as read_manifest parses them."""
+    """One coords frame from per-shard pieces, taken_at/heading under the rule of `fields` (as read_manifest's)."""
     frames = [f for f in frames if len(f)]
     if not frames:
         raise UserError(f"data source {source.spec} holds no usable sample; check it (skipped: {dict(source.skipped)})")
-    df = pd.concat(frames, ignore_index=True)
-    if "taken_at" in df.columns:
-        raw = df["taken_at"]
-        t = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed") if raw.dtype == object else pd.to_datetime(raw, errors="coerce", utc=True)
-        df["taken_at"] = t.dt.tz_localize(None)
-    if "heading" in df.columns:
-        df["heading"] = pd.to_numeric(df["heading"], errors="coerce").astype(np.float64) % 360.0
+    df = normalize_fields(pd.concat(frames, ignore_index=True))
     return df[["key", "lat", "lon", "split"] + [c for c in META_COLUMNS if c in df.columns and c != "split"]]
 
 
