@@ -29,7 +29,9 @@ from .bundle import Bundle
 from .core.errors import UserError
 from .core.splits import normalise as normalise_splits
 from .core.io import pause_point
-from .datasets.sources import Record, Source, decode_image
+from .datasets.fields import FIELDS, normalize_fields
+from .datasets.images import load_image
+from .datasets.sources import Record, Source
 from .distributed import Dist, all_ok, barrier, setup_distributed, teardown
 from .embeddings import OPTIONAL_COLUMNS, EmbeddingStore, ShardFiles, read_header, write_header
 
@@ -64,7 +66,7 @@ class _ShardStream(IterableDataset):
         self.batch_size, self.seed = int(batch_size), seed
 
     def _image(self, shard: int, pos: int, rec: Record) -> torch.Tensor:
-        im = decode_image(rec.data, name=f"{self.source.spec} shard {self.source.shards[shard]} sample {rec.key}")
+        im = load_image(rec.data, name=f"{self.source.spec} shard {self.source.shards[shard]} sample {rec.key}")
         if self.seed is None:
             return self.transform(im)
         with torch.random.fork_rng(devices=[]):  # a random view, the same whoever decodes it
@@ -121,19 +123,18 @@ class _Pending:
 
 
 def _rows_frame(pos: np.ndarray, records: list[Record]) -> pd.DataFrame:
-    """The Parquet rows of a shard: pos, key, lat, lon, split, and the optional fields present."""
+    """The Parquet rows of a shard: pos, key, lat, lon, split, and the optional fields present
+    (taken_at, heading under the rule of `pigeon.datasets.fields`)."""
     df = pd.DataFrame({"pos": pos.astype(np.int64), "key": [r.key for r in records],
                        "lat": np.array([r.lat for r in records], np.float64), "lon": np.array([r.lon for r in records], np.float64),
                        "split": normalise_splits([r.split for r in records])})
     for c in OPTIONAL_COLUMNS:
         vals = [r.meta.get(c) for r in records]
         if any(v is not None for v in vals):
-            df[c] = pd.Series(vals, dtype=object if c in ("location_id",) else None)
+            df[c] = pd.Series(vals, dtype=object if c in ("location_id", *FIELDS) else None)
     if "location_id" in df.columns:
         df["location_id"] = df["location_id"].astype(str)
-    if "taken_at" in df.columns:
-        df["taken_at"] = pd.to_datetime(df["taken_at"], errors="coerce", utc=True).dt.tz_localize(None)
-    return df
+    return normalize_fields(df)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from .backbones import Backbone, create_backbone, parse_spec
 from .bundle import Bundle
 from .captions import CaptionMaker
 from .core.errors import UserError
-from .core.splits import TRAIN, normalise_one as normalise_split, select as select_splits
+from .core.splits import TRAIN, select as select_splits
 from .distributed import Dist as _Dist
 from .distributed import all_ok
 from .distributed import barrier as _barrier

@@ -38,7 +38,8 @@ from .calibration import calibrate_radii, cell_spread_km, ece, fit_temperature, 
 from .core.errors import FieldError, UserError
 from .core.splits import TRAIN, VAL, normalise as normalise_splits, rows_of
 from .datasets import EpochSampler, build_train_transform, rare_cell_weights
-from .datasets.sources import ManifestSource, Source, decode_image, open_source
+from .datasets.images import load_image
+from .datasets.sources import ManifestSource, Source, open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
 from .head import (BatchTargets, PrototypeHead, auto_tau_km, check_tau_km, choose_templates, mean_prototypes, text_prototypes, write_head,
@@ -339,7 +340,7 @@ class _Run:
         """Embeddings of training examples: gathered from the views' maps, or a forward through the unfrozen block."""
         rows = self.example_rows(examples)
         if self.cfg.unfreeze_last_block:
-            x = torch.stack([self.img_tf(decode_image(p)) for p in self.paths[rows]])
+            x = torch.stack([self.img_tf(load_image(p)) for p in self.paths[rows]])
             return self.bb.encode_image(x, normalize=True)
         view = np.asarray(examples, np.int64) // len(self.tr)
         out = np.empty((len(rows), self.bb.embed_dim), np.float32)
@@ -355,7 +356,7 @@ class _Run:
             for s in range(0, len(rows), size):
                 r = rows[s:s + size]
                 if self.cfg.unfreeze_last_block:
-                    ims = [self.bb.preprocess(decode_image(p)) for p in self.paths[r]]
+                    ims = [self.bb.preprocess(load_image(p)) for p in self.paths[r]]
                     E = self.bb.encode_image(torch.stack(ims), normalize=True) if ims else torch.zeros(0, self.bb.embed_dim)
                 else:
                     E = torch.from_numpy(self.stores[0].take(r))

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pigeon.core.errors import UserError
-from pigeon.datasets import Record, Source, decode_image, open_source
+from pigeon.datasets import Record, Source, load_image, open_source
 from pigeon.datasets.manifest import read_manifest
 from pigeon.datasets.shards import write_image_parquet, write_webdataset
 from pigeon.datasets.sources import ManifestSource, ParquetSource, WebDatasetSource
@@ -45,7 +45,7 @@ def _rows(src: Source, stem_keys: bool = False) -> dict[str, tuple]:
         for r in src.records(i):
             assert isinstance(r, Record) and isinstance(r.data, (bytes, str))
             key = Path(r.key).stem if stem_keys else r.key
-            out[key] = (r.lat, r.lon, r.split, np.asarray(decode_image(r.data, r.key)))
+            out[key] = (r.lat, r.lon, r.split, np.asarray(load_image(r.data, r.key)))
     return out
 
 
@@ -209,9 +209,9 @@ def test_webdataset_bad_samples_are_skipped_and_counted(bad_tar):
     assert src.skipped == SKIPPED
     assert (recs["a0"].lat, recs["a0"].lon, recs["a0"].split, recs["a0"].meta) == (10.0, 20.0, "val", {"location_id": "L1"})
     assert (recs["a7"].lat, recs["a7"].lon, recs["a9"].lat, recs["a9"].lon) == (1.5, 2.5, 12.5, -3.0)
-    decode_image(recs["a0"].data, "a0")
+    load_image(recs["a0"].data, "a0")
     with pytest.raises(UserError, match="a7 is unreadable"):     # a non-image member: the caller's decode refuses it
-        decode_image(recs["a7"].data, "a7")
+        load_image(recs["a7"].data, "a7")
     fresh = open_source(bad_tar)
     c = fresh.coords()
     assert sorted(c["key"]) == ["a0", "a7", "a9"] and fresh.skipped == SKIPPED
@@ -290,7 +290,7 @@ def test_parquet_bad_rows_are_skipped_and_counted(world):
     assert isinstance(src, ParquetSource)
     recs = {r.key: r for r in src.records(0)}
     assert sorted(recs) == ["r0", "r4"] and recs["r4"].data == str(path.parent / "images/000003.jpg")
-    assert np.array_equal(np.asarray(decode_image(recs["r4"].data)), np.asarray(decode_image(world["df"]["path"][3])))
+    assert np.array_equal(np.asarray(load_image(recs["r4"].data)), np.asarray(load_image(world["df"]["path"][3])))
     assert src.skipped == Counter({"missing coordinates": 1, "coordinates out of range": 1, "no image": 1})
     fresh = open_source(path)
     assert sorted(fresh.coords()["key"]) == ["r0", "r4"] and fresh.skipped == src.skipped

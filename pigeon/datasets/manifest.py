@@ -1,8 +1,8 @@
 """Dataset manifests: a CSV or Parquet table of photos with their coordinates.
 
 Columns: `image` (path relative to the manifest's folder, or absolute), `lat`, `lon`, and optional
-`taken_at` (any date/time pandas parses), `heading` (degrees clockwise from north), `split`
-('train' when absent). Other columns are kept as they are.
+`taken_at` (date/time), `heading` (degrees clockwise from north), both read by the rule of
+`pigeon.datasets.fields`, and `split` ('train' when absent). Other columns are kept as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..core.errors import UserError
 from ..core.splits import TRAIN, normalise as normalise_splits
+from .fields import normalize_fields, unparsed_taken_at
 
 REQUIRED = ("image", "lat", "lon")
 
@@ -38,9 +39,10 @@ def _bad_rows(mask: np.ndarray) -> str:
 
 def read_manifest(path: str | os.PathLike, strict: bool = False) -> pd.DataFrame:
     """Read and check a manifest. Returns columns image (as given), path (absolute), lat, lon,
-    taken_at (datetime64, NaT when absent), heading (float, NaN when absent), split (str), plus any
-    others. `strict`: every image file must exist (otherwise missing files are left for the loader
-    to skip and count)."""
+    taken_at (datetime64[ns] naive UTC, NaT when absent or unparseable), heading (float in [0, 360),
+    NaN when absent) as `pigeon.datasets.fields` reads them, split (str), plus any others. `strict`:
+    every image file must exist (otherwise missing files are left for the loader to skip and count)
+    and a non-empty taken_at that is not a date/time is refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist; give a CSV or Parquet file with columns image, lat, lon")
@@ -64,19 +66,12 @@ def read_manifest(path: str | os.PathLike, strict: bool = False) -> pd.DataFrame
     root = path.resolve().parent
     df["image"] = img.astype(str)
     df["path"] = [str(p if os.path.isabs(p) else root / p) for p in df["image"]]
-    if "taken_at" in df.columns:
-        raw = df["taken_at"]
-        t = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed") if raw.dtype == object else pd.to_datetime(raw, errors="coerce", utc=True)
-        df["taken_at"] = t.dt.tz_localize(None)
-        unparsed = t.isna().to_numpy() & raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
-        if unparsed.any() and strict:
+    raw_times = df["taken_at"].copy() if "taken_at" in df.columns else None
+    normalize_fields(df, add_missing=True)
+    if strict and raw_times is not None:
+        unparsed = unparsed_taken_at(raw_times, df["taken_at"])
+        if unparsed.any():
             raise UserError(f"manifest {path}: `taken_at` in rows {_bad_rows(unparsed)} is not a date/time; use ISO 8601 (2024-03-15T10:00:00)")
-    else:
-        df["taken_at"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
-    if "heading" in df.columns:
-        df["heading"] = pd.to_numeric(df["heading"], errors="coerce").astype(np.float64) % 360.0
-    else:
-        df["heading"] = np.nan
     df["split"] = normalise_splits(df["split"]) if "split" in df.columns else TRAIN
     if strict:
         exists = np.array([os.path.isfile(p) for p in df["path"]])

@@ -11,7 +11,7 @@ list of `shards` (stable names, fixed order); `records(i)` streams shard i's sam
 (bytes or a file path), so nothing holds the data set in memory and decoding happens wherever the
 caller wants it (DataLoader workers). A sample with missing/out-of-range coordinates or no image is
 skipped and counted in `skipped` by reason (a `UserError` naming it with `strict=True`); an image
-that does not decode is the caller's to catch (`decode_image` raises a UserError naming it).
+that does not decode is the caller's to catch (`load_image` raises a UserError naming it).
 Coordinates are found under lat/latitude and lon/lng/long/longitude (case ignored) unless named.
 
 `open_source(spec)` picks the reader from what `spec` is (docs/data.md).
@@ -40,14 +40,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
-from PIL import Image
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..core.errors import UserError
 from ..core.splits import TRAIN, normalise as normalise_splits, normalise_one as normalise_split
-from .images import load_image
+from .fields import normalize_fields
 from .manifest import read_manifest
 
 META_COLUMNS = ("split", "taken_at", "heading", "location_id", "id")  # optional per-sample fields kept in `meta`
@@ -62,12 +61,8 @@ class Record:
     lon: float
     data: bytes | str
     split: str = "train"
-    meta: dict[str, Any] = field(default_factory=dict)   # taken_at, heading, location_id, id when known
-
-
-def decode_image(data: bytes | str, name: str = "image") -> Image.Image:
-    """RGB PIL image with EXIF orientation applied, from bytes or a file path (`load_image`); UserError naming `name`."""
-    return load_image(data, name=name)
+    meta: dict[str, Any] = field(default_factory=dict)   # taken_at, heading, location_id, id when known, as the
+                                                         # source gives them (columns of them: pigeon.datasets.fields)
 
 
 class Source(ABC):
@@ -94,12 +89,13 @@ class Source(ABC):
         """Changes whenever shard `shard`'s content may have changed (resume refuses a changed shard)."""
 
     def coords(self) -> pd.DataFrame:
-        """key, lat, lon, split (+ meta columns) of every sample, shard by shard (`build-cells` input)."""
+        """key, lat, lon, split (+ meta columns; taken_at/heading under the rule of `fields`) of every
+        sample, shard by shard (`build-cells` input)."""
         rows = [dict(key=r.key, lat=r.lat, lon=r.lon, split=r.split, **r.meta)
                 for i in range(len(self.shards)) for r in self.records(i)]
         if not rows:
             raise UserError(f"data source {self.spec} holds no usable sample; check it (skipped: {dict(self.skipped)})")
-        return pd.DataFrame(rows)
+        return normalize_fields(pd.DataFrame(rows))
 
     def skip(self, reason: str, where: str) -> None:
         """Count a bad sample, or refuse it by name when strict."""
@@ -236,17 +232,11 @@ def _has_magic(name: str) -> bool:
 
 
 def _finish_coords(frames: list[pd.DataFrame], source: Source) -> pd.DataFrame:
-    """One coords frame from per-shard pieces, with taken_at/heading parsed as read_manifest parses them."""
+    """One coords frame from per-shard pieces, taken_at/heading under the rule of `fields` (as read_manifest's)."""
     frames = [f for f in frames if len(f)]
     if not frames:
         raise UserError(f"data source {source.spec} holds no usable sample; check it (skipped: {dict(source.skipped)})")
-    df = pd.concat(frames, ignore_index=True)
-    if "taken_at" in df.columns:
-        raw = df["taken_at"]
-        t = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed") if raw.dtype == object else pd.to_datetime(raw, errors="coerce", utc=True)
-        df["taken_at"] = t.dt.tz_localize(None)
-    if "heading" in df.columns:
-        df["heading"] = pd.to_numeric(df["heading"], errors="coerce").astype(np.float64) % 360.0
+    df = normalize_fields(pd.concat(frames, ignore_index=True))
     return df[["key", "lat", "lon", "split"] + [c for c in META_COLUMNS if c in df.columns and c != "split"]]
 
 
@@ -763,4 +753,4 @@ def open_source(spec: str | os.PathLike | list | tuple, *, strict: bool = False,
 
 
 __all__ = ["Record", "Source", "ManifestSource", "WebDatasetSource", "ParquetSource", "open_source", "detect_kind",
-           "decode_image", "META_COLUMNS", "IMAGE_EXTS", "LAT_NAMES", "LON_NAMES"]
+           "META_COLUMNS", "IMAGE_EXTS", "LAT_NAMES", "LON_NAMES"]

@@ -7,7 +7,7 @@ draw a global permutation over them as it does over a manifest. Instead, per epo
 - rank r of W takes the epoch's shard positions r, r+W, ...; DataLoader worker w of N takes every
   N-th of those (`positions_for`); a resumed epoch starts at position `start`;
 - each worker passes its records through a seeded shuffle buffer (`ShuffleBuffer`, a few thousand
-  undecoded samples), then decodes and transforms them (`decode_image`) and hands over whole
+  undecoded samples), then decodes and transforms them (`load_image`) and hands over whole
   batches (`StreamBatch`); samples that do not decode are skipped and counted, and so are a shard
   that breaks off (non-strict) and the source's own skips (missing coordinates, ...);
 - each batch lists the epoch positions *drained* with it: shards all of whose samples have left
@@ -25,16 +25,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core.errors import UserError
 from ..core.splits import normalise_one as normalise_split, parse as parse_splits
-from .sources import Record, Source, decode_image
+from .fields import parse_heading, parse_taken_at
+from .images import load_image
+from .sources import Record, Source
 
 UNREADABLE_IMAGE = "unreadable image"    # skip reasons added to the source's own (see docs/data.md)
 BROKEN_SHARD = "unreadable shard (rest of it)"
@@ -50,14 +51,6 @@ def positions_for(n_shards: int, start: int, rank: int, world: int, worker: int,
     world-th), then every workers-th of those."""
     pos = np.arange(int(start), int(n_shards))
     return pos[pos % world == rank][worker::workers].tolist()
-
-
-def parse_times(values: Iterable[Any]) -> np.ndarray:
-    """taken_at values (ISO text, timestamps, None) as datetime64[ns], NaT where unknown; parsed as
-    `read_manifest` parses a manifest's column (UTC, then naive)."""
-    raw = pd.Series(list(values), dtype=object)
-    t = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed")
-    return t.dt.tz_localize(None).to_numpy("datetime64[ns]")
 
 
 def _with_last(items: Iterator[Record]) -> Iterator[tuple[int, Record, bool]]:
@@ -138,8 +131,8 @@ class _Filling:
         b = StreamBatch(
             images=torch.stack(self.tensors) if self.tensors else None, keys=[r.key for r in recs],
             lat=np.array([r.lat for r in recs], np.float64), lon=np.array([r.lon for r in recs], np.float64),
-            taken_at=parse_times(r.meta.get("taken_at") for r in recs),
-            heading=pd.to_numeric(pd.Series([r.meta.get("heading") for r in recs], dtype=object), errors="coerce").to_numpy(np.float64) % 360.0,
+            taken_at=parse_taken_at([r.meta.get("taken_at") for r in recs]).to_numpy("datetime64[ns]"),
+            heading=parse_heading([r.meta.get("heading") for r in recs]).to_numpy(np.float64),
             drained=self.drained, skipped=self.skipped, bad=self.bad)
         self.__init__()
         return b
@@ -163,7 +156,7 @@ class ShardStream(IterableDataset):
 
     def _image(self, shard: int, index: int, rec: Record) -> torch.Tensor:
         """Decoded and transformed; the random view seeded by (seed, epoch, shard, index), whoever decodes it."""
-        im = decode_image(rec.data, name=f"{self.source.shards[shard]} sample {rec.key}")
+        im = load_image(rec.data, name=f"{self.source.shards[shard]} sample {rec.key}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, shard, index]).generate_state(1)[0]))
             return self.transform(im)
@@ -236,5 +229,5 @@ class ShardStream(IterableDataset):
         yield report
 
 
-__all__ = ["ShardStream", "StreamBatch", "ShuffleBuffer", "epoch_order", "positions_for", "parse_times",
+__all__ = ["ShardStream", "StreamBatch", "ShuffleBuffer", "epoch_order", "positions_for",
            "UNREADABLE_IMAGE", "BROKEN_SHARD"]
