@@ -39,7 +39,7 @@ def _split(df, seed: int):
 
 def one_split(df, seed: int, tau: float | None, tmp: Path) -> dict:
     """The pipeline on one split; per-photo and per-place errors (km) of the pipeline and of retrieval."""
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
     from pigeon.bundle import Bundle
     from pigeon.core.sphere import haversine_km
     from pigeon.evaluate import evaluate

@@ -15,7 +15,7 @@ from typing import Any
 from .backbones import Backbone, backbone_from_bundle
 from .bundle import Bundle
 from .core.errors import UserError
-from .gallery import GALLERY_PARTS, load_gallery
+from .bundle_gallery import GALLERY_PARTS, load_gallery
 from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import Gallery

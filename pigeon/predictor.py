@@ -22,7 +22,7 @@ from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixtur
 from .core.errors import UserError
 from .core.sphere import to_xyz
 from .datasets import load_image
-from .gallery import recorded_refine_mode
+from .bundle_gallery import recorded_refine_mode
 from .loading import RETRAIN, check_head, load_bundle
 from .geocells import GeoCells
 from .head import PrototypeHead

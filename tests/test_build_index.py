@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pigeon.core.sphere import haversine_km
-from pigeon.build_index import build_index, load_gallery
+from pigeon.indexing import build_index, load_gallery
 from pigeon.bundle import Bundle
 from pigeon.core.errors import UserError
 
@@ -278,7 +278,7 @@ def test_refine_mode_is_chosen_on_the_val_photos(world):
 
 
 def test_ties_go_to_pigeons_mode():
-    from pigeon.build_index import choose_refinement
+    from pigeon.indexing import choose_refinement
 
     class Same:  # every mode gives the same answers
         def refine(self, emb, probs, **kw):
@@ -299,7 +299,7 @@ class _Offsets:
 
 
 def test_another_mode_needs_more_than_noise():
-    from pigeon.build_index import choose_refinement
+    from pigeon.indexing import choose_refinement
     from pigeon.core.sphere import haversine_km
 
     rng = np.random.default_rng(0)

@@ -183,7 +183,7 @@ def test_per_batch_targets_equal_the_dense_targets(world):
 
 def test_train_build_index_and_evaluate_read_the_folder(world, tmp_path):
     """The same head from --embeddings as from --data (they read the same vectors); build-index and evaluate too."""
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
     from pigeon.bundle import Bundle
     from pigeon.evaluate import evaluate
     from pigeon.geocells import build_cells

@@ -25,7 +25,7 @@ def world(tmp_path_factory):
     val rows choose the refinement mode)."""
     from worlds import world_bundle
 
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
 
     root = tmp_path_factory.mktemp("trust")
     manifest, df, bpath, _ = world_bundle(root, n_images=160, image_size=48, seed=5, min_size=8, max_size=16)
@@ -34,7 +34,7 @@ def world(tmp_path_factory):
 
 
 def test_gallery_takes_train_rows_only(world):
-    from pigeon.gallery import load_gallery
+    from pigeon.bundle_gallery import load_gallery
     from pigeon.bundle import Bundle
 
     root, manifest, df, bpath, rep = world
@@ -49,7 +49,7 @@ def test_gallery_takes_train_rows_only(world):
 def test_evaluate_refuses_gallery_photos_by_name(world, tmp_path):
     import shutil
 
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
     from pigeon.evaluate import evaluate
 
     root, manifest, df, bpath, _ = world
@@ -67,7 +67,7 @@ def test_evaluate_refuses_gallery_photos_by_name(world, tmp_path):
 
 def test_overlap_is_found_by_id_when_keys_differ(world, tmp_path):
     """The same photos under other keys (absolute paths) with the same `id` are still refused."""
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
     from pigeon.evaluate import evaluate
 
     root, manifest, df, bpath, _ = world

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pigeon.bundle import Bundle
-from pigeon.gallery import load_gallery
+from pigeon.bundle_gallery import load_gallery
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def gallery_bundle(tmp_path_factory):
 
 
 def _remove_in_subprocess(bundle, ids, pause_at: str, flag):
-    code = ("import numpy as np, sys; from pigeon.build_index import remove_gallery_ids; "
+    code = ("import numpy as np, sys; from pigeon.indexing import remove_gallery_ids; "
             f"remove_gallery_ids(sys.argv[1], np.array({list(map(int, ids))}))")
     env = {**os.environ, "PIGEON_PAUSE_AT": pause_at, "PIGEON_PAUSE_FILE": str(flag)}
     return subprocess.Popen([sys.executable, "-c", code, str(bundle)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -57,7 +57,7 @@ def test_kill_9_during_a_gallery_swap(gallery_bundle, tmp_path, step, switched):
 
     assert Predictor.from_bundle(bundle).gallery is not None   # the whole bundle loads and checks
     # the next successful swap leaves exactly one version folder (the live one) and no staging folder
-    from pigeon.build_index import remove_gallery_ids
+    from pigeon.indexing import remove_gallery_ids
 
     rest = g.frame["id"].to_numpy()[:1]
     remove_gallery_ids(bundle, rest)

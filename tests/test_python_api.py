@@ -17,7 +17,7 @@ def world(tmp_path_factory):
     """A zero-shot `tiny` bundle over a synthetic world (tests/worlds.py) with a gallery of its train photos."""
     from worlds import world_bundle
 
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
 
     root = tmp_path_factory.mktemp("pyapi")
     _, df, bpath, _ = world_bundle(root, n_images=160, image_size=48, seed=11, min_size=10, max_size=25)

@@ -83,7 +83,7 @@ def mixed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(mixed):
     """build-cells -> train -> build-index on the mixed manifest; what each reported."""
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
     from pigeon.commands.cells import build_cells_file
     from pigeon.train import TrainConfig, train
 

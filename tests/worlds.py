@@ -31,7 +31,7 @@ def world_bundle(root: Path, n_images: int, image_size: int, seed: int, min_size
 
 def gallery_bundle(root: Path, seed: int, n_images: int = 80):
     """`world_bundle` (zero-shot `tiny` head) plus a gallery index of its train photos (no validation)."""
-    from pigeon.build_index import build_index
+    from pigeon.indexing import build_index
 
     manifest, df, bundle, _ = world_bundle(root, n_images=n_images, image_size=48, seed=seed, min_size=8, max_size=16)
     build_index(manifest, bundle, progress=False, batch_size=40, validate=False)

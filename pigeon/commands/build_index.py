@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
-        from pigeon.build_index import build_index, read_id_file, remove_gallery_ids
+        from pigeon.indexing import build_index, read_id_file, remove_gallery_ids
 
         if images is None and embeddings is None and remove_ids is None:
             raise UserError("`pigeon build-index` needs --images SOURCE or --embeddings FOLDER (to build or --append) or --remove-ids FILE")

@@ -14,7 +14,7 @@ the mode with the lowest median error, when it beats PIGEON's cluster+nn beyond 
 the choice (`refine_mode`) and the per-mode figures (`refine_validation`), and the Predictor uses
 that mode unless told otherwise.
 
-Loading and saving the three parts lives in `pigeon.gallery`; serving-time refinement in
+Loading and saving the three parts lives in `pigeon.bundle_gallery`; serving-time refinement in
 `pigeon.index.refine` (`RefineConfig`, `GalleryRefiner`), which the Predictor takes.
 """
 
@@ -34,7 +34,7 @@ from .core.sphere import haversine_km
 from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
-from .gallery import has_gallery, load_gallery, save_gallery
+from .bundle_gallery import has_gallery, load_gallery, save_gallery
 from .index import KINDS, Refiner, append_gallery, build_gallery, remove_from_gallery
 from .index.refine import DEFAULT_MODE, MODES, RefineConfig
 from .metrics import SWITCH_CONFIDENCE, choose_on_validation
