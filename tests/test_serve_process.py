@@ -35,6 +35,21 @@ def test_bad_setting_is_one_line_and_exit_2(args, env, words):
     assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("case", ["busy port", "bad host"])
+def test_a_busy_port_or_a_bad_host_fails_fast_in_one_line(case, tmp_path):
+    """Checked before the bundle loads: the bundle here does not even exist, and the error is about the port/host."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        args = ["--port", str(port)] if case == "busy port" else ["--host", "no-such-host.invalid", "--port", str(_free_port())]
+        r = subprocess.run([*CLI, "--bundle", str(tmp_path / "missing"), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (f"--port {port}: 127.0.0.1:{port} is already in use" if case == "busy port" else "--host no-such-host.invalid") in lines[0]
+
+
 def test_sigterm_exits_within_10_s_while_an_upload_is_stalled():
     port = _free_port()
     env = {**os.environ, "PIGEON_WARMUP": "false"}

@@ -10,6 +10,32 @@ import typer
 from pigeon.core.errors import UserError
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Refuse, in one line, a `--host` that is not an address of this machine or a `--port` that is
+    taken, before anything is loaded (a bundle's load and warm-up take seconds to minutes). The socket
+    is bound as uvicorn binds it (SO_REUSEADDR, so a port in TIME_WAIT is not called busy) and closed."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not a name or address this machine can listen on ({e}); give e.g. 127.0.0.1, or 0.0.0.0 for all interfaces") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port}: {host}:{port} is already in use (another server?); stop it or give another --port") from None
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise UserError(f"--host {host}: not an address of this machine ({e.strerror}); give e.g. 127.0.0.1, or 0.0.0.0 for all interfaces") from None
+            if e.errno == errno.EACCES:
+                raise UserError(f"--port {port}: not allowed to listen on {host}:{port} ({e.strerror}); give a port above 1023") from None
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def serve(
     bundle: Path,
     host: str = "127.0.0.1",
@@ -50,6 +76,7 @@ def serve(
         "max_refinement_km": max_refinement_km,
     }
     settings = Settings.from_env(**overrides)  # every setting checked once, here (UserError), rather than in every worker
+    check_bindable(host, port)  # before the bundle loads: a busy port is one line, not a load, a warm-up and a traceback
     configure_logging(getattr(logging, log_level.upper(), logging.INFO))
     if workers == 1:
         app = create_app(bundle, settings)
