@@ -80,7 +80,7 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
 def _add_middleware(app: FastAPI, settings: Settings, service: Service) -> None:
     """The request gate (outermost but for CORS) and, when origins are configured, CORS."""
     app.add_middleware(RequestGate, max_upload_bytes=settings.max_upload_bytes, admission=service.admission, api_key=settings.api_key,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, min_upload_bytes_per_s=settings.min_upload_bytes_per_s)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

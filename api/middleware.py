@@ -11,8 +11,11 @@ dependency runs, and these decisions must come before the body is read.
   the body is read: a refusal costs microseconds however large the upload, so clients that retry
   at once cannot crowd out the requests being served. The slot is given back when the response
   has ended, whatever happened (error, cancellation, client gone).
-- An admitted upload that sends no body bytes for `body_timeout_s` is cut off (408), so a stalled
-  or slow-drip client cannot hold a slot.
+- An admitted upload must arrive whole within `body_timeout_s` of its admission, and, after a
+  grace of `UPLOAD_GRACE_S`, at `min_upload_bytes_per_s` on average; otherwise it is cut off (408).
+  So neither a stalled client nor one that trickles a byte at a time can hold a slot for long.
+- A refusal (503) is held until its Retry-After has passed (see `Admission`), so clients that
+  ignore it, reconnecting or not, cannot crowd the event loop with refusals.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .logs import access_log
 from .service import Admission
 
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the image bytes
+UPLOAD_GRACE_S = 5.0  # the minimum upload rate is measured from admission + this (connection set-up, a slow first packet)
 LOCATE_PATHS = frozenset({"/locate", "/locate/batch"})
 
 
@@ -41,14 +45,15 @@ class _BodyCut(Exception):
 class _Exchange:
     """One request's bookkeeping as it passes the gate: id, status sent, bytes read, limit state."""
 
-    def __init__(self, scope: dict, send: Any, limit: int, body_timeout_s: float):
+    def __init__(self, scope: dict, send: Any, limit: int, body_timeout_s: float, min_rate: float = 0.0):
         self.t0 = time.perf_counter()
-        self.scope, self.send, self.limit, self.body_timeout_s = scope, send, limit, body_timeout_s
+        self.scope, self.send, self.limit, self.body_timeout_s, self.min_rate = scope, send, limit, body_timeout_s, min_rate
         self.headers = dict(scope["headers"])
         self.rid = self.headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
         self.status, self.read = 0, 0
         self.started = self.swallow = self.body_done = False
         self.cut: Optional[tuple[int, str, str]] = None  # (status, code, detail) once the body was cut off
+        self.t_admitted = anyio.current_time()   # event-loop clock; reset when a slot is taken
 
     async def error(self, status: int, code: str, detail: Any, close: bool = False, extra: Optional[list] = None) -> None:
         """Answer `{error, detail}` JSON here, without the app."""
@@ -81,20 +86,37 @@ class _Exchange:
         async def receive_limited() -> dict:
             if self.body_done:  # after the body, receive() only waits for the disconnect: no timeout
                 return await receive()
-            with anyio.move_on_after(self.body_timeout_s) as scope:
+            with anyio.move_on_at(self._give_up_at()) as scope:
                 msg = await receive()
             if scope.cancelled_caught:
-                self.cut = (408, "request_timeout", f"no body bytes for {self.body_timeout_s:g} s; the upload was cut off, send it again")
-                raise _BodyCut()
+                self._cut_slow()
             if msg["type"] == "http.request":
                 self.read += len(msg.get("body", b""))
                 if self.read > self.limit:
                     self.cut = (413, "payload_too_large", too_large_detail(self.limit))
                     raise _BodyCut()
                 self.body_done = not msg.get("more_body", False)
+                if not self.body_done and anyio.current_time() >= self._give_up_at():
+                    self._cut_slow()
             return msg
 
         return receive_limited
+
+    def _give_up_at(self) -> float:
+        """When the body must have arrived (the whole-body deadline), or, sooner, when the bytes read so
+        far fall below the minimum average rate (event-loop clock)."""
+        start = self.t_admitted
+        at = start + self.body_timeout_s
+        if self.min_rate > 0:
+            at = min(at, start + UPLOAD_GRACE_S + self.read / self.min_rate)
+        return at
+
+    def _cut_slow(self) -> None:
+        """Cut the upload off as too slow: 408, with what was asked of it."""
+        rate = f" and at {self.min_rate / 1024:g} KiB/s on average" if self.min_rate > 0 else ""
+        self.cut = (408, "request_timeout", f"the upload did not arrive within {self.body_timeout_s:g} s{rate} "
+                                            f"({self.read} bytes read); it was cut off: send it again over a faster connection")
+        raise _BodyCut()
 
     def log_line(self) -> str:
         client = self.scope.get("client")
@@ -113,16 +135,17 @@ def too_large_detail(limit: int) -> str:
 class RequestGate:
     """Pure ASGI middleware: request id, body limits, key and admission before the body, JSON access log."""
 
-    def __init__(self, app: Any, max_upload_bytes: int, admission: Admission, api_key: Optional[str] = None, body_timeout_s: float = 15.0):
+    def __init__(self, app: Any, max_upload_bytes: int, admission: Admission, api_key: Optional[str] = None, body_timeout_s: float = 30.0,
+                 min_upload_bytes_per_s: float = 0.0):
         self.app = app
         self.limit = max_upload_bytes + MULTIPART_SLACK
-        self.admission, self.api_key, self.body_timeout_s = admission, api_key, body_timeout_s
+        self.admission, self.api_key, self.body_timeout_s, self.min_rate = admission, api_key, body_timeout_s, min_upload_bytes_per_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ex = _Exchange(scope, send, self.limit, self.body_timeout_s)
+        ex = _Exchange(scope, send, self.limit, self.body_timeout_s, self.min_rate)
         try:
             if await self._refused_by_length(ex):
                 return
@@ -141,18 +164,29 @@ class RequestGate:
             if not key_matches(given.decode("latin-1") if given is not None else None, self.api_key):
                 await ex.error(401, "unauthorized", UNAUTHORIZED)
                 return
-        adm, client = self.admission, ex.scope.get("client")
+        adm = self.admission
         if not adm.try_enter():
-            wait = adm.hold_off(client)
-            if wait > 0:  # this client did not wait its last Retry-After: its 503 waits it out (nothing read, no slot held)
-                await anyio.sleep(wait)
-            adm.refused(client)
-            await ex.error(503, "overloaded", adm.refusal(), extra=[(b"retry-after", str(adm.retry_after_s).encode())])
+            await self._refuse(ex)
             return
+        ex.t_admitted = anyio.current_time()
         try:
             await self._forward(ex, receive)
         finally:
             adm.leave()
+
+    async def _refuse(self, ex: _Exchange) -> None:
+        """503 + Retry-After, sent when the Retry-After has passed (nothing read, no slot held); when
+        `max_held` refusals are already waiting, at once and closing the connection."""
+        adm = self.admission
+        extra = [(b"retry-after", str(adm.retry_after_s).encode())]
+        if not adm.try_hold():
+            await ex.error(503, "overloaded", adm.refusal(), close=bool(adm.retry_after_s), extra=extra)
+            return
+        try:
+            await anyio.sleep(adm.retry_after_s)
+        finally:
+            adm.release_hold()
+        await ex.error(503, "overloaded", adm.refusal(), extra=extra)
 
     async def _refused_by_length(self, ex: _Exchange) -> bool:
         """Refuse up front (400/413) a Content-Length that is not a number or over the limit."""

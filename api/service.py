@@ -92,20 +92,19 @@ class Admission:
     Counted on the event loop only (one thread: no lock). The request gate takes a slot before it
     reads a byte of the body and gives it back when the response has ended, whatever happened.
 
-    It also remembers when each client connection was last refused, for `hold_off`: a client that
-    asks again before its Retry-After has passed, and finds no free slot, gets its 503 only once
-    that Retry-After has passed. Without that, clients that retry at once keep the event loop busy
-    answering 503s (uvicorn's per-request work, ~0.4 ms each on a small CPU) and the inference
-    thread, which needs the same interpreter lock, starves: goodput fell to a quarter at 64 such
-    clients even with the refusal itself taking microseconds.
+    A refusal is held: its 503 is sent only when its Retry-After has passed (an idle await: no slot,
+    no body read, no thread), so a client that ignores Retry-After, even one that opens a new
+    connection for every request, asks at most once per Retry-After. Answering at once let 64 such
+    clients send 48,260 refusals in 20 s, and uvicorn's work per request (~0.4 ms on a small CPU)
+    starved the inference thread of the interpreter lock: goodput fell to 0.29 of the 4-client
+    figure. At most `max_held` refusals are held at once; beyond that a refusal is answered at once
+    with `Connection: close`, so held sockets stay bounded.
     """
 
-    MAX_REMEMBERED = 4096  # clients whose last refusal is remembered (expired ones are dropped first)
-
-    def __init__(self, capacity: int, retry_after_s: int):
-        self.capacity, self.retry_after_s = capacity, retry_after_s
+    def __init__(self, capacity: int, retry_after_s: int, max_held: int = 256):
+        self.capacity, self.retry_after_s, self.max_held = capacity, retry_after_s, max_held
         self.in_flight = 0
-        self._refused_at: dict[Any, float] = {}
+        self.held = 0   # refusals waiting out their Retry-After
 
     def try_enter(self) -> bool:
         if self.in_flight >= self.capacity:
@@ -119,21 +118,15 @@ class Admission:
     def refusal(self) -> str:
         return f"the server is busy ({self.in_flight} requests in progress or waiting); retry in {self.retry_after_s} s"
 
-    def hold_off(self, client: Any) -> float:
-        """Seconds until `client`'s last Retry-After has passed (0 when it was not refused, or has waited)."""
-        t = self._refused_at.get(client) if client is not None else None
-        return 0.0 if t is None else max(0.0, t + self.retry_after_s - time.monotonic())
+    def try_hold(self) -> bool:
+        """Take a place among the held refusals (False when `max_held` are held, or Retry-After is 0)."""
+        if not self.retry_after_s or self.held >= self.max_held:
+            return False
+        self.held += 1
+        return True
 
-    def refused(self, client: Any) -> None:
-        """Remember that `client` was just refused (bounded: expired entries go first, then all)."""
-        if client is None or not self.retry_after_s:
-            return
-        now = time.monotonic()
-        if len(self._refused_at) >= self.MAX_REMEMBERED:
-            self._refused_at = {c: t for c, t in self._refused_at.items() if t + self.retry_after_s > now}
-            if len(self._refused_at) >= self.MAX_REMEMBERED:
-                self._refused_at.clear()
-        self._refused_at[client] = now
+    def release_hold(self) -> None:
+        self.held -= 1
 
 
 class Service:
@@ -142,7 +135,7 @@ class Service:
     def __init__(self, predictor: Any, settings: Settings):
         self.predictor = predictor
         self.settings = settings
-        self.admission = Admission(settings.max_concurrency + settings.max_queue, settings.retry_after_s)
+        self.admission = Admission(settings.max_concurrency + settings.max_queue, settings.retry_after_s, settings.max_held_refusals)
         self._limiter: anyio.CapacityLimiter | None = None
         self._cells_json: bytes | None = None
         self._cells_lock = threading.Lock()

@@ -10,11 +10,12 @@ load; concurrency 4 follows. Then a soak on `tiny`:
 constant load for `--soak-s` seconds, counting errors and the server's resident memory.
 
 `--mode overload` (on `tiny`): goodput when clients ignore Retry-After. For 1, 4 and 64 clients
-(`--overload-clients`), each client loops on one keep-alive connection for `--overload-s` seconds
-(127.0.0.1 only), sending the same POST /locate and retrying a 503 at once. It counts answers by
-status and reports the 200s per second and the latency of the admitted (200) requests; the server's
-own access log gives how long it took to refuse (503): at once, or held until the client's last
-Retry-After had passed (see pigeon.api.service.Admission). The clients are raw asyncio sockets in
+(`--overload-clients`), each client loops for `--overload-s` seconds (127.0.0.1 only), sending the
+same POST /locate and retrying a 503 at once, on one keep-alive connection (`--connection
+keepalive`) or on a new connection for every request (`reconnect`; `both`, the default, runs the
+two). It counts answers by status and reports the 200s per second and the latency of the admitted
+(200) requests; the server's own access log gives how long it took to refuse (503): held until
+its Retry-After had passed, or at once (beyond `max_held_refusals`; see pigeon.api.service.Admission). The clients are raw asyncio sockets in
 this process (an HTTP client library would spend more CPU than the server); `--client-nice N`
 lowers their priority (default 0: the same as the server's).
 
@@ -216,8 +217,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return int(lines[0].split()[1]), headers.get("connection", "").lower() == "close"
 
 
-async def _client(port: int, request: bytes, stop_at: float, out: list) -> None:
-    """One client that ignores Retry-After: send, read, repeat at once, until `stop_at`."""
+async def _client(port: int, request: bytes, stop_at: float, out: list, reconnect: bool = False) -> None:
+    """One client that ignores Retry-After: send, read, repeat at once, until `stop_at` (`reconnect`:
+    a new connection for every request)."""
     reader = writer = None
     while time.perf_counter() < stop_at:
         if writer is None:
@@ -233,21 +235,21 @@ async def _client(port: int, request: bytes, stop_at: float, out: list) -> None:
             writer = None
             continue
         out.append((status, (time.perf_counter() - t) * 1000))
-        if closing:
+        if closing or reconnect:
             writer.close()
             writer = None
     if writer is not None:
         writer.close()
 
 
-def overload_level(port: int, jpeg: bytes, clients: int, seconds: float) -> dict:
+def overload_level(port: int, jpeg: bytes, clients: int, seconds: float, reconnect: bool = False) -> dict:
     """`clients` clients hammering POST /locate for `seconds`: answers by status, goodput, admitted latency."""
     request = _post_bytes(jpeg, port)
     out: list = []
 
     async def run() -> float:
         t0 = time.perf_counter()
-        await asyncio.gather(*(_client(port, request, t0 + seconds, out) for _ in range(clients)))
+        await asyncio.gather(*(_client(port, request, t0 + seconds, out, reconnect) for _ in range(clients)))
         return time.perf_counter() - t0
 
     wall = asyncio.run(run())
@@ -256,15 +258,15 @@ def overload_level(port: int, jpeg: bytes, clients: int, seconds: float) -> dict
     for st, _ in out:
         by_status[str(st)] = by_status.get(str(st), 0) + 1
     pct = lambda a, q: round(float(np.percentile(a, q)), 2) if a else None  # noqa: E731
-    return {"clients": clients, "seconds": round(wall, 2), "answers": by_status, "goodput_rps": round(len(ok) / wall, 2),
+    return {"clients": clients, "connection": "reconnect" if reconnect else "keepalive", "seconds": round(wall, 2), "answers": by_status, "goodput_rps": round(len(ok) / wall, 2),
             "admitted_p50_ms": pct(ok, 50), "admitted_p99_ms": pct(ok, 99),
             "refused_p50_ms_client": pct([ms for st, ms in out if st == 503], 50)}
 
 
 def server_refusal_ms(srv: "Server") -> dict:
     """From the server's JSON access log: how long its 503s took (duration_ms: gate in to answer out).
-    `immediate`: refusals answered at once; `held`: those of clients that had not waited their last
-    Retry-After, answered when it had passed (~retry_after_s)."""
+    `immediate`: refusals answered at once (more than max_held_refusals waiting); `held`: answered
+    when their Retry-After had passed (~retry_after_s)."""
     srv.log.seek(0)
     ms = []
     for line in srv.log.read().decode("utf-8", "replace").splitlines():
@@ -280,18 +282,21 @@ def run_overload(args: argparse.Namespace, tmp: Path, jpeg: bytes) -> dict:
     srv = Server(make_bundle(tmp / "overload", "tiny", args.cells), args.threads)
     if args.client_nice:
         os.nice(args.client_nice)  # after the server started: only this process (the clients) yields
+    modes = {"keepalive": (False,), "reconnect": (True,), "both": (False, True)}[args.connection]
     try:
         overload_level(srv.port, jpeg, 4, 3.0)  # warm-up
-        levels = [overload_level(srv.port, jpeg, int(n), args.overload_s) for n in args.overload_clients.split(",")]
+        levels = [overload_level(srv.port, jpeg, int(n), args.overload_s, reconnect) for reconnect in modes
+                  for n in args.overload_clients.split(",")]
         out: dict = {"levels": levels, "server_503_time": server_refusal_ms(srv), "max_concurrency": 1, "max_queue": 16,
                      "client_nice": args.client_nice}
     finally:
         srv.stop()
-    by_n = {lv["clients"]: lv for lv in levels}
-    if 4 in by_n and 64 in by_n:
-        c4, c64 = by_n[4], by_n[64]
-        out["goodput_64_over_4"] = round(c64["goodput_rps"] / c4["goodput_rps"], 3) if c4["goodput_rps"] else None
-        out["admitted_p99_over_p50_at_64"] = round(c64["admitted_p99_ms"] / c64["admitted_p50_ms"], 2) if c64["admitted_p50_ms"] else None
+    for conn in ("keepalive", "reconnect"):
+        by_n = {lv["clients"]: lv for lv in levels if lv["connection"] == conn}
+        if 4 in by_n and 64 in by_n:
+            c4, c64 = by_n[4], by_n[64]
+            out[f"goodput_64_over_4_{conn}"] = round(c64["goodput_rps"] / c4["goodput_rps"], 3) if c4["goodput_rps"] else None
+            out[f"admitted_p99_over_p50_at_64_{conn}"] = round(c64["admitted_p99_ms"] / c64["admitted_p50_ms"], 2) if c64["admitted_p50_ms"] else None
     return out
 
 
@@ -391,6 +396,8 @@ def main() -> None:
     ap.add_argument("--soak-concurrency", type=int, default=2)
     ap.add_argument("--overload-s", type=float, default=20.0, help="seconds per client count in --mode overload")
     ap.add_argument("--overload-clients", default="1,4,64", help="client counts in --mode overload")
+    ap.add_argument("--connection", choices=("keepalive", "reconnect", "both"), default="both",
+                    help="--mode overload: one keep-alive connection per client, a new one per request, or both in turn")
     ap.add_argument("--client-nice", type=int, default=0, help="nice increment of the load generator in --mode overload (0: same priority as the server)")
     args = ap.parse_args()
 

@@ -73,9 +73,9 @@ def test_wrong_or_missing_key_is_refused_before_the_body_is_read():
 
 def test_overload_is_refused_before_the_body_and_a_stalled_upload_gives_its_slot_back():
     """max_concurrency 1, max_queue 0: a client that sends headers and then nothing holds the only slot;
-    the next request is refused with 503 + Retry-After without a `receive`, in well under a millisecond
-    of server time; after body_timeout_s the stalled one gets 408 and the slot is free again."""
-    app = create_app(tiny_predictor(), Settings(max_concurrency=1, max_queue=0, retry_after_s=3, body_timeout_s=0.5, warmup=False))
+    the next requests are refused with 503 + Retry-After without a `receive`; after body_timeout_s the
+    stalled one gets 408 and the slot is free again."""
+    app = create_app(tiny_predictor(), Settings(max_concurrency=1, max_queue=0, retry_after_s=1, body_timeout_s=0.5, warmup=False))
     admission = app.state.service.admission
     body = _multipart(encode(photo()))
 
@@ -85,51 +85,102 @@ def test_overload_is_refused_before_the_body_and_a_stalled_upload_gives_its_slot
         while stalled.receives == 0:
             await asyncio.sleep(0.01)
         in_flight = admission.in_flight
-        refused, times = [], []
-        for _ in range(200):
-            c = Call(body)
-            t = time.perf_counter()
-            refused.append(await c.run(app))
-            times.append(time.perf_counter() - t)
+        refused = await asyncio.gather(*(Call(body).run(app) for _ in range(50)))
         await task
         after = await Call(body).run(app)
-        return stalled, in_flight, refused, statistics.median(times), after
+        return stalled, in_flight, refused, after
 
-    stalled, in_flight, refused, median_s, after = asyncio.run(scenario())
+    stalled, in_flight, refused, after = asyncio.run(scenario())
     assert in_flight == 1
-    assert {c.status for c in refused} == {503} and all(c.receives == 0 for c in refused)
-    assert refused[0].headers["retry-after"] == "3" and b'"overloaded"' in refused[0].answer
-    assert median_s < 0.002, median_s  # a refusal reads nothing and decodes nothing
+    assert {c.status for c in refused} == {503} and all(c.receives == 0 for c in refused)  # a refusal reads nothing
+    assert refused[0].headers["retry-after"] == "1" and b'"overloaded"' in refused[0].answer
     assert stalled.status == 408 and b'"request_timeout"' in stalled.answer
-    assert after.status == 200 and admission.in_flight == 0
+    assert after.status == 200 and admission.in_flight == 0 and admission.held == 0
 
 
-def test_a_client_that_ignores_retry_after_gets_its_next_503_only_when_it_has_passed():
-    """Clients that retry at once used to keep the event loop busy with 503s (goodput fell to a quarter
-    at 64 of them, bench/serve.py --mode overload): a connection refused less than Retry-After ago
-    that finds no free slot is answered when its Retry-After has passed; other clients at once."""
-    app = create_app(tiny_predictor(), Settings(max_concurrency=1, max_queue=0, retry_after_s=1, body_timeout_s=5, warmup=False))
+def test_refusals_wait_out_their_retry_after_and_beyond_the_cap_close_at_once():
+    """Clients that ignore Retry-After, reconnecting for every request, used to get 503s as fast as they
+    asked (48,260 in 20 s at 64 clients: goodput 0.29 of the 4-client figure). Every refusal is now
+    held until its Retry-After has passed (an idle await: no slot, no body read), whatever the
+    connection; beyond `max_held_refusals` held at once, the 503 comes at once and closes the connection."""
+    app = create_app(tiny_predictor(), Settings(max_concurrency=1, max_queue=0, retry_after_s=1, body_timeout_s=5,
+                                                max_held_refusals=2, warmup=False))
+    admission = app.state.service.admission
     body = _multipart(encode(photo()))
-    eager = ("127.0.0.1", 41000)
+    done: list[int] = []
 
-    async def timed(client):
-        t = time.perf_counter()
-        c = await Call(body).run(app, client=client)
-        return c.status, time.perf_counter() - t
+    async def refused(i):
+        c = await Call(body).run(app)   # a new connection each time (a new client port)
+        done.append(i)
+        return c
 
     async def scenario():
-        holder = asyncio.create_task(Call(None, stall=True).run(app))  # holds the only slot for 5 s
-        await asyncio.sleep(0.05)
-        first = await timed(eager)
-        again = await timed(eager)  # at once, ignoring Retry-After: 1
-        other = await timed(("127.0.0.1", 41001))
+        holder = asyncio.create_task(Call(None, stall=True).run(app))  # holds the only slot
+        while admission.in_flight == 0:
+            await asyncio.sleep(0.01)
+        first = [asyncio.create_task(refused(i)) for i in (0, 1)]
+        while admission.held < 2:
+            await asyncio.sleep(0.01)
+        third = await refused(2)          # two already held: answered at once
+        held_then = admission.held
+        calls = [await t for t in first] + [third]
         holder.cancel()
-        return first, again, other
+        return calls, held_then
 
-    first, again, other = asyncio.run(scenario())
-    assert first[0] == again[0] == other[0] == 503
-    assert first[1] < 0.1 and other[1] < 0.1
-    assert 0.8 < again[1] < 1.5, again
+    calls, held_then = asyncio.run(scenario())
+    assert [c.status for c in calls] == [503, 503, 503] and all(c.receives == 0 for c in calls)
+    assert done[0] == 2 and held_then == 2   # the third finished while the first two were still held
+    assert calls[2].headers.get("connection") == "close" and "connection" not in calls[0].headers
+    assert admission.held == 0
+
+
+class Drip(Call):
+    """A client that trickles its body: the multipart part's headers, then `size` bytes of the file
+    every `every` s, forever."""
+
+    def __init__(self, every: float = 0.2, size: int = 1):
+        super().__init__(b"")
+        self.every, self.size = every, size
+        self.head = _multipart(b"").split(b"\r\n--" + BOUNDARY.encode() + b"--")[0]
+
+    async def receive(self) -> dict:
+        self.receives += 1
+        if self.receives == 1:
+            return {"type": "http.request", "body": self.head, "more_body": True}
+        await asyncio.sleep(self.every)
+        return {"type": "http.request", "body": b"x" * self.size, "more_body": True}
+
+
+@pytest.mark.parametrize("limit", ["deadline", "rate"])
+def test_trickling_clients_cannot_hold_the_slots(limit):
+    """Every slot held by a client that sends a byte every 0.2 s: each is cut off with 408 (by the
+    whole-body deadline, or by the minimum average rate after its grace) and a normal request, retrying
+    on 503, is answered 200."""
+    opts = dict(body_timeout_s=2, min_upload_bytes_per_s=0) if limit == "deadline" else dict(body_timeout_s=120, min_upload_bytes_per_s=1024)
+    app = create_app(tiny_predictor(), Settings(max_concurrency=1, max_queue=1, retry_after_s=1, warmup=False, **opts))
+    admission = app.state.service.admission
+    body = _multipart(encode(photo()))
+
+    async def normal():
+        while True:
+            c = await Call(body).run(app)
+            if c.status != 503:
+                return c
+
+    async def scenario():
+        drips = [Drip() for _ in range(2)]
+        tasks = [asyncio.create_task(d.run(app)) for d in drips]
+        while admission.in_flight < 2:
+            await asyncio.sleep(0.01)
+        ok = await asyncio.wait_for(normal(), 60)   # a bound against hanging, not a timing assertion
+        await asyncio.gather(*tasks)
+        return drips, ok
+
+    drips, ok = asyncio.run(scenario())
+    assert [d.status for d in drips] == [408, 408]
+    want = "within 2 s" if limit == "deadline" else "at 1 KiB/s on average"
+    assert all(want in d.answer.decode() and b'"request_timeout"' in d.answer for d in drips), drips[0].answer
+    assert ok.status == 200 and admission.in_flight == 0
 
 
 

@@ -20,7 +20,7 @@ from ..uploads import upload_label
 LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {**ERROR, "description": "the file is not a decodable image (empty, truncated, corrupt) or the body is malformed"},
     401: {**ERROR, "description": "missing or wrong X-API-Key (only when the server has one); checked before the body is read"},
-    408: {**ERROR, "description": "the upload stalled (no body bytes for body_timeout_s)"},
+    408: {**ERROR, "description": "the upload did not arrive within body_timeout_s, or trickled in below min_upload_bytes_per_s"},
     413: {**ERROR, "description": "body over the size limit, an image over the pixel limit, the request's images over the per-request pixel budget, or too many images"},
     415: {**ERROR, "description": "not JPEG, PNG or WebP (detected from the bytes)"},
     422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), no image or more views than max_batch "
