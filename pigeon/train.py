@@ -200,13 +200,134 @@ class _Loop:
     seconds: float = 0.0
 
 
+class _Strategy:
+    """Where `pigeon train` runs differ by `--unfreeze-last-block`: how a batch of examples becomes
+    embeddings, what trains beside the head, what a checkpoint adds, how val photos are embedded and
+    what the bundle gets beside the head. `_Run` keeps the shared steps and calls these hooks."""
+
+    caches_augmented_views = True  # `--augment` views embedded once into the cache, as extra stores
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups beside the head's (called once, before the optimiser exists)."""
+        return []
+
+    def embed_batch(self, examples: np.ndarray) -> torch.Tensor:
+        """Embeddings of these training examples (indices into `n_views * n_train`), for the head's loss."""
+        raise NotImplementedError
+
+    def val_embeddings(self, rows: np.ndarray) -> torch.Tensor:
+        """Embeddings of these val store rows (called under no_grad)."""
+        raise NotImplementedError
+
+    def set_training(self, on: bool) -> None:
+        """Train or eval mode for what trains beside the head."""
+
+    def state(self, copy: bool = False) -> dict[str, Any]:
+        """What a checkpoint and the best state hold beside the head (`copy`: detached clones, kept across steps)."""
+        return {}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        """Restore what `state` saved, from a checkpoint or the best state."""
+
+    def write_backbone(self) -> None:
+        """Bundle parts written before the head (the head records the backbone's hash)."""
+
+
+class _FrozenEmbeddings(_Strategy):
+    """Examples gathered from the views' memory maps: the backbone never runs during the epochs, so
+    the embeddings are computed once (or read from `--embeddings`) and the bundle's backbone stays."""
+
+    def embed_batch(self, examples: np.ndarray) -> torch.Tensor:
+        """Each example's view row, gathered from that view's map (example e is view e // n_train)."""
+        run = self.run
+        rows = run.example_rows(examples)
+        view = np.asarray(examples, np.int64) // len(run.tr)
+        out = np.empty((len(rows), run.bb.embed_dim), np.float32)
+        for v in np.unique(view):
+            sel = view == v
+            out[sel] = run.stores[v].take(rows[sel])
+        return torch.from_numpy(out)
+
+    def val_embeddings(self, rows: np.ndarray) -> torch.Tensor:
+        """The plain view's rows, from its map."""
+        return torch.from_numpy(self.run.stores[0].take(rows))
+
+
+class _UnfrozenLastBlock(_Strategy):
+    """`--unfreeze-last-block`: the photos are decoded again each step and the image tower's last block
+    runs with gradients, trained with the head. Its embeddings move, so only the plain view is cached
+    (for the initial prototypes), augmentation happens on the fly, val photos are embedded again, and
+    the block's weights are checkpointed and written into the bundle as a tuned backbone."""
+
+    caches_augmented_views = False
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The last block's parameters, at `--backbone-lr`."""
+        run = self.run
+        self._unfreeze()
+        module = run.bb.model.visual if hasattr(run.bb.model, "visual") else run.bb.model
+        return [{"params": [p for p in module.parameters() if p.requires_grad], "lr": run.cfg.backbone_lr}]
+
+    def _unfreeze(self) -> None:
+        """The photos are decoded again each step, so find each row's file."""
+        run = self.run
+        if not isinstance(run.source, ManifestSource):
+            raise UserError("--unfreeze-last-block reads image files each step: give --data as a manifest of files")
+        run.bb.set_trainable(1)
+        by_key = dict(zip(run.source.df["image"].astype(str), run.source.df["path"].astype(str)))
+        self.paths = np.array([by_key[k] for k in run.stores[0].keys()], dtype=object)
+        tf = build_train_transform(run.bb.image_size, run.bb.mean, run.bb.std, hflip=0.0) if run.cfg.augment else run.bb.preprocess
+        self.img_tf = tf
+
+    def embed_batch(self, examples: np.ndarray) -> torch.Tensor:
+        """A forward through the unfrozen block, with gradients."""
+        rows = self.run.example_rows(examples)
+        x = torch.stack([self.img_tf(load_image(p)) for p in self.paths[rows]])
+        return self.run.bb.encode_image(x, normalize=True)
+
+    def val_embeddings(self, rows: np.ndarray) -> torch.Tensor:
+        """Val photos embedded again by the moving block (plain preprocessing)."""
+        bb = self.run.bb
+        ims = [bb.preprocess(load_image(p)) for p in self.paths[rows]]
+        return bb.encode_image(torch.stack(ims), normalize=True) if ims else torch.zeros(0, bb.embed_dim)
+
+    def set_training(self, on: bool) -> None:
+        self.run.bb.model.train(on)
+
+    def state(self, copy: bool = False) -> dict[str, Any]:
+        sd = self.run.bb.model.state_dict()
+        return {"backbone": {k: v.detach().clone() for k, v in sd.items()} if copy else sd}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        if "backbone" in st:
+            self.run.bb.model.load_state_dict(st["backbone"])
+
+    def write_backbone(self) -> None:
+        """The tuned backbone, whose new hash the head then records."""
+        b, bb = self.run.bundle, self.run.bb
+        bb.model.eval()
+        b.write_part("backbone", bb.save_weights, spec=bb.spec, tuned="last block, by pigeon train")
+        bb.invalidate_hash()
+        b.set_backbone(bb.spec, bb.hash)
+
+
+def _strategy_for(run: _Run) -> _Strategy:
+    """The one place `--unfreeze-last-block` is read by a run."""
+    return (_UnfrozenLastBlock if run.cfg.unfreeze_last_block else _FrozenEmbeddings)(run)
+
+
 class _Run:
     """One `pigeon train` run, as named steps sharing the bundle, the photos and the head.
 
     The photos are read as embeddings from an embedding folder, memory-mapped (`--embeddings`, or
     the cache folder this run fills from `--data`): an example e of `n_views * n_train` is view
     e // n_train of train row e % n_train; batches are gathered from the maps and their soft
-    targets computed per batch, so memory does not grow with the number of photos beyond the maps."""
+    targets computed per batch, so memory does not grow with the number of photos beyond the maps.
+    Where `--unfreeze-last-block` changes a step, `self.strategy` (`_FrozenEmbeddings` or
+    `_UnfrozenLastBlock`, chosen once) does that part."""
 
     def __init__(self, data: str | os.PathLike | None, bundle_dir: str | os.PathLike, backbone: str | None, cfg: TrainConfig, device: str):
         self.cfg = cfg
@@ -220,6 +341,7 @@ class _Run:
         self.centres = np.asarray(self.cells.centres, dtype=np.float64)
         self.tau = float(cfg.tau) if cfg.tau is not None else auto_tau_km(self.centres)
         self.loop = _Loop()
+        self.strategy = _strategy_for(self)
 
     # -- embeddings --------------------------------------------------------------------------------
     def embed(self) -> None:
@@ -230,7 +352,7 @@ class _Run:
             self.stores = [open_embeddings(cfg.embeddings, backbone_hash=self.bb.hash)]
         else:
             self.stores = [self._cached("plain", None, None)]
-            if cfg.augment and not cfg.unfreeze_last_block:
+            if cfg.augment and self.strategy.caches_augmented_views:
                 tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0)
                 for k in range(cfg.augment):  # each view a fixed, reproducible augmentation of every photo
                     self.stores.append(self._cached(f"aug{k}-seed{cfg.seed}", tf, cfg.seed * 1000 + k))
@@ -280,22 +402,8 @@ class _Run:
             chunks = (v for _, v in self.stores[0].chunks(self.tr))
             protos = mean_prototypes(chunks, self.cell[self.tr], C, fallback=text, centre=centre)
         self.head = PrototypeHead(protos, scale=zero_shot_scale(self.bb) if cfg.init == "text" else 30.0, centre=centre)
-        params = [{"params": self.head.parameters(), "lr": cfg.lr}]
-        if cfg.unfreeze_last_block:
-            self._unfreeze()
-            module = self.bb.model.visual if hasattr(self.bb.model, "visual") else self.bb.model
-            params.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
+        params = [{"params": self.head.parameters(), "lr": cfg.lr}, *self.strategy.param_groups()]
         self.opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-
-    def _unfreeze(self) -> None:
-        """`--unfreeze-last-block`: the photos are decoded again each step, so find each row's file."""
-        if not isinstance(self.source, ManifestSource):
-            raise UserError("--unfreeze-last-block reads image files each step: give --data as a manifest of files")
-        self.bb.set_trainable(1)
-        by_key = dict(zip(self.source.df["image"].astype(str), self.source.df["path"].astype(str)))
-        self.paths = np.array([by_key[k] for k in self.stores[0].keys()], dtype=object)
-        tf = build_train_transform(self.bb.image_size, self.bb.mean, self.bb.std, hflip=0.0) if self.cfg.augment else self.bb.preprocess
-        self.img_tf = tf
 
     def targets(self, rows: np.ndarray) -> torch.Tensor:
         """PIGEON's haversine-smoothed soft targets of these store rows, computed for this batch only."""
@@ -321,45 +429,26 @@ class _Run:
             raise UserError(f"{self.state_path} belongs to another run (other data, options, cells or backbone); drop --resume or delete the file")
         self.head.load_state_dict(st["head"])
         self.opt.load_state_dict(st["opt"])
-        if self.cfg.unfreeze_last_block and "backbone" in st:
-            self.bb.model.load_state_dict(st["backbone"])
+        self.strategy.load_state(st)
         self.loop = _Loop(st["epoch"], st["best"], st["best_state"], st["bad_epochs"], st["history"])
 
     def checkpoint(self, epoch: int) -> None:
         """Save the loop's state atomically after each epoch (what `--resume` reads)."""
         lp = self.loop
         st = {"run_key": self.run_key, "head": self.head.state_dict(), "opt": self.opt.state_dict(), "epoch": epoch + 1,
-              "best": lp.best, "best_state": lp.best_state, "bad_epochs": lp.bad_epochs, "history": lp.history}
-        if self.cfg.unfreeze_last_block:
-            st["backbone"] = self.bb.model.state_dict()
+              "best": lp.best, "best_state": lp.best_state, "bad_epochs": lp.bad_epochs, "history": lp.history,
+              **self.strategy.state()}
         with atomic_path(self.state_path) as tmp:
             torch.save(st, tmp)
 
     # -- the epochs ---------------------------------------------------------------------------------------
-    def embed_batch(self, examples: np.ndarray) -> torch.Tensor:
-        """Embeddings of training examples: gathered from the views' maps, or a forward through the unfrozen block."""
-        rows = self.example_rows(examples)
-        if self.cfg.unfreeze_last_block:
-            x = torch.stack([self.img_tf(load_image(p)) for p in self.paths[rows]])
-            return self.bb.encode_image(x, normalize=True)
-        view = np.asarray(examples, np.int64) // len(self.tr)
-        out = np.empty((len(rows), self.bb.embed_dim), np.float32)
-        for v in np.unique(view):
-            sel = view == v
-            out[sel] = self.stores[v].take(rows[sel])
-        return torch.from_numpy(out)
-
     def val_chunks(self, rows: np.ndarray, size: int = 8192, embeddings: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows, uncalibrated logits) of val photos in chunks (re-embedded when the backbone trains);
         (rows, embeddings) with `embeddings`."""
         with torch.no_grad():
             for s in range(0, len(rows), size):
                 r = rows[s:s + size]
-                if self.cfg.unfreeze_last_block:
-                    ims = [self.bb.preprocess(load_image(p)) for p in self.paths[r]]
-                    E = self.bb.encode_image(torch.stack(ims), normalize=True) if ims else torch.zeros(0, self.bb.embed_dim)
-                else:
-                    E = torch.from_numpy(self.stores[0].take(r))
+                E = self.strategy.val_embeddings(r)
                 yield r, (E.numpy() if embeddings else self.head(E).numpy())
 
     def fit(self) -> None:
@@ -374,9 +463,7 @@ class _Run:
             lp.history.append(rec)
             if score < lp.best - 1e-6:
                 lp.best, lp.bad_epochs = score, 0
-                lp.best_state = {"head": {k: v.clone() for k, v in self.head.state_dict().items()}}
-                if cfg.unfreeze_last_block:
-                    lp.best_state["backbone"] = {k: v.detach().clone() for k, v in self.bb.model.state_dict().items()}
+                lp.best_state = {"head": {k: v.clone() for k, v in self.head.state_dict().items()}, **self.strategy.state(copy=True)}
             else:
                 lp.bad_epochs += 1
             self.checkpoint(epoch)
@@ -384,21 +471,19 @@ class _Run:
                 break
         if lp.best_state is not None:
             self.head.load_state_dict(lp.best_state["head"])
-            if cfg.unfreeze_last_block and "backbone" in lp.best_state:
-                self.bb.model.load_state_dict(lp.best_state["backbone"])
+            self.strategy.load_state(lp.best_state)
         self.head.eval()
 
     def epoch(self, epoch: int, order: np.ndarray) -> dict[str, float]:
         """One pass over `order` in batches of optimiser steps; returns the epoch's train loss."""
         cfg = self.cfg
         self.head.train()
-        if cfg.unfreeze_last_block:
-            self.bb.model.train()
+        self.strategy.set_training(True)
         ts, losses = time.perf_counter(), []
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
         for s in bar:
             ex = order[s : s + cfg.batch_size]
-            loss = _soft_ce(self.head(self.embed_batch(ex)), self.targets(self.example_rows(ex)))
+            loss = _soft_ce(self.head(self.strategy.embed_batch(ex)), self.targets(self.example_rows(ex)))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -407,8 +492,7 @@ class _Run:
         self.loop.n_seen += len(order)
         self.loop.n_steps += len(losses)
         self.head.eval()
-        if cfg.unfreeze_last_block:
-            self.bb.model.eval()
+        self.strategy.set_training(False)
         return {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
 
     def score(self, rec: dict[str, float]) -> float:
@@ -478,13 +562,9 @@ class _Run:
             "median_km": c["median_km"], "within_25km": c["within_25km"], "beats_mean_share": c["beats_default_share"]}}
 
     def write(self) -> None:
-        """The tuned backbone (with `--unfreeze-last-block`) and the head, through the bundle."""
+        """The strategy's parts (the tuned backbone with `--unfreeze-last-block`), then the head, through the bundle."""
         cfg, b, bb = self.cfg, self.bundle, self.bb
-        if cfg.unfreeze_last_block:
-            bb.model.eval()
-            b.write_part("backbone", bb.save_weights, spec=bb.spec, tuned="last block, by pigeon train")
-            bb.invalidate_hash()
-            b.set_backbone(bb.spec, bb.hash)
+        self.strategy.write_backbone()
         extra = {"combine_mode": self.combine_mode} if getattr(self, "combine_mode", None) else {}
         write_head(b, self.head, bb.hash, init=cfg.init, trained="true", tau_km=self.tau, **extra,
                    radius_calibrated=str(bool(self.head.radius is not None and self.head.radius.calibrated)).lower())

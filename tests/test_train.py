@@ -199,6 +199,37 @@ def test_unfreeze_last_block_writes_backbone(trained, tmp_path):
     assert len(pred.locate([small["image"].iloc[0]])) == 1
 
 
+def test_unfrozen_run_resumes_with_its_block(trained, tmp_path, monkeypatch):
+    """An `--unfreeze-last-block` run stopped after epoch 1 (its checkpoint saved, nothing written)
+    resumes to the same epoch 2 and the same tuned backbone as a run never stopped: the checkpoint
+    carries the block's weights, not only the head's."""
+    import pigeon.train as train_mod
+
+    root, manifest, df, _ = trained
+    small = df[df["split"].isin(["train", "val"])].head(150).copy()
+    small["image"] = [str(root / "world" / p) for p in small["image"]]
+    small.to_csv(tmp_path / "m.csv", index=False)
+    cfg = dict(unfreeze_last_block=True, patience=100, batch_size=64, cache_dir=str(tmp_path / "c"), progress=False)
+    straight = train(tmp_path / "m.csv", _copy_cells(tmp_path / "a", root / "bundle").path, backbone="tiny", config=TrainConfig(epochs=2, **cfg))
+
+    class Stopped(Exception):
+        pass
+
+    def stop(self):
+        raise Stopped
+
+    b = _copy_cells(tmp_path / "b", root / "bundle")
+    with monkeypatch.context() as m:
+        m.setattr(train_mod._Run, "calibrate", stop)  # killed after the epoch's checkpoint, before anything is written
+        with pytest.raises(Stopped):
+            train(tmp_path / "m.csv", b.path, backbone="tiny", config=TrainConfig(epochs=1, **cfg))
+    assert not Bundle(b.path).has("backbone")
+    resumed = train(tmp_path / "m.csv", b.path, config=TrainConfig(epochs=2, resume=True, **cfg))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"] == straight["history"]
+    assert Bundle(b.path).backbone_hash == Bundle(tmp_path / "a").backbone_hash
+
+
 def test_zero_shot_then_bad_inputs(trained, tmp_path):
     root, manifest, df, _ = trained
     with pytest.raises(UserError, match="does not exist"):
