@@ -5,6 +5,12 @@ Requests to the locate routes take a slot of `Admission` in the request gate (mi
 before their body is read; beyond `max_concurrency + max_queue` they are refused at once (503
 with Retry-After). Decoding and inference then run in a worker thread (one hop per request)
 under a capacity limiter of `max_concurrency`, so decoded pixels are bounded too.
+
+Every locate request, whatever its route and options, takes one path, `Service.locate`: probe each
+upload's header, check the request's pixel budget (`uploads.check_request_pixels`), decode, one
+backbone forward over the usable images, then the Predictor's answers (`predict_embeddings` +
+`format`, or `predict_places` + `format_places`), to which the service adds only what it knows of
+the uploads (`exif_gps_present`, `image`, `view_images`), the timings and the explanation.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import json
 import math
 import threading
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import anyio
 import numpy as np
@@ -25,7 +32,7 @@ from PIL import Image
 from pigeon.explain import Explainer, heatmap_base64
 
 from .settings import Settings
-from .uploads import DecodedImage, ProbedImage, UploadError, decode_probed, probe_image, upload_label
+from .uploads import DecodedImage, ProbedImage, UploadError, check_request_pixels, decode_probed, probe_image, upload_label
 
 LARGE_REQUEST_PIXELS = 16_000_000  # after a request this large, freed heap pages go back to the OS
 
@@ -84,6 +91,57 @@ def _all_failed(errors: list[UploadError]) -> UploadError:
     same = len({(e.status, e.code) for e in errors}) == 1
     status, code = (errors[0].status, errors[0].code) if same else (400, "bad_image")
     return UploadError(status, code, f"none of the {len(errors)} images could be used: " + " | ".join(e.detail for e in errors))
+
+
+class Upload(NamedTuple):
+    """One uploaded file: how details name it (`image[1] (b.jpg)`), the client's file name, the bytes."""
+
+    label: str
+    filename: str | None
+    data: bytes
+
+
+@dataclass
+class Located:
+    """What `Service.locate` found: the entries (a result or an error each) and the request's timings."""
+
+    entries: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+ONE_PLACE = "same_place"  # the place label of /locate's views (any non-empty label: they are one place)
+
+
+def _batch_uploads(blobs: list[tuple[str | None, bytes]]) -> list[Upload]:
+    return [Upload(upload_label(f"images[{i}]", name), name, data) for i, (name, data) in enumerate(blobs)]
+
+
+def _image_info(d: DecodedImage) -> dict[str, Any]:
+    return {"format": d.format, "width": d.width, "height": d.height}
+
+
+def _result(answer: dict[str, Any], views: list[DecodedImage], timings: dict[str, float], place: bool) -> dict[str, Any]:
+    """The Predictor's answer plus the upload facts the service owns: `exif_gps_present` (any view's),
+    `image` (the first view's), `view_images` (a place's views, in order) and `timings_ms`."""
+    out = dict(answer)
+    out["exif_gps_present"] = any(v.exif_gps_present for v in views)
+    out["image"] = _image_info(views[0])
+    if place:
+        out["view_images"] = [_image_info(v) for v in views]
+    out["timings_ms"] = dict(timings)
+    return out
+
+
+def _answer_timings(stages: dict[str, float], n_answers: int, place: bool, strict: bool) -> dict[str, float]:
+    """Each answer's own `timings_ms`, with the keys each route has always given: a photo's answer its
+    share of the predictor's stages as `Predictor.locate` reports them (load_ms 0: uploads arrive
+    decoded, decode_ms counts that), /locate's one place the stages as `Predictor.locate_place` does,
+    a batch's places none (the batch's own timings_ms has them)."""
+    if place and not strict:
+        return {}
+    share = {k: v / n_answers for k, v in stages.items()}
+    share["total_ms"] = sum(share.values())
+    return share if place else {"load_ms": 0.0, **share}
 
 
 class Admission:
@@ -168,135 +226,138 @@ class Service:
         """Drop the caches (the GeoJSON); the predictor stays loaded so the app can start again."""
         self._cells_json = None
 
-    # -- answers -----------------------------------------------------------------------------------
-    def probe(self, data: bytes, label: str) -> ProbedImage:
-        s = self.settings
-        return probe_image(data, label=label, max_pixels=s.max_pixels, min_side=s.min_side)
-
-    def check_budget(self, probed: list[ProbedImage]) -> None:
-        """413 when the request's images add up to more pixels than `max_request_pixels` (from their
-        headers, before anything is decoded)."""
-        total, limit = sum(p.pixels for p in probed), self.settings.max_request_pixels
-        if total > limit:
-            raise UploadError(413, "too_many_pixels", f"the {len(probed)} images of this request are {total} pixels together (width x height, "
-                                                      f"from their headers); the limit is {limit} pixels per request; send fewer or smaller images")
-
-    def locate_one(self, data: bytes, label: str, top_k: int, explain: bool) -> dict[str, Any]:
-        """Decode, locate and (optionally) explain one upload; runs in a worker thread."""
-        t0 = time.perf_counter()
-        probed = self.probe(data, label)
-        self.check_budget([probed])
-        dec = decode_probed(probed, self.draft_size)
-        t1 = time.perf_counter()
-        res = plain(self.predictor.locate([dec.image], top_k=top_k)[0])
-        t2 = time.perf_counter()
-        out = self._finish(res, dec)
-        timings = dict(out["timings_ms"])
-        if explain:
-            out["explain"] = self.explain(dec.image, res)
-            timings["explain_ms"] = _ms(t2, time.perf_counter())
-        timings.update(decode_ms=_ms(t0, t1), locate_ms=_ms(t1, t2), total_ms=_ms(t0, time.perf_counter()))
-        out["timings_ms"] = timings
-        if probed.pixels > LARGE_REQUEST_PIXELS:
-            release_memory()
-        return out
+    # -- answers: one path for every locate request -----------------------------------------------
+    # /locate (one image, or views of one place with same_place) and /locate/batch (per file, or per
+    # `place` label) differ only in how uploads map to answers and whether a bad upload refuses the
+    # request; `locate` is the one flow, the four entry points below only name the uploads and shape the JSON.
+    def locate_one(self, data: bytes, filename: str | None, top_k: int, explain: bool) -> dict[str, Any]:
+        """POST /locate with one image: its answer (explained when asked); a refusal raises with its status."""
+        return self._alone(self.locate([Upload(upload_label("image", filename), filename, data)], top_k, strict=True, explain=explain))
 
     def locate_place(self, blobs: list[tuple[str | None, bytes]], top_k: int, combine: str | None) -> dict[str, Any]:
-        """One answer for several views of one place; runs in a worker thread. Every view must be usable:
-        the first that is not refuses the request with its own status, named `image[i] (name)`."""
-        t0 = time.perf_counter()
-        probed = [self.probe(data, upload_label(f"image[{i}]", name)) for i, (name, data) in enumerate(blobs)]
-        self.check_budget(probed)
-        decoded = [decode_probed(p, self.draft_size) for p in probed]  # one at a time: each full-size decode is dropped once reduced
-        t1 = time.perf_counter()
-        res = plain(self.predictor.locate_place([d.image for d in decoded], combine=combine, top_k=top_k))
-        t2 = time.perf_counter()
-        out = self._finish(res, decoded[0])
-        out["exif_gps_present"] = any(d.exif_gps_present for d in decoded)
-        out["view_images"] = [{"format": d.format, "width": d.width, "height": d.height} for d in decoded]
-        out["timings_ms"] = {**out["timings_ms"], "decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}
-        if sum(p.pixels for p in probed) > LARGE_REQUEST_PIXELS:
-            release_memory()
-        return out
-
-    def _decode_all(self, blobs: list[tuple[str | None, bytes]]) -> tuple[list[DecodedImage | UploadError], int]:
-        """Every upload decoded, or the error that names it; the request's pixel budget checked over
-        all headers before the first decode (413 for the whole request). Returns (items, header pixels)."""
-        probed: list[ProbedImage | UploadError] = []
-        for i, (name, data) in enumerate(blobs):
-            try:
-                probed.append(self.probe(data, upload_label(f"images[{i}]", name)))
-            except UploadError as e:
-                probed.append(e)
-        fine = [p for p in probed if isinstance(p, ProbedImage)]
-        self.check_budget(fine)
-        out: list[DecodedImage | UploadError] = []
-        for p in probed:  # one at a time: each full-size decode is dropped once reduced
-            try:
-                out.append(decode_probed(p, self.draft_size) if isinstance(p, ProbedImage) else p)
-            except UploadError as e:
-                out.append(e)
-        return out, sum(p.pixels for p in fine)
+        """POST /locate with same_place: one answer for several views of one place. Every view must be
+        usable: the first that is not refuses the request with its own status, named `image[i] (name)`."""
+        uploads = [Upload(upload_label(f"image[{i}]", name), name, data) for i, (name, data) in enumerate(blobs)]
+        return self._alone(self.locate(uploads, top_k, places=[ONE_PLACE] * len(uploads), combine=combine, strict=True))
 
     def locate_many(self, blobs: list[tuple[str | None, bytes]], top_k: int) -> dict[str, Any]:
-        """Per-item answers for a batch: one batched `locate` over the images that decode, an error
-        entry `{error, detail, status}` for each one that does not. No usable image: that error."""
-        t0 = time.perf_counter()
-        decoded, pixels = self._decode_all(blobs)
-        usable = [d for d in decoded if isinstance(d, DecodedImage)]
-        if not usable:
-            raise _all_failed([d for d in decoded if isinstance(d, UploadError)])
-        t1 = time.perf_counter()
-        results = iter(plain(self.predictor.locate([d.image for d in usable], top_k=top_k)))
-        t2 = time.perf_counter()
-        items = [{"filename": name, "result": self._finish(next(results), d)} if isinstance(d, DecodedImage) else {"filename": name, "error": d.as_item()}
-                 for (name, _), d in zip(blobs, decoded)]
-        if pixels > LARGE_REQUEST_PIXELS:
-            release_memory()
-        return {"results": items, "timings_ms": {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}}
+        """POST /locate/batch: an entry per file, `{filename, result}` or `{filename, error}`."""
+        return self._batch(self.locate(_batch_uploads(blobs), top_k))
 
     def locate_places(self, blobs: list[tuple[str | None, bytes]], places: list[str], top_k: int, combine: str | None) -> dict[str, Any]:
-        """One answer per place label for a batch (all views embedded in one pass); a place with a view that
-        cannot be used gets that view's error entry. No place usable: that error."""
+        """POST /locate/batch with `place` labels: an entry per place, `{place, filenames, result | error}`."""
+        return self._batch(self.locate(_batch_uploads(blobs), top_k, places=places, combine=combine))
+
+    def locate(self, uploads: list[Upload], top_k: int, *, places: list[str] | None = None, combine: str | None = None,
+               strict: bool = False, explain: bool = False) -> Located:
+        """The flow of every locate request (runs in a worker thread): probe every upload, check the
+        request's pixel budget, decode, then one backbone forward over the usable images and the
+        Predictor's answers, one per upload (`places` None) or one per place label (`places`: one per
+        upload; entries in the order of each place's first file).
+
+        `strict`: every upload must be usable, the first refusal raises (the /locate routes). Otherwise a
+        refused upload is its entry's error (a place with several gets the last one's, as before) and its
+        place's other views are not used; when no entry can be answered, `_all_failed` is raised.
+        `explain`: one upload only (the router refuses more)."""
+        if explain and len(uploads) != 1:
+            raise ValueError("explain works on one upload")
         t0 = time.perf_counter()
-        decoded, pixels = self._decode_all(blobs)
-        order = list(dict.fromkeys(places))  # places in the order of their first file
-        bad = {pl: d for pl, d in zip(places, decoded) if isinstance(d, UploadError)}
-        good = [i for i, pl in enumerate(places) if pl not in bad]
-        if not good:
+        decoded, pixels = self._read(uploads, strict)
+        units: list[Any] = list(range(len(uploads))) if places is None else list(places)  # the entry each upload answers in
+        members: dict[Any, list[int]] = {}
+        bad: dict[Any, UploadError] = {}
+        for i, (u, d) in enumerate(zip(units, decoded)):
+            members.setdefault(u, []).append(i)
+            if isinstance(d, UploadError):
+                bad[u] = d
+        use = [i for i, u in enumerate(units) if u not in bad]
+        if not use:
             raise _all_failed(list(bad.values()))
         t1 = time.perf_counter()
-        pred = self.predictor
-        pp = pred.predict_places(pred.embed([decoded[i].image for i in good]), [places[i] for i in good], combine=combine, top_k=top_k)
-        answers = {a.pop("place"): a for a in plain(pred.format_places(pp, top_k=top_k))}
+        ok = {i: d for i, d in enumerate(decoded) if isinstance(d, DecodedImage)}  # every upload of an entry in `use`
+        images = [ok[i].image for i in use]
+        answers, stages = self._answers(images, None if places is None else [units[i] for i in use], top_k, combine)
+        by_entry = dict(zip(use, answers)) if isinstance(answers, list) else answers
         t2 = time.perf_counter()
-        items = [self._place_item(pl, blobs, places, decoded, answers.get(pl), bad.get(pl)) for pl in order]
+        shares = _answer_timings(stages, len(by_entry), places is not None, strict)
+        entries = []
+        for u, idx in members.items():
+            names = [uploads[i].filename for i in idx]
+            entry: dict[str, Any] = {"filename": names[0]} if places is None else {"place": u, "filenames": names}
+            if u in bad:
+                entry["error"] = bad[u].as_item()
+            else:
+                entry["result"] = _result(by_entry[u], [ok[i] for i in idx], shares, places is not None)
+            entries.append(entry)
+        timings = {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2)}
+        if explain:
+            entries[0]["result"]["explain"] = self.explain(images[0], entries[0]["result"])
+            timings["explain_ms"] = _ms(t2, time.perf_counter())
+        timings["total_ms"] = _ms(t0, time.perf_counter())
         if pixels > LARGE_REQUEST_PIXELS:
             release_memory()
-        return {"results": items, "timings_ms": {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2), "total_ms": _ms(t0, time.perf_counter())}}
+        return Located(entries, timings)
 
-    def _place_item(self, place: str, blobs: list[tuple[str | None, bytes]], places: list[str], decoded: list[Any],
-                    res: dict[str, Any] | None, err: UploadError | None) -> dict[str, Any]:
-        """A batch entry for one place: `{place, filenames, result}` or `{place, filenames, error}`."""
-        mine = [i for i, pl in enumerate(places) if pl == place]
-        item: dict[str, Any] = {"place": place, "filenames": [blobs[i][0] for i in mine]}
-        if err is not None:
-            item["error"] = err.as_item()
-            return item
-        views = [decoded[i] for i in mine]
-        out = self._finish(res, views[0])
-        out.update(exif_gps_present=any(d.exif_gps_present for d in views),
-                   view_images=[{"format": d.format, "width": d.width, "height": d.height} for d in views])
-        item["result"] = out
-        return item
+    def _read(self, uploads: list[Upload], strict: bool) -> tuple[list[DecodedImage | UploadError], int]:
+        """Every upload probed (header only), the request's pixel budget checked over the usable headers
+        (413 for the whole request), then each decoded, one at a time (each full-size decode is dropped
+        once reduced). A refusal raises at once when `strict`, else it stands in the upload's place.
+        Returns (items, header pixels of the usable uploads)."""
+        probed: list[ProbedImage | UploadError] = []
+        for up in uploads:
+            try:
+                probed.append(self.probe(up.data, up.label))
+            except UploadError as e:
+                if strict:
+                    raise
+                probed.append(e)
+        pixels = check_request_pixels([p for p in probed if isinstance(p, ProbedImage)], self.settings.max_request_pixels)
+        decoded: list[DecodedImage | UploadError] = []
+        for p in probed:
+            try:
+                decoded.append(decode_probed(p, self.draft_size) if isinstance(p, ProbedImage) else p)
+            except UploadError as e:
+                if strict:
+                    raise
+                decoded.append(e)
+        return decoded, pixels
+
+    def _answers(self, images: list[Image.Image], groups: list[Any] | None, top_k: int,
+                 combine: str | None) -> tuple[list[dict[str, Any]] | dict[Any, dict[str, Any]], dict[str, float]]:
+        """One backbone forward over `images`, then the Predictor's formatted answers: a list, one per
+        image (`groups` None), or a dict place label -> answer (`groups`: each image's place). Also the
+        stages' ms (embed, head, format) for the answers' own timings."""
+        pred = self.predictor
+        t0 = time.perf_counter()
+        emb = pred.embed(images)
+        t1 = time.perf_counter()
+        if groups is None:
+            arrays = pred.predict_embeddings(emb, top_k=top_k)
+            t2 = time.perf_counter()
+            answers: Any = plain(pred.format(arrays, top_k=top_k))
+        else:
+            pp = pred.predict_places(emb, groups, combine=combine, top_k=top_k)
+            t2 = time.perf_counter()
+            answers = {a.pop("place"): a for a in plain(pred.format_places(pp, top_k=top_k))}
+        t3 = time.perf_counter()
+        return answers, {"embed_ms": (t1 - t0) * 1e3, "head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3}
 
     @staticmethod
-    def _finish(res: dict[str, Any], dec: DecodedImage) -> dict[str, Any]:
-        out = dict(res)
-        out["exif_gps_present"] = dec.exif_gps_present
-        out["image"] = {"format": dec.format, "width": dec.width, "height": dec.height}
-        out["timings_ms"] = {k: float(v) for k, v in (res.get("timings_ms") or {}).items() if isinstance(v, (int, float))}
+    def _alone(located: Located) -> dict[str, Any]:
+        """The /locate JSON: the one entry's answer, the request's timings added to its own."""
+        out = located.entries[0]["result"]
+        out["timings_ms"] = {**out["timings_ms"], **located.timings}
         return out
+
+    @staticmethod
+    def _batch(located: Located) -> dict[str, Any]:
+        """The /locate/batch JSON: the entries and the request's timings."""
+        return {"results": located.entries, "timings_ms": located.timings}
+
+    def probe(self, data: bytes, label: str) -> ProbedImage:
+        """Header-only check of one upload against the per-image limits (uploads.probe_image)."""
+        s = self.settings
+        return probe_image(data, label=label, max_pixels=s.max_pixels, min_side=s.min_side)
 
     def explain(self, image: Image.Image, res: dict[str, Any]) -> dict[str, Any]:
         """Cue scores and the Grad-CAM heatmap of the answer's top cell."""

@@ -8,6 +8,7 @@ filename or Content-Type; the first bytes decide the format.
 
 Two steps, so a request's pixel budget can be checked over all its images before any is decoded:
 `probe_image` reads the header only (format, size; 413 over `max_pixels`, 422 under `min_side`),
+`check_request_pixels` sums the probed headers against `max_request_pixels` (413 for the request),
 `decode_probed` decodes the pixels, fully and once, and refuses what does not decode (400).
 
 Decisions (documented in docs/serve.md):
@@ -37,6 +38,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -157,6 +159,17 @@ def probe_image(data: bytes, *, label: str = "image", max_pixels: int = 50_000_0
     if min(w, h) < min_side:
         raise UploadError(422, "image_too_small", f"{label} is {w}x{h} pixels; at least {min_side} pixels on each side are needed to locate anything")
     return ProbedImage(im=im, format=fmt, width=w, height=h, label=label)
+
+
+def check_request_pixels(probed: Sequence[ProbedImage], limit: int) -> int:
+    """The per-request pixel budget: 413 `too_many_pixels` when the images' width x height, read from
+    their headers, add up to more than `limit` (checked before any is decoded, so a request's decoded
+    memory stays bounded whatever each image's own limit allows). Returns the total."""
+    total = sum(p.pixels for p in probed)
+    if total > limit:
+        raise UploadError(413, "too_many_pixels", f"the {len(probed)} images of this request are {total} pixels together (width x height, "
+                                                  f"from their headers); the limit is {limit} pixels per request; send fewer or smaller images")
+    return total
 
 
 def _exif_facts(im: Image.Image) -> tuple[bool, int]:

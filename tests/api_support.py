@@ -90,7 +90,8 @@ def tiny_predictor():
 
 
 class BlockingPredictor:
-    """The real predictor, made to wait inside `locate` for `release` (to fill the server up), or to fail."""
+    """The real predictor, made to wait inside the backbone forward of a request (`embed`, which the
+    service's one locate path calls) for `release` (to fill the server up), or to fail."""
 
     def __init__(self, inner, fail: bool = False):
         self.inner, self.fail = inner, fail
@@ -99,9 +100,9 @@ class BlockingPredictor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def locate(self, images, top_k=5):
+    def embed(self, images):
         self.entered.set()
         if self.fail:
             raise RuntimeError("boom")
         self.release.wait(30)
-        return self.inner.locate(images, top_k=top_k)
+        return self.inner.embed(images)

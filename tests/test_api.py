@@ -151,6 +151,82 @@ def test_batch_names_the_bad_image(client):
     assert r.status_code == 400 and r.json()["error"] == "bad_image"  # no common status: 400
 
 
+def test_every_route_takes_the_one_path(client):
+    """/locate, /locate with same_place, /locate/batch and /locate/batch with `place` labels are one path
+    (Service.locate): the same photo gets the same answer from each, and two views sent as one place
+    get the same answer from /locate and from a batch."""
+    data = encode(photo(seed=21), "PNG")
+    part = ("a.png", data, "image/png")
+    one = _post(client, data, "a.png", "image/png", top_k=3).json()
+    same = _post(client, data, "a.png", "image/png", top_k=3, same_place=True).json()
+    batch = client.post("/locate/batch", files=[("images", part)], data={"top_k": "3"}).json()
+    placed = client.post("/locate/batch", files=[("images", part)], data={"top_k": "3", "place": "here"}).json()
+    assert placed["results"][0]["place"] == "here" and placed["results"][0]["filenames"] == ["a.png"]
+    for a in (same, batch["results"][0]["result"], placed["results"][0]["result"]):
+        assert (a["lat"], a["lon"]) == pytest.approx((one["lat"], one["lon"]))
+        assert a["confidence"] == pytest.approx(one["confidence"], rel=1e-5)
+        assert [c["cell_id"] for c in a["top_cells"]] == [c["cell_id"] for c in one["top_cells"]]
+        assert a["image"] == one["image"] == {"format": "png", "width": 96, "height": 72}
+    for t in (one["timings_ms"], same["timings_ms"]):
+        assert {"decode_ms", "locate_ms", "total_ms"} <= set(t)
+    assert set(batch["timings_ms"]) == set(placed["timings_ms"]) == {"decode_ms", "locate_ms", "total_ms"}
+    two = [part, ("b.jpg", encode(photo(120, 80, seed=22)), "image/jpeg")]
+    r = client.post("/locate", files=[("image", p) for p in two], data={"same_place": "true", "top_k": "3", "combine": "both"})
+    b = client.post("/locate/batch", files=[("images", p) for p in two], data={"place": ["p", "p"], "top_k": "3", "combine": "both"})
+    assert r.status_code == b.status_code == 200, (r.text, b.text)
+    entry = b.json()["results"][0]
+    assert entry["filenames"] == ["a.png", "b.jpg"] and entry["result"]["views"] == 2
+    _same({k: v for k, v in entry["result"].items() if k != "timings_ms"}, _answer(r))
+
+
+class _CountingForwards:
+    """The real predictor, recording how many images each backbone forward of a request (`embed`) gets."""
+
+    def __init__(self, inner):
+        self.inner, self.forwards = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def embed(self, images):
+        self.forwards.append(len(images))
+        return self.inner.embed(images)
+
+
+def test_one_forward_per_request_over_the_usable_images():
+    pred = _CountingForwards(tiny_predictor())
+    good = [("images", (f"{i}.png", encode(photo(seed=30 + i), "PNG"), "image/png")) for i in range(3)]
+    gif = ("images", ("bad.gif", encode(photo(), "GIF"), "image/gif"))
+    with TestClient(create_app(pred, Settings(warmup=False))) as c:
+        r = c.post("/locate/batch", files=[good[0], gif, good[1], good[2]])
+        assert r.status_code == 200 and [("result" in e) for e in r.json()["results"]] == [True, False, True, True]
+        r = c.post("/locate/batch", files=[good[0], gif, good[1], good[2]], data={"place": ["a", "a", "b", "b"]})
+        assert r.status_code == 200 and [("result" in e) for e in r.json()["results"]] == [False, True]  # place a's good view is not embedded
+        r = c.post("/locate", files=[("image", f[1]) for f in good], data={"same_place": "true"})
+        assert r.status_code == 200 and r.json()["views"] == 3
+    assert pred.forwards == [3, 2, 3]
+
+
+def test_request_pixel_budget_is_the_uploads_module_s():
+    """`uploads.check_request_pixels` owns the per-request budget: 413 naming the images' total and the
+    limit; the service refuses with exactly its error."""
+    from pigeon.api.uploads import UploadError, check_request_pixels, probe_image
+
+    datas = [encode(photo(100, 50, seed=i), "PNG") for i in range(3)]
+    probed = [probe_image(d, label=f"images[{i}]") for i, d in enumerate(datas)]
+    assert check_request_pixels(probed, 15_000) == 15_000 and check_request_pixels([], 1) == 0
+    with pytest.raises(UploadError) as e:
+        check_request_pixels(probed, 14_999)
+    assert e.value.status == 413 and e.value.code == "too_many_pixels"
+    assert "the 3 images of this request are 15000 pixels together" in e.value.detail
+    assert "the limit is 14999 pixels per request" in e.value.detail
+    with TestClient(create_app(tiny_predictor(), Settings(max_request_pixels=14_999, warmup=False))) as c:
+        r = c.post("/locate/batch", files=[("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(datas)])
+        assert r.status_code == 413 and r.json() == {"error": "too_many_pixels", "detail": e.value.detail}
+        r = c.post("/locate", files=[("image", (f"{i}.png", d, "image/png")) for i, d in enumerate(datas)], data={"same_place": "true"})
+        assert r.status_code == 413 and r.json() == {"error": "too_many_pixels", "detail": e.value.detail}
+
+
 def test_batch_item_errors_in_the_schema(client):
     item = client.get("/openapi.json").json()["components"]["schemas"]["BatchResponse"]["properties"]["results"]["items"]
     refs = {x["$ref"].rsplit("/", 1)[1] for x in item["anyOf"]}
@@ -410,7 +486,7 @@ def test_heatmap_falls_back_to_gradient_times_input():
 
 
 class _Overlap:
-    """The real predictor and explainer, counting how often a `locate` runs while an explanation is under way."""
+    """The real predictor and explainer, counting how often a request's forward (`embed`) runs while an explanation is under way."""
 
     def __init__(self, inner):
         self.inner, self.explaining, self.overlaps = inner, 0, 0
@@ -419,10 +495,10 @@ class _Overlap:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def locate(self, images, top_k=5):
+    def embed(self, images):
         with self.lock:
             self.overlaps += self.explaining > 0
-        return self.inner.locate(images, top_k=top_k)
+        return self.inner.embed(images)
 
     def wrap(self, activation_map):
         def counted(*a, **kw):

@@ -15,7 +15,6 @@ from ..deps import ServiceDep, SettingsDep, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
 from ..schemas import BatchResponse, Location
 from ..settings import Settings
-from ..uploads import upload_label
 
 LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {**ERROR, "description": "the file is not a decodable image (empty, truncated, corrupt) or the body is malformed"},
@@ -81,7 +80,7 @@ async def locate(
         blobs = [(f.filename, await f.read()) for f in image]
         return await service.run(service.locate_place, blobs, top_k, combine)
     data = await image[0].read()
-    return await service.run(service.locate_one, data, upload_label("image", image[0].filename), top_k, explain)
+    return await service.run(service.locate_one, data, image[0].filename, top_k, explain)
 
 
 @router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
