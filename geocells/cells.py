@@ -16,7 +16,7 @@ from shapely import STRtree
 
 from pigeon.core.errors import UserError
 from pigeon.core.io import atomic_path
-from pigeon.core.sphere import to_xyz, wrap_lon
+from pigeon.core.sphere import wrap_lon
 
 from .geometry import NearestIndex, adjacency, assign_points
 
