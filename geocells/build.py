@@ -26,12 +26,12 @@ import pandas as pd
 import shapely
 from scipy.spatial import cKDTree
 from shapely import STRtree
-from tqdm.auto import tqdm
 
 from . import bundled
 from .boundaries import load_boundaries
 from .cells import COMPOSITION, PLACE_KEYS, GeoCells, encode_composition
 from pigeon.core.errors import UserError
+from pigeon.core.progress import progress as progress_bar
 from .geometry import adjacency, assign_points, from_local, local_points, nearest_polygon, polygonal, to_local
 from .optics import optics_xi_labels
 from .reach import DEFAULT_MAX_REACH_KM, clip_to_reach
@@ -188,7 +188,7 @@ def _split_units(loc: _Locations, uunit: np.ndarray, units: np.ndarray, unit_geo
     workers = max(1, min(len(big), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(split_one, zip(big, seeds.tolist()))
-        for members, labels, info, pieces in tqdm(results, total=len(big), desc="splitting cells", unit="cell", disable=not progress or not big):
+        for members, labels, info, pieces in progress_bar(results, total=len(big), desc="splitting cells", unit="cell", disable=not progress or not big):
             st.optics_splits += info["optics"]
             st.fallback_splits += info["fallback"]
             st.unsplittable.extend(info["unsplittable"])

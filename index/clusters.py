@@ -26,9 +26,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import sparse
-from tqdm import tqdm
 
 from pigeon.core.errors import UserError
+from pigeon.core.progress import progress as progress_bar
 from pigeon.core.sphere import from_xyz, to_xyz
 from pigeon.geocells.optics import optics_xi_labels
 
@@ -94,7 +94,7 @@ def cluster_points(lat: np.ndarray, lon: np.ndarray, cell: np.ndarray, *, min_op
     nxt = 0
     it = range(len(cells))
     if progress:
-        it = tqdm(it, desc="clusters", unit="cell", leave=False)
+        it = progress_bar(it, desc="clusters", unit="cell", leave=False)
     for i in it:
         idx = order[starts[i]:starts[i] + counts[i]]
         local = _cluster_cell(xyz[idx], min_optics=min_optics, max_optics=max_optics, seed=seed + int(cells[i]))

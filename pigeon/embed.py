@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from .backbones import backbone_from_bundle, create_backbone
 from .bundle import Bundle
 from .core.errors import UserError
 from .core.splits import normalise as normalise_splits
 from .core.io import pause_point
+from .core.progress import progress as progress_bar
 from .datasets.fields import FIELDS, normalize_fields
 from .datasets.images import load_image
 from .datasets.sources import Record, Source
@@ -155,7 +155,7 @@ def _embed_shards(source: Source, backbone: Any, out: Path, todo: list[int], fin
     dl = DataLoader(ds, batch_size=None, num_workers=int(workers), collate_fn=_collate)
     nw = max(1, int(workers))
     pending: dict[int, _Pending] = {}
-    bar = tqdm(total=len(todo), desc=f"embed {source.kind} shards", unit="shard", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"embed {source.kind} shards", unit="shard", disable=not progress)
     model = backbone.model
     model.eval()
     with torch.no_grad():

@@ -37,9 +37,9 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
 from pigeon.core.io import atomic_path
+from pigeon.core.progress import ProgressBar, progress as progress_bar
 from pigeon.geocells import GeoCells
 
 from .backbones import Backbone, create_backbone, parse_spec
@@ -458,7 +458,7 @@ def _optimizer_step(tr: _Trainer, it: Iterator, cfg: PretrainConfig, d: _Dist, p
     return step_loss
 
 
-def _record_step(tr: _Trainer, prog: _Progress, step_loss: float, pbar: tqdm | None) -> None:
+def _record_step(tr: _Trainer, prog: _Progress, step_loss: float, pbar: ProgressBar | None) -> None:
     """Count a finished optimizer step, keep its loss, move the progress bar."""
     prog.step += 1
     prog.losses.append(step_loss)
@@ -472,7 +472,7 @@ def _checkpoint_due(cfg: PretrainConfig, plan: _Plan, prog: _Progress) -> bool:
 
 
 def _run_epoch(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress,
-               pbar: tqdm | None, ckpt: Path) -> None:
+               pbar: ProgressBar | None, ckpt: Path) -> None:
     """Train from `prog.step` to the end of its epoch (or `plan.stop`): this epoch's order, augmentations and
     caption wording, a checkpoint every `checkpoint_every` steps. The loader ends with the call."""
     epoch, in_epoch = divmod(prog.step, plan.steps_per_epoch)
@@ -534,7 +534,7 @@ class _StreamFeed:
 
 
 def _run_stream_epoch(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist, prog: _Progress,
-                      pbar: tqdm | None, ckpt: Path) -> None:
+                      pbar: ProgressBar | None, ckpt: Path) -> None:
     """Train on `prog.epoch`'s shards from `prog.shards_done` on, until a process runs out of samples, the
     epoch's share of the schedule is used or `plan.stop`; checkpoints record the finished shards."""
     ds = ShardStream(data.source, plan.transform, plan.local_bs, seed=cfg.seed, epoch=prog.epoch, start=prog.shards_done,
@@ -563,7 +563,7 @@ def _train(tr: _Trainer, plan: _Plan, data: _Data, cfg: PretrainConfig, d: _Dist
     process); returns the seconds it took."""
     pbar = None
     if progress and d.main:
-        pbar = tqdm(total=plan.stop, initial=min(prog.step, plan.stop), desc=f"pretrain {tr.bb.spec}", unit="step")
+        pbar = progress_bar(total=plan.stop, initial=min(prog.step, plan.stop), desc=f"pretrain {tr.bb.spec}", unit="step")
     t0 = time.perf_counter()
     tr.model.train()
     _freeze_batchnorm(tr.model)

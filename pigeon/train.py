@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from pigeon.core.io import atomic_path
 from pigeon.core.sphere import haversine_km
@@ -36,6 +35,7 @@ from .backbones import DEFAULT_SPEC, backbone_from_bundle, create_backbone
 from .bundle import Bundle
 from .calibration import calibrate_radii, cell_spread_km, ece, fit_temperature, geometric_spread_km, softmax
 from .core.errors import FieldError, UserError
+from .core.progress import progress as progress_bar
 from .core.splits import TRAIN, VAL, normalise as normalise_splits, rows_of
 from .datasets import EpochSampler, build_train_transform, rare_cell_weights
 from .datasets.images import load_image
@@ -480,7 +480,7 @@ class _Run:
         self.head.train()
         self.strategy.set_training(True)
         ts, losses = time.perf_counter(), []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
+        bar = progress_bar(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=False)
         for s in bar:
             ex = order[s : s + cfg.batch_size]
             loss = _soft_ce(self.head(self.strategy.embed_batch(ex)), self.targets(self.example_rows(ex)))

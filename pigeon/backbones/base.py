@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..core.errors import UserError
+from ..core.progress import progress as progress_bar
 
 
 def check_device(device: str) -> torch.device:
@@ -103,7 +103,7 @@ class Backbone:
         out = np.zeros((n, self.embed_dim), dtype=np.float32)
         starts: Sequence[int] | Iterator[int] = range(0, n, batch_size)
         if progress:
-            starts = tqdm(starts, desc="embed images", unit="batch")
+            starts = progress_bar(starts, desc="embed images", unit="batch")
         with self._inference():
             for s in starts:
                 chunk = images[s : s + batch_size]

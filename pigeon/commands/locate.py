@@ -22,9 +22,8 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
     top cell's centre."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
-    from tqdm.auto import tqdm
-
     from pigeon.core.io import check_writable
+    from pigeon.core.progress import progress
     from pigeon.index import RefineConfig
     from pigeon.predictor import Predictor, collect_images
 
@@ -36,7 +35,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     pred = Predictor.from_bundle(bundle, device=device, refine=config)
     answers: list[dict] = []
     failures: list[dict] = []
-    for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
+    for s in progress(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
         images, names = _load_batch(files[s : s + batch_size], failures, strict)
         if not images:
             continue
@@ -131,10 +130,10 @@ def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[
 def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict], strict: bool) -> tuple["np.ndarray", "np.ndarray"]:
     """(embeddings of the readable files, their positions in `files`), batch by batch; unreadable files go to `failures`."""
     import numpy as np
-    from tqdm.auto import tqdm
+    from pigeon.core.progress import progress
 
     embs, kept = [], []
-    for s in tqdm(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
+    for s in progress(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
         images, names = _load_batch(files[s : s + batch_size], failures, strict)
         if images:
             embs.append(pred.embed(images))
