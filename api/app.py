@@ -6,10 +6,13 @@ the shared per-process state (service.py). Here they are put together:
 
 - The bundle is loaded eagerly, in `create_app`: a bundle with missing or mismatched parts raises
   `UserError` before any server is started, let alone listening.
-- The lifespan does what needs the server running: the warm-up inference (uvicorn runs the
+- The lifespan does what needs the server running: it starts the full hash of the bundle's large
+  parts in a background thread (the start only checked them against `.verified.json`'s size and
+  mtime; /health says `verifying` until it is done), runs the warm-up inference (uvicorn runs the
   lifespan before it binds the socket, so the first request is not the slow one) and, at
-  shutdown, dropping the caches. An app driven without a lifespan (httpx's ASGITransport) still
-  answers; it just is not warmed up.
+  shutdown, drops the caches. An app driven without a lifespan (httpx's ASGITransport) still
+  answers; it just is not warmed up, and its background check starts with the first /health or
+  /locate.
 - The API key is a dependency on the protected routers, added only when a key is configured;
   on the locate routes the request gate checks it too, before the upload is read, and takes the
   request's admission slot (503 otherwise) before reading it as well.
@@ -55,6 +58,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start-up: the warm-up inference (in a worker thread); shutdown: drop the caches."""
     service: Service = app.state.service
     settings: Settings = app.state.settings
+    check = service.start_verification()
+    if check.state == "verifying":
+        log.info(f"verifying {', '.join(check.parts)} in full in the background; /health reports `verifying` until done")
     if settings.warmup:
         ms = await anyio.to_thread.run_sync(service.warm_up)
         log.info(f"warm-up inference took {ms:.0f} ms")

@@ -56,6 +56,14 @@ async def require_api_key(
         raise ApiError(401, "unauthorized", UNAUTHORIZED)
 
 
+async def bundle_intact(request: Request) -> None:
+    """503 `bundle_damaged` naming the part once the background verification found a bundle part that does
+    not match its sha256 (the answers would come from damaged data); while it is still running, nothing."""
+    check = get_service(request).start_verification()
+    if check.state == "failed":
+        raise ApiError(503, "bundle_damaged", f"{check.error}; this server answers no /locate until the part is restored and the server restarted")
+
+
 async def no_query_params(request: Request) -> None:
     """422 naming the query parameters sent to a route that reads none (its options are form fields)."""
     names = list(dict.fromkeys(request.query_params.keys()))

@@ -149,7 +149,8 @@ class BatchResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(..., examples=["ok"])
+    status: str = Field(..., examples=["ok"], description="ok | verifying (large parts still being hashed in the background) | unhealthy (503)")
+    detail: Optional[str] = Field(None, description="only when unhealthy: the part that failed verification, and why")
     in_flight: int
     capacity: int
     cells: int

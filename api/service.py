@@ -29,8 +29,10 @@ import anyio
 import numpy as np
 from PIL import Image
 
+from pigeon.bundle import BackgroundVerify
 from pigeon.explain import Explainer, heatmap_base64
 
+from .logs import log
 from .settings import Settings
 from .uploads import DecodedImage, ProbedImage, UploadError, check_request_pixels, decode_probed, probe_image, upload_label
 
@@ -187,6 +189,14 @@ class Admission:
         self.held -= 1
 
 
+def _log_verification(check: BackgroundVerify) -> None:
+    """The background check's end, in the service log: an error naming the part, or that all is verified."""
+    if check.state == "failed":
+        log.error(f"bundle verification failed: {check.error}; /locate answers 503 and /health 503 until the part is restored and the server restarted")
+    else:
+        log.info(f"bundle verified: {', '.join(check.parts)} hashed in full, matching the manifest")
+
+
 class Service:
     """The loaded predictor plus the per-process state the endpoints share (limiter, caches, explainer)."""
 
@@ -203,6 +213,13 @@ class Service:
         self.explainer = Explainer(predictor.backbone, lambda e: head(e))
         # JPEGs decode at reduced scale down to the model's input size (never below 224)
         self.draft_size = max(224, int(getattr(getattr(predictor, "backbone", None), "image_size", 224) or 224))
+        # the large parts' full hash, in a background thread started with the service (`start_verification`):
+        # until it is done /health says "verifying"; a mismatch makes /health 503 and /locate 503 naming the part
+        self.verification = BackgroundVerify(getattr(predictor, "bundle", None), on_done=_log_verification)
+
+    def start_verification(self) -> BackgroundVerify:
+        """Start the background hash of the bundle's large parts (once; later calls return the same check)."""
+        return self.verification.start()
 
     # -- admission and worker threads -------------------------------------------------------------
     @property

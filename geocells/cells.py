@@ -15,7 +15,7 @@ import shapely
 from shapely import STRtree
 
 from pigeon.core.errors import UserError
-from pigeon.core.io import atomic_path
+from pigeon.core.io import atomic_path, bundled_file
 from pigeon.core.sphere import wrap_lon
 
 from .geometry import NearestIndex, adjacency, assign_points
@@ -96,8 +96,9 @@ class GeoCells:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GeoCells":
-        """Read cells written by `save` (GeoParquet)."""
-        path = Path(path)
+        """Read cells written by `save` (GeoParquet). `BUNDLE/cells.parquet` reads the cells the bundle's
+        manifest names (they live in its version folder: `pigeon.core.io.bundled_file`)."""
+        path = bundled_file(path)
         if not path.exists():
             raise UserError(f"cells file {path} does not exist; build it with `pigeon build-cells --points FILE --out {path}`")
         try:

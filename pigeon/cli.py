@@ -33,6 +33,7 @@ COMMANDS = [
     "pigeon.commands.locate",
     "pigeon.commands.evaluate",
     "pigeon.commands.serve",
+    "pigeon.commands.verify",
 ]
 
 for _mod in COMMANDS:

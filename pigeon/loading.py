@@ -3,7 +3,8 @@
 Every command that reads a trained bundle (serve, locate, evaluate through `Predictor.from_bundle`;
 build-index; train) loads its parts here, so a head trained with another backbone, for other cells
 or for another embedding width is refused (or, where the head is optional, set aside) with the same
-words everywhere. `check_head` is that rule; the Predictor's constructor calls it too.
+words everywhere. `check_head` is that rule; the Predictor's constructor calls it too. `check_recorded` holds the
+manifest's recorded facts (n_cells, embed_dim, counts) to the parts it loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backbones import Backbone, backbone_from_bundle
-from .bundle import Bundle
+from .bundle import MANIFEST, PART_FILES, Bundle
 from .core.errors import UserError
 from .bundle_gallery import GALLERY_PARTS, load_gallery
 from .geocells import GeoCells
@@ -34,6 +35,30 @@ def check_head(head: PrototypeHead, backbone: Any, n_cells: int, trained_with: s
     if head.n_cells != n_cells:
         return f"head.safetensors has {head.n_cells} prototypes but the bundle has {n_cells} cells"
     return None
+
+
+def check_recorded(bundle: Bundle, cells: GeoCells | None = None, head: PrototypeHead | None = None,
+                   gallery: Gallery | None = None) -> None:
+    """Refuse, by part and field, a manifest whose recorded facts are not those of the parts it
+    describes: the cells' and the head's `n_cells`, the head's `embed_dim`, the index's `dim` and the
+    gallery parts' `count` (and `n_clusters`). A manifest that misstates them describes another
+    bundle; a record without the field is not checked (written before it was recorded)."""
+    facts: list[tuple[str, str, int]] = []
+    if cells is not None:
+        facts.append(("cells", "n_cells", len(cells)))
+    if head is not None:
+        facts += [("head", "n_cells", head.n_cells), ("head", "embed_dim", head.embed_dim)]
+    if gallery is not None:
+        n = int(gallery.index.ntotal)
+        facts += [("index", "count", n), ("index", "dim", int(gallery.index.dim)), ("gallery", "count", len(gallery.frame)),
+                  ("clusters", "count", n), ("clusters", "n_clusters", len(gallery.clusters))]
+    for part, key, actual in facts:
+        said = bundle.meta(part).get(key)
+        if said is None:
+            continue
+        if isinstance(said, bool) or not isinstance(said, int) or said != actual:
+            raise UserError(f"bundle {bundle.path}: {MANIFEST} says {PART_FILES[part]} has {key} {said!r}, but the file holds {actual}; "
+                            f"the manifest describes other parts: restore it, or rebuild the bundle")
 
 
 def load_cells(bundle: Bundle) -> GeoCells:
@@ -66,6 +91,7 @@ def load_bundle(path: str | os.PathLike | Bundle, device: str = "cpu", *, head: 
     if verify:
         b.verify()  # every listed part against its sha256: a missing or changed part is refused by name
     cells = load_cells(b)
+    check_recorded(b, cells=cells)
     bb = backbone_from_bundle(b, device=device)
     out = LoadedBundle(b, cells, bb)
     if head != "no":
@@ -73,16 +99,18 @@ def load_bundle(path: str | os.PathLike | Bundle, device: str = "cpu", *, head: 
             out.head_note = "the bundle has no head.safetensors (run `pigeon train` first)"
         else:
             h = PrototypeHead.load(b.part_path("head"))
+            check_recorded(b, head=h)  # a manifest that misstates the head is damaged, even where the head is optional
             why = check_head(h, bb, len(cells), b.meta("head").get("backbone_hash"))
             if why and head == "required":
                 raise UserError(f"bundle {b.path}: {why}; {RETRAIN}")
             out.head, out.head_note = (None, why) if why else (h.to(device), None)
     if gallery and any(b.listed(p) for p in GALLERY_PARTS):
         out.gallery = load_gallery(b, mmap=mmap)
+        check_recorded(b, gallery=out.gallery)
         if out.gallery.index.dim != bb.embed_dim:
             raise UserError(f"bundle {b.path}: index.faiss holds {out.gallery.index.dim}-d vectors, backbone {bb.spec} gives {bb.embed_dim}; "
                             f"rerun `pigeon build-index`")
     return out
 
 
-__all__ = ["LoadedBundle", "check_head", "load_bundle", "load_cells"]
+__all__ = ["LoadedBundle", "check_head", "check_recorded", "load_bundle", "load_cells"]

@@ -65,8 +65,8 @@ def test_kill_9_during_a_gallery_swap(gallery_bundle, tmp_path, step, switched):
     live = {b.part_path(p).parent.name for p in ("index", "gallery", "clusters")}
     versions = {d.name for d in bundle.iterdir() if d.is_dir() and d.name.startswith(("v-", ".build-index."))}
     assert len(live) == 1 and versions >= live
-    head_dir = b.part_path("head").parent.name
-    assert versions - live <= {head_dir}
+    other_dirs = {b.part_path(p).parent.name for p in ("cells", "head")}   # the parts of earlier swaps, in their own folders
+    assert versions - live <= other_dirs
     assert load_gallery(b).index.ntotal == g.index.ntotal - 1
     np.testing.assert_array_equal(np.sort(load_gallery(b).frame["id"]), np.sort(np.setdiff1d(g.frame["id"], rest)))
 
@@ -93,3 +93,60 @@ def test_kill_9_during_a_single_part_swap(tmp_path, step, switched):
     assert after.part_path("head").read_bytes() == (b"new head" if switched else b"old head")
     after.write_part("head", lambda p: p.write_bytes(b"third"))
     assert [d.name for d in b.path.iterdir() if d.is_dir()] == [after.part_path("head").parent.name]
+
+
+@pytest.fixture(scope="module")
+def cells_world(tmp_path_factory):
+    """A bundle with cells and a head built on them, and the points table of its world."""
+    from worlds import world_bundle
+
+    manifest, _, bundle, _ = world_bundle(tmp_path_factory.mktemp("cells-kill"), n_images=80, image_size=32, seed=5, min_size=8, max_size=16)
+    return manifest, bundle
+
+
+@pytest.mark.parametrize("step, switched", [("part-written", False), ("before-switch", False), ("after-switch", True)])
+def test_kill_9_during_build_cells_force(cells_world, tmp_path, step, switched):
+    """`build-cells --force` swaps cells.parquet like every other part (a version folder, one manifest
+    rename): a kill at any step leaves the old bundle (cells and head agree, it serves) or the new one
+    (new cells, verified; the head orphaned, as after a finished --force), never new cells under the old manifest."""
+    import shutil
+
+    from pigeon.loading import load_cells
+    from pigeon.predictor import Predictor
+
+    manifest, src = cells_world
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    old_hash = Bundle(bundle).cells_hash
+    flag = tmp_path / "paused"
+    env = {**os.environ, "PIGEON_PAUSE_AT": step, "PIGEON_PAUSE_FILE": str(flag)}
+    args = ["build-cells", "--points", str(manifest), "--out", str(bundle / "cells.parquet"), "--force", "--min-size", "5", "--max-size", "10", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "pigeon.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not flag.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "never paused"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    b = Bundle(bundle)
+    b.verify()                                   # the manifest and the bytes agree, whichever state it is in
+    assert (b.cells_hash != old_hash) == switched   # cells_hash: the sha256 of the file in force
+    in_force = load_cells(b)
+    if switched:
+        with pytest.raises(Exception, match="other cells"):
+            b.require("head")
+    else:
+        assert Predictor.from_bundle(bundle).n_cells == len(in_force)   # the old bundle serves as before
+    # the cells path given on the command line still names the cells in force
+    from pigeon.geocells import GeoCells
+
+    assert GeoCells.load(bundle / "cells.parquet").hash == in_force.hash
+    # the next successful build leaves no trace of the killed one
+    from pigeon.commands.cells import build_cells_file
+
+    build_cells_file(manifest, bundle / "cells.parquet", min_size=6, max_size=12, progress=False, force=True)
+    b = Bundle(bundle)
+    b.verify()
+    live = {b.part_path(p).parent.name for p in b.manifest["parts"]}
+    assert {d.name for d in bundle.iterdir() if d.is_dir() and d.name.startswith("v-")} == live
+    assert not (bundle / "cells.parquet").exists() and b.part_path("cells").parent != bundle

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from pigeon.places import place_labels
 
-from ..deps import ServiceDep, SettingsDep, no_query_params
+from ..deps import ServiceDep, SettingsDep, bundle_intact, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
 from ..schemas import BatchResponse, Location
 from ..settings import Settings
@@ -24,10 +24,11 @@ LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     415: {**ERROR, "description": "not JPEG, PNG or WebP (detected from the bytes)"},
     422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), no image or more views than max_batch "
                                   "(`one_image_expected`), explain with several views, top_k over the server's max_top_k, or an image too small to use"},
-    503: {**ERROR, "description": "over capacity, decided before the body is read; retry after the Retry-After header's seconds"},
+    503: {**ERROR, "description": "over capacity, decided before the body is read; retry after the Retry-After header's seconds. "
+                                  "Or `bundle_damaged`: a bundle part failed its background verification (the detail names it); not worth retrying"},
 }
 
-router = APIRouter(tags=["locate"], responses=LOCATE_ERRORS, dependencies=[Depends(no_query_params)])
+router = APIRouter(tags=["locate"], responses=LOCATE_ERRORS, dependencies=[Depends(no_query_params), Depends(bundle_intact)])
 
 TopK = Annotated[int, Form(ge=1, description="how many top cells to return (1..max_top_k; the server's max_top_k is 50 unless configured)")]
 

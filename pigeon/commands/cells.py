@@ -90,8 +90,10 @@ def build_cells_file(
     """Read points (a points table or any data source; only rows of `splits`, None: all), build cells,
     write them (atomically) and return a summary dict.
 
-    When `out` is named `cells.parquet`, its folder is treated as a model bundle and the cells are
-    recorded in the bundle's manifest (so later parts can be checked against them). A bundle that
+    When `out` is named `cells.parquet`, its folder is treated as a model bundle: the cells are written
+    into a fresh version folder (`BUNDLE/v-<id>/cells.parquet`) and recorded in the bundle's manifest by
+    one rename, like every other part (so later parts can be checked against them, and a kill leaves
+    the old cells or the new ones; `BUNDLE/cells.parquet` as a path still finds them). A bundle that
     already holds parts built on its cells (head, index, ...) is refused unless `force`: new cells
     orphan them, and the summary's `must_rebuild` says which. Land farther than `max_reach_km` from every
     point belongs to no cell (None or inf: the cells tile all land).
@@ -144,7 +146,8 @@ def _cells_path(out: Path) -> Path:
 
 
 def _write_cells(cells, out: Path, meta: dict, geojson: Path | None) -> None:
-    """Write the cells atomically; `cells.parquet` in a folder is recorded in that bundle's manifest."""
+    """Write the cells atomically; `cells.parquet` in a folder goes through that bundle (`Bundle.write_part`:
+    a version folder, then the one manifest rename)."""
 
     if out.name == "cells.parquet":
         Bundle(out.parent, create=True).write_part("cells", lambda tmp: cells.save(tmp), **meta)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator
 
 from .errors import UserError
 
@@ -51,3 +52,47 @@ def pause_point(step: str) -> None:
         return
     Path(os.environ.get("PIGEON_PAUSE_FILE", "pigeon.paused")).write_text(step)
     time.sleep(600)
+
+
+BUNDLE_MANIFEST = "manifest.json"  # = pigeon.bundle.MANIFEST (the bundle module is a layer above this one)
+
+
+def part_file(root: str | os.PathLike, part: str, file: Any) -> Path:
+    """The path of the file a bundle manifest's record for `part` names (`file`, relative to the bundle
+    folder `root`), refused by name (UserError) unless it is a relative path string, without `..`,
+    that stays inside `root` once symlinks are resolved. The one check of a part's file: `Bundle`
+    and `bundled_file` both go through it."""
+    root = Path(root)
+    how = f"restore {BUNDLE_MANIFEST} or rebuild the bundle"
+    ok = isinstance(file, str) and file.strip() != "" and "\x00" not in file
+    pure = PurePosixPath(file) if ok else None
+    if not ok or pure.is_absolute() or PureWindowsPath(file).drive or PureWindowsPath(file).root or ".." in pure.parts:
+        raise UserError(f"bundle {root}: part {part!r}'s file {file!r} must be a relative path inside the bundle "
+                        f"(e.g. v-<id>/head.safetensors); {how}")
+    path = root / pure
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise UserError(f"bundle {root}: part {part!r}'s file {file!r} leads outside the bundle through a symlink; {how}")
+    return path
+
+
+def bundled_file(path: str | os.PathLike) -> Path:
+    """Where a part's file really is when it is named the old way, as `BUNDLE/<its name>` (`--cells
+    BUNDLE/cells.parquet`): parts now live in version folders (`BUNDLE/v-<id>/cells.parquet`), so
+    when the folder holds a manifest whose record of a part names a file of that name, that file
+    (checked by `part_file`); otherwise `path` as given (a file outside any bundle, a bundle written
+    before version folders, an unreadable manifest: its loader says what is wrong)."""
+    path = Path(path)
+    manifest = path.parent / BUNDLE_MANIFEST
+    try:
+        parts = json.loads(manifest.read_bytes()).get("parts") if manifest.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return path
+    for part, rec in (parts.items() if isinstance(parts, dict) else ()):
+        file = rec.get("file") if isinstance(rec, dict) else None
+        if isinstance(file, str) and file and PurePosixPath(file).name == path.name:
+            return part_file(path.parent, part, file)
+    return path
