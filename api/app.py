@@ -28,7 +28,7 @@ import anyio
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from pigeon.core.errors import UserError
+from pigeon.core.errors import FieldError, UserError
 from pigeon.predictor import Predictor
 
 from .deps import require_api_key
@@ -43,11 +43,19 @@ __all__ = ["Settings", "app_from_env", "configure_logging", "create_app"]
 
 
 def load_predictor(bundle: Any, settings: Settings) -> Any:
-    """A bundle folder -> a Predictor (UserError when a part is missing or mismatched); a loaded one as given,
-    with the settings' refinement options applied when they set any."""
+    """A bundle folder -> a Predictor (UserError when a part is missing or mismatched, or the precision
+    setting cannot run on its device); a loaded one as given, with the settings' refinement options and
+    precision applied when they set any."""
     refine = settings.refine_config()
-    if isinstance(bundle, (str, os.PathLike)):
-        return Predictor.from_bundle(bundle, refine=refine)
+    try:
+        if isinstance(bundle, (str, os.PathLike)):
+            return Predictor.from_bundle(bundle, refine=refine, precision=settings.precision)
+        if settings.precision is not None:
+            bundle.backbone.set_precision(settings.precision)
+    except FieldError as e:
+        if e.field != "precision":
+            raise
+        raise e.renamed("--precision", "PIGEON_PRECISION") from None
     if settings.refine is not None or settings.max_refinement_km is not None:
         bundle.refine = refine.resolve(bundle.refine.mode)
     return bundle

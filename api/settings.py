@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pigeon.core.errors import FieldError, UserError
 from pigeon.index import RefineConfig
+from pigeon.backbones.precision import CHOICES, check_precision_name
 from pigeon.index.refine import MODES
 
 ENV_PREFIX = "PIGEON_"
@@ -34,6 +35,7 @@ _ALLOWED = {
     "warmup": "true or false",
     "refine": f"one of {', '.join(MODES)}",
     "max_refinement_km": "a distance in km > 0, or inf/none/off for no guard",
+    "precision": f"one of {', '.join(CHOICES)}",
 }
 
 
@@ -61,6 +63,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="one inference at start-up, so the first request is not the slow one")
     refine: Optional[str] = Field(None, description="gallery refinement mode: cluster+nn, cluster, nn, none; unset: the mode the bundle recorded, else cluster+nn")
     max_refinement_km: Optional[float] = Field(None, description="PIGEON's guard (default 1000 km; inf/none/off turns it off)")
+    precision: Optional[str] = Field(None, description="backbone forwards: auto, fp32, bf16, fp16; unset/auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU; fp16 is refused on CPU")
 
     def __init__(self, **values: Any) -> None:
         """Read and check the settings; anything out of range raises `UserError` (one line)."""
@@ -96,6 +99,17 @@ class Settings(BaseSettings):
     def _guard_off(cls, v: Any) -> Any:
         """inf / none / off (any case) -> no guard (math.inf)."""
         return math.inf if isinstance(v, str) and v.strip().lower() in _OFF else v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision_name(cls, v: Optional[str]) -> Optional[str]:
+        """auto / fp32 / bf16 / fp16, any case (whether the device runs it is checked when the bundle loads)."""
+        if v is None:
+            return v
+        try:
+            return check_precision_name(v)
+        except UserError:
+            raise ValueError("unknown precision") from None
 
     @field_validator("api_key")
     @classmethod

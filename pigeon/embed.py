@@ -3,9 +3,19 @@
 Each input shard of the source (`pigeon.datasets.open_source`) becomes one output shard of an
 embedding folder (`pigeon.embeddings`). Under `torchrun --nproc-per-node N [--nnodes M]` rank r
 embeds input shards r, r+N, ...; alone, one process embeds them all; the files are the same either
-way. Images are decoded in DataLoader workers (`workers`): each worker reads the shard's records
-and decodes every workers-th one, so one shard is in flight at a time and a kill loses at most it.
-Finished shards whose input did not change are skipped on the next run (resume, or a cache).
+way. Images are decoded in DataLoader workers (`workers`): each worker takes whole shards (worker w
+of W the shards w, w+W, ... of this rank, as `pigeon.datasets.stream` assigns them), so every input
+shard is read once, by one worker, and up to W shards are in flight (what a kill can lose). A source
+whose records cost no read (`Source.shared_reads`: a manifest's rows are in memory, each worker opens
+only the image files it decodes) is instead shared: every worker decodes every W-th record of each
+shard, so a manifest with fewer shards than workers still keeps all of them busy. The files are the
+same whichever way, and with any number of workers. Finished shards whose input did not change are
+skipped on the next run (resume, or a cache).
+
+The backbone runs in its `precision` (`pigeon.backbones.precision`: bf16 on CUDA, fp32 on CPU by
+default; `--precision`); the folder's header records it, and a folder is only ever finished at the
+precision it was started with (a resume at another one is refused; the cache keeps one folder per
+precision), so one folder never mixes them.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .backbones import backbone_from_bundle, create_backbone
+from .backbones import backbone_from_bundle, check_device, create_backbone
+from .backbones.precision import resolve_precision
 from .bundle import Bundle
 from .core.errors import UserError
 from .core.splits import normalise as normalise_splits
@@ -33,7 +44,7 @@ from .datasets.fields import FIELDS, normalize_fields
 from .datasets.images import load_image
 from .datasets.sources import Record, Source
 from .distributed import Dist, all_ok, barrier, setup_distributed, teardown
-from .embeddings import OPTIONAL_COLUMNS, EmbeddingStore, ShardFiles, read_header, write_header
+from .embeddings import OPTIONAL_COLUMNS, EmbeddingStore, ShardFiles, header_precision, read_header, write_header
 
 UNREADABLE = "unreadable image"
 
@@ -49,17 +60,28 @@ class _Batch:
     end: bool = False
     skipped: Counter = field(default_factory=Counter)
     error: str | None = None
+    parts: int = 1                                 # `end` batches that complete the shard (workers sharing it)
 
     def stacked(self) -> "_Batch":
         self.images = torch.stack(self.images)  # one block of shared memory between processes
+        return self
+
+    def pin_memory(self) -> "_Batch":
+        """What the DataLoader's pin-memory thread calls (CUDA): the images in page-locked memory, so the
+        copy to the GPU can overlap (`non_blocking`)."""
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
         return self
 
 
 class _ShardStream(IterableDataset):
     """Decoded, transformed images of the given shards, batched inside each loader worker.
 
-    Worker w of W decodes records w, w+W, ... of every shard in order and ends each shard with an
-    `end` batch carrying its skip counts, so the main process knows when a shard is complete."""
+    Worker w of W takes the shards w, w+W, ... of the list, reads each once and ends it with an `end`
+    batch carrying its skip counts (the source's own and the unreadable images), so the main process
+    knows when a shard is complete. For a source with `shared_reads` every worker instead goes
+    through every shard, decoding records w, w+W, ...; each shard then ends with W `end` batches
+    (`parts`), and worker 0 alone reports the source's own skips (every worker sees them)."""
 
     def __init__(self, source: Source, shards: list[int], transform: Callable, batch_size: int, seed: int | None):
         self.source, self.shards, self.transform = source, shards, transform
@@ -76,13 +98,16 @@ class _ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[_Batch]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for shard in self.shards:
+        shared = nw > 1 and getattr(self.source, "shared_reads", False)
+        mine = self.shards if shared else self.shards[w::nw]
+        parts = nw if shared else 1
+        for shard in mine:
             before = Counter(self.source.skipped)
             skipped: Counter = Counter()
             cur = _Batch(shard)
             try:
                 for pos, rec in enumerate(self.source.records(shard)):
-                    if pos % nw != w:
+                    if shared and pos % nw != w:
                         continue
                     try:
                         x = self._image(shard, pos, rec)
@@ -98,13 +123,13 @@ class _ShardStream(IterableDataset):
                         yield cur.stacked()
                         cur = _Batch(shard)
             except UserError as e:  # a broken shard or a refused sample: the main process raises it
-                yield _Batch(shard, error=str(e), end=True)
+                yield _Batch(shard, error=str(e), end=True, parts=parts)
                 return
             if cur.pos:
                 yield cur.stacked()
-            if w == 0:  # every worker reads all records; one reports the metadata skips
+            if not shared or w == 0:  # shared: every worker saw the source's own skips; one reports them
                 skipped.update(Counter(self.source.skipped) - before)
-            yield _Batch(shard, end=True, skipped=skipped)
+            yield _Batch(shard, end=True, skipped=skipped, parts=parts)
 
 
 def _collate(b: _Batch) -> _Batch:
@@ -150,10 +175,11 @@ class EmbedReport:
 
 def _embed_shards(source: Source, backbone: Any, out: Path, todo: list[int], fingerprints: dict[int, str],
                   transform: Callable, batch_size: int, workers: int, seed: int | None, progress: bool, rep: EmbedReport) -> None:
-    """Embed `todo` shards with DataLoader workers, writing each shard as soon as it is complete."""
+    """Embed `todo` shards with DataLoader workers, writing each shard as soon as it is complete. On CUDA
+    the loader pins its batches and the backbone copies them without blocking."""
     ds = _ShardStream(source, todo, transform, batch_size, seed)
-    dl = DataLoader(ds, batch_size=None, num_workers=int(workers), collate_fn=_collate)
-    nw = max(1, int(workers))
+    cuda = torch.device(backbone.device).type == "cuda"
+    dl = DataLoader(ds, batch_size=None, num_workers=int(workers), collate_fn=_collate, pin_memory=cuda)
     pending: dict[int, _Pending] = {}
     bar = progress_bar(total=len(todo), desc=f"embed {source.kind} shards", unit="shard", disable=not progress)
     model = backbone.model
@@ -164,15 +190,14 @@ def _embed_shards(source: Source, backbone: Any, out: Path, todo: list[int], fin
                 raise UserError(b.error)
             p = pending.setdefault(b.shard, _Pending())
             if b.pos:
-                f = backbone.encode_image(b.images.float(), normalize=True)
-                p.vecs.append(f.float().cpu().numpy().astype(np.float16))
+                p.vecs.append(backbone.embed_batch(b.images.float()).numpy().astype(np.float16))  # in its precision, float32 out
                 p.pos.append(np.asarray(b.pos, np.int64))
                 p.records.extend(b.records)
                 rep.images += len(b.pos)
             if b.end:
                 p.ends += 1
                 p.skipped.update(b.skipped)
-                if p.ends == nw:
+                if p.ends == b.parts:
                     _finish_shard(source, out, b.shard, pending.pop(b.shard), fingerprints[b.shard], rep)
                     bar.update(1)
     bar.close()
@@ -200,17 +225,21 @@ def _source_id(source: Source) -> str:
 
 
 def _prepare(source: Source, backbone: Any, out: Path, view: str, d: Dist) -> None:
-    """Rank 0: check an existing folder is this source's under this backbone and view (else refuse
-    by name), drop shards past the source's end, write the header. Others wait."""
+    """Rank 0: check an existing folder is this source's under this backbone, view and precision (else
+    refuse by name), drop shards past the source's end, write the header. Others wait."""
     if d.main:
         head = {"backbone_spec": backbone.spec, "backbone_hash": backbone.hash, "dim": int(backbone.embed_dim),
-                "view": view, "source": {**source.describe(), "id": _source_id(source)}, "shards": list(source.shards)}
+                "view": view, "precision": backbone.precision,
+                "source": {**source.describe(), "id": _source_id(source)}, "shards": list(source.shards)}
         if (out / "embeddings.json").exists():
             old = read_header(out)
             for k, what in (("backbone_hash", "backbone"), ("view", "view"), ("dim", "dimension")):
                 if old[k] != head[k]:
                     raise UserError(f"embedding folder {out} holds another {what}'s embeddings ({old.get('backbone_spec') if k == 'backbone_hash' else old[k]}); "
                                     f"give a new --out or delete the folder")
+            if header_precision(old) != head["precision"]:  # finishing it now would mix two precisions in one folder
+                raise UserError(f"embedding folder {out} holds {header_precision(old)} embeddings and this run embeds in {head['precision']}; "
+                                f"rerun with --precision {header_precision(old)} to finish or reuse it, or give a new --out")
             if old["source"].get("id", old["source"].get("spec")) != head["source"]["id"]:
                 raise UserError(f"embedding folder {out} holds embeddings of {old['source'].get('spec')}, not {source.spec}; give a new --out")
             for i in range(len(head["shards"]), len(old["shards"])):
@@ -282,25 +311,29 @@ def _summary(out: Path, rep: EmbedReport) -> dict[str, Any]:
             "skipped": dict(skipped), "shards_embedded_here": rep.shards_embedded, "shards_reused_here": rep.shards_reused,
             "images_embedded_here": rep.images, "seconds": rep.seconds,
             "images_embedded_per_s": rep.images / rep.seconds if rep.images and rep.seconds > 0 else None,
-            "backbone": head.get("backbone_spec"), "dim": head["dim"], "view": head["view"]}
+            "backbone": head.get("backbone_spec"), "dim": head["dim"], "view": head["view"], "precision": header_precision(head)}
 
 
 def embed_command(source: Source, backbone_spec: str | None, bundle: str | None, out: str | os.PathLike, *,
-                  batch_size: int = 64, workers: int = 0, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """`pigeon embed`: join the torchrun job if there is one, load the backbone, embed, leave."""
+                  batch_size: int = 64, workers: int = 0, device: str | None = None, progress: bool = True,
+                  precision: str | None = None) -> dict[str, Any]:
+    """`pigeon embed`: join the torchrun job if there is one, load the backbone (its forwards in `precision`:
+    auto/None, fp32, bf16, fp16), embed, leave."""
     d = setup_distributed(device)
     try:
+        resolve_precision(precision, check_device(d.device))  # refused before the backbone loads
         if bundle is not None:
             b = Bundle(bundle)
             if backbone_spec and b.backbone_spec and backbone_spec != b.backbone_spec:
                 raise UserError(f"bundle {b.path} uses backbone {b.backbone_spec!r}, not {backbone_spec!r}; drop --backbone")
             if not (b.backbone_spec or backbone_spec):
                 raise UserError(f"bundle {b.path} names no backbone yet; give --backbone SPEC (the one you will train with)")
-            bb = backbone_from_bundle(b, device=d.device) if b.backbone_spec else create_backbone(backbone_spec, device=d.device)
+            bb = (backbone_from_bundle(b, device=d.device, precision=precision) if b.backbone_spec
+                  else create_backbone(backbone_spec, device=d.device, precision=precision))
         else:
             if not backbone_spec:
                 raise UserError("`pigeon embed` needs --backbone SPEC or --bundle DIR (whose backbone it uses)")
-            bb = create_backbone(backbone_spec, device=d.device)
+            bb = create_backbone(backbone_spec, device=d.device, precision=precision)
         rep = embed_source(source, bb, out, batch_size=batch_size, workers=workers, progress=progress, dist_env=d)
         rep.update(world_size=d.world, rank=d.rank)
         return rep
@@ -318,13 +351,20 @@ def cached_embeddings(source: Source, backbone: Any, cache_dir: str | os.PathLik
                       transform: Callable | None = None, seed: int | None = None, workers: int = 0,
                       batch_size: int = 64, progress: bool = True) -> tuple[EmbeddingStore, dict[str, Any]]:
     """The source's embeddings under `backbone` and `view`, in an embedding folder of the cache
-    (one per backbone hash, source and view): only shards that are new or changed are embedded, so
-    train, build-index and evaluate embed each photo once. Returns (store, embed report)."""
+    (one per backbone hash, source, view and precision): only shards that are new or changed are
+    embedded, so train, build-index and evaluate embed each photo once per precision. fp32 keeps the
+    folder name it always had (`view`), another precision has its own (`view-bf16`), so a cache
+    never mixes precisions. Returns (store, embed report)."""
     key = hashlib.sha1(_source_id(source).encode()).hexdigest()[:16]
-    folder = Path(cache_dir or default_cache_dir()) / backbone.hash[:24] / key / view
+    folder = Path(cache_dir or default_cache_dir()) / backbone.hash[:24] / key / cache_folder_name(view, backbone.precision)
     rep = embed_source(source, backbone, folder, batch_size=batch_size, workers=workers, transform=transform, view=view,
                        seed=seed, progress=progress)
     return EmbeddingStore(folder, expect_backbone_hash=backbone.hash), rep
+
+
+def cache_folder_name(view: str, precision: str) -> str:
+    """The cache's folder of a view at a precision: `plain` (fp32, as before precisions existed), `plain-bf16`, ..."""
+    return view if precision == "fp32" else f"{view}-{precision}"
 
 
 def open_embeddings(folder: str | os.PathLike, backbone_hash: str | None = None) -> EmbeddingStore:

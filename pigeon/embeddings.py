@@ -2,7 +2,9 @@
 
 A folder of one data source's embeddings under one backbone and one view (plain or an augmentation):
 
-    embeddings.json          backbone spec/hash, dim, view, the source, its shard names
+    embeddings.json          backbone spec/hash, dim, view, precision (fp32, bf16 or fp16: the backbone
+                             forwards'; absent in folders written before it was recorded: fp32), the
+                             source, its shard names
     shard-000000.npy         float16 (n, dim) L2-normalised vectors, in the input shard's order
     shard-000000.parquet     one row per vector: pos (the record's place in its input shard), key,
                              lat, lon, split, and taken_at/heading/location_id/id when the source has them
@@ -104,6 +106,11 @@ def read_header(folder: str | os.PathLike) -> dict[str, Any]:
     return head
 
 
+def header_precision(head: dict[str, Any]) -> str:
+    """The precision a folder's embeddings were computed in (fp32 for folders from before it was recorded)."""
+    return str(head.get("precision") or "fp32")
+
+
 def write_header(folder: Path, head: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / HEADER) as tmp:
@@ -122,6 +129,7 @@ class EmbeddingStore:
         self.header = read_header(self.folder)
         self.dim = int(self.header["dim"])
         self.backbone_hash = str(self.header["backbone_hash"])
+        self.precision = header_precision(self.header)
         if expect_backbone_hash and expect_backbone_hash != self.backbone_hash:
             raise UserError(f"embedding folder {self.folder} was made with backbone {self.header.get('backbone_spec')} "
                             f"(hash {self.backbone_hash[:12]}), not the bundle's (hash {expect_backbone_hash[:12]}); "
@@ -218,4 +226,4 @@ class RowsView:
         return self.store.take(rows)
 
 
-__all__ = ["EmbeddingStore", "RowsView", "ShardFiles", "read_header", "write_header", "shard_stem", "FORMAT", "HEADER"]
+__all__ = ["EmbeddingStore", "RowsView", "ShardFiles", "header_precision", "read_header", "write_header", "shard_stem", "FORMAT", "HEADER"]

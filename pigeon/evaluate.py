@@ -53,6 +53,7 @@ def evaluate(
     allow_gallery_overlap: bool = False,
     group_by: str | None = None,
     combine: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the bundle on the `split` rows of `data` (any data source; all rows if None), or of the
     embedding folder `embeddings`; returns the metrics dict.
@@ -61,7 +62,9 @@ def evaluate(
     RefineConfig's defaults); refine "all" scores every mode (`by_refine_mode`), the top-level figures
     staying those of the recorded mode. Photos that are in the bundle's gallery are refused unless
     `allow_gallery_overlap` (their answers would be their own positions). `group_by` (e.g. location_id):
-    also one answer per place, its photos combined as views by `combine`, scored in `per_place`."""
+    also one answer per place, its photos combined as views by `combine`, scored in `per_place`.
+    `precision`: the backbone forwards' when `data` is embedded (auto/None: bf16 on CUDA, fp32 on CPU);
+    the metrics' `precision` is the embeddings' (the folder's header)."""
     if out is not None:
         check_writable(Path(out) / "metrics.json", flag="--out")  # before the slow part, not after it
     if data is None and embeddings is None:
@@ -71,7 +74,7 @@ def evaluate(
     split = ",".join(splits) if splits else "all"
     _check_place_options(group_by, combine)
     every = refine is not None and refine.strip().lower() == "all"
-    pred = Predictor.from_bundle(bundle_dir, device=device,
+    pred = Predictor.from_bundle(bundle_dir, device=device, precision=precision,
                                  refine=RefineConfig.from_options(None if every else refine, max_refinement_km, temperature=temperature))
     if every and pred.gallery is None:
         raise UserError(f"--refine all: bundle {bundle_dir} has no gallery index, so every mode answers the top cell's centre; "
@@ -93,7 +96,7 @@ def evaluate(
     m, preds, table = _score(pred, p, keys, tlat, tlon, thresholds)
     m.update(_baselines(pred, store.rows, tlat, tlon), **retrieval_baseline(pred, emb, tlat, tlon, thresholds),
              refine_mode=pred.refine.mode if pred.gallery is not None else "none",
-             gallery_overlap=int(overlap.sum()), split=split, bundle=str(bundle_dir))
+             gallery_overlap=int(overlap.sum()), split=split, bundle=str(bundle_dir), precision=store.precision)
     if every:
         m["by_refine_mode"] = _by_refine_mode(pred, emb, p["probs"], tlat, tlon, thresholds)
     if group_by is not None:

@@ -68,14 +68,16 @@ def choose_refinement(refiner: Refiner, emb: np.ndarray, probs: np.ndarray, lat:
 def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, append: bool = False, kind: str = "flat",
                 batch_size: int = 64, workers: int = 0, device: str = "cpu", progress: bool = True,
                 validate: bool | None = None, embeddings: str | os.PathLike | None = None,
-                cache_dir: str | None = None, splits: Sequence[str] | None = GALLERY_SPLITS) -> dict[str, Any]:
+                cache_dir: str | None = None, splits: Sequence[str] | None = GALLERY_SPLITS, precision: str | None = None) -> dict[str, Any]:
     """Build (or, with `append`, extend) the bundle's gallery index from a data source's photos
     (`images`, embedded through the cache, so photos `train` embedded are not embedded again) or
     from an embedding folder (`embeddings`, made by `pigeon embed` with the bundle's backbone).
 
     The gallery holds the rows of `splits` (None: all); val rows outside them are held out. `validate`: None
     (default) answers those with each refinement mode and records the best when there are any (and the bundle
-    has a head); True requires them; False skips the measurement (they are still held out)."""
+    has a head); True requires them; False skips the measurement (they are still held out). `precision`:
+    the backbone forwards' when `images` are embedded (auto/None: bf16 on CUDA, fp32 on CPU); the report's
+    `precision` is the embeddings' (the folder's header)."""
     if kind not in KINDS:
         raise UserError(f"--kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
     if batch_size < 1:
@@ -85,7 +87,7 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
     if images is None and embeddings is None:
         raise UserError("`pigeon build-index` needs --images SOURCE or --embeddings FOLDER")
     source = open_source(images) if embeddings is None else None
-    parts = load_bundle(bundle, device=device, head="optional", gallery=False)
+    parts = load_bundle(bundle, device=device, head="optional", gallery=False, precision=precision)
     b, bb, cells = parts.bundle, parts.backbone, parts.cells
     old = None
     if append:
@@ -123,7 +125,7 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
     rep = {"images": int(len(df)), "skipped": int(skipped), "total": int(g.index.ntotal), "clusters": len(g.clusters),
            "cells_used": int(np.unique(g.frame["cell"]).size), "kind": g.index.kind, "appended": bool(append),
            "build_id": build_id, "held_out_val": int(len(val_df)),
-           "left_out_rows": left_out, "splits": describe_splits(parse_splits(splits)), **chosen}
+           "left_out_rows": left_out, "splits": describe_splits(parse_splits(splits)), "precision": store.precision, **chosen}
     if note:
         rep["validation_skipped"] = note
     return rep

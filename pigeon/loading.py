@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .backbones import Backbone, backbone_from_bundle
+from .backbones import Backbone, backbone_from_bundle, check_device
+from .backbones.precision import resolve_precision
 from .bundle import MANIFEST, PART_FILES, Bundle
 from .core.errors import UserError
 from .bundle_gallery import GALLERY_PARTS, load_gallery
@@ -80,19 +81,21 @@ class LoadedBundle:
 
 
 def load_bundle(path: str | os.PathLike | Bundle, device: str = "cpu", *, head: str = "required", gallery: bool = True,
-                verify: bool = False, mmap: bool = True) -> LoadedBundle:
+                verify: bool = False, mmap: bool = True, precision: str | None = None) -> LoadedBundle:
     """Cells, backbone, head and gallery of a bundle, refusing parts that do not belong together.
 
     head: "required" (missing or mismatched: refused), "optional" (missing or mismatched: None, and
     `head_note` says why), "no" (not loaded). gallery: load the index when the bundle lists one
-    (`mmap`: read-only, shared by workers). verify: every listed part against its sha256 first."""
+    (`mmap`: read-only, shared by workers). verify: every listed part against its sha256 first.
+    precision: the backbone's inference precision (auto/None, fp32, bf16, fp16), refused before anything loads."""
+    resolve_precision(precision, check_device(device))
     b = path if isinstance(path, Bundle) else Bundle(path)
     b.require("cells", *(("head",) if head == "required" else ()))
     if verify:
         b.verify()  # every listed part against its sha256: a missing or changed part is refused by name
     cells = load_cells(b)
     check_recorded(b, cells=cells)
-    bb = backbone_from_bundle(b, device=device)
+    bb = backbone_from_bundle(b, device=device, precision=precision)
     out = LoadedBundle(b, cells, bb)
     if head != "no":
         if not b.has("head"):

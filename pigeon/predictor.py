@@ -88,11 +88,13 @@ class Predictor:
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, device: str = "cpu", refine: RefineConfig | None = None) -> "Predictor":
+    def from_bundle(cls, path: str | os.PathLike, device: str = "cpu", refine: RefineConfig | None = None,
+                    precision: str | None = None) -> "Predictor":
         """Load cells, head, backbone and (when the bundle has one) the gallery, refusing parts that do
         not belong together. The gallery is loaded and checked here, at start-up, so a mismatched index
-        refuses the bundle instead of failing the first request."""
-        parts = load_bundle(path, device=device, head="required", gallery=True, verify=True)
+        refuses the bundle instead of failing the first request. `precision`: the backbone forwards'
+        (auto/None: bf16 on CUDA, fp32 on CPU; `pigeon.backbones.precision`)."""
+        parts = load_bundle(path, device=device, head="required", gallery=True, verify=True, precision=precision)
         if parts.gallery is None and refine is not None and refine.mode not in (None, "none"):
             raise UserError(f"--refine {refine.mode}: bundle {parts.bundle.path} has no gallery index to refine with; "
                             f"build one with `pigeon build-index`, or use --refine none")

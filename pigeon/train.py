@@ -32,6 +32,7 @@ from pigeon.core.io import atomic_path
 from pigeon.core.sphere import haversine_km
 
 from .backbones import DEFAULT_SPEC, backbone_from_bundle, create_backbone
+from .backbones.precision import check_precision_name
 from .bundle import Bundle
 from .calibration import calibrate_radii, cell_spread_km, ece, fit_temperature, geometric_spread_km, softmax
 from .core.errors import FieldError, UserError
@@ -77,6 +78,7 @@ class TrainConfig:
     strict: bool = False             # stop at the first bad sample (else skip and count it)
     calibration_rows: int = 20000    # most val photos for the temperature and radii fits (O(rows x cells) memory)
     samples_per_epoch: int | None = None  # examples per epoch (a seeded draw without replacement); None: all
+    precision: str | None = None     # the backbone's embedding forwards: auto/None (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     progress: bool = True
 
     def check(self) -> None:
@@ -101,17 +103,19 @@ class TrainConfig:
             raise UserError(f"--samples-per-epoch must be at least 1, got {self.samples_per_epoch}")
         if self.embeddings and (self.augment or self.unfreeze_last_block):
             raise UserError("--embeddings holds plain views only: --augment and --unfreeze-last-block need the photos (give --data)")
+        check_precision_name(self.precision)
 
 
-def _backbone_for(bundle: Any, spec: str | None, device: str):
-    """The bundle's backbone; set it from `spec` (or the default) when the bundle names none."""
+def _backbone_for(bundle: Any, spec: str | None, device: str, precision: str | None = None):
+    """The bundle's backbone (its embedding forwards in `precision`); set it from `spec` (or the default)
+    when the bundle names none."""
     if bundle.backbone_spec is None:
-        bb = create_backbone(spec or DEFAULT_SPEC, device=device)
+        bb = create_backbone(spec or DEFAULT_SPEC, device=device, precision=precision)
         bundle.set_backbone(bb.spec, bb.hash)
         return bb
     if spec is not None and spec != bundle.backbone_spec:
         raise UserError(f"bundle {bundle.path} uses backbone {bundle.backbone_spec!r}, not {spec!r}; drop --backbone or train into a new bundle")
-    return backbone_from_bundle(bundle, device=device)
+    return backbone_from_bundle(bundle, device=device, precision=precision)
 
 
 def train_zero_shot(bundle_dir: str | os.PathLike, backbone: str | None = None, device: str = "cpu",
@@ -176,9 +180,11 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def _run_key(data: str, cfg: TrainConfig, cells_hash: str, bb_hash: str) -> str:
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "progress", "cache_dir", "epochs", "patience", "workers", "embeddings", "strict")}
-    return hashlib.sha1(json.dumps([str(Path(data).resolve()), keep, cells_hash, bb_hash], sort_keys=True).encode()).hexdigest()
+def _run_key(data: str, cfg: TrainConfig, cells_hash: str, bb_hash: str, precision: str = "fp32") -> str:
+    """What `--resume` must find unchanged; `precision` is the embeddings' (the request, e.g. auto, is not)."""
+    keep = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("resume", "progress", "cache_dir", "epochs", "patience", "workers", "embeddings", "strict", "precision")}
+    return hashlib.sha1(json.dumps([str(Path(data).resolve()), keep, cells_hash, bb_hash, precision], sort_keys=True).encode()).hexdigest()
 
 
 def _per_s(count: int, seconds: float) -> float | None:
@@ -337,7 +343,7 @@ class _Run:
         self.source: Source | None = open_source(data, strict=cfg.strict) if data is not None and not cfg.embeddings else None
         if isinstance(self.source, ManifestSource):  # refuse a manifest without train rows (or cut places) before embedding it
             _splits(self.source.df["split"].to_numpy(), cfg, *place_groups(self.source.df, cfg.group_by))
-        self.bb = _backbone_for(self.bundle, backbone, device)
+        self.bb = _backbone_for(self.bundle, backbone, device, cfg.precision)
         self.centres = np.asarray(self.cells.centres, dtype=np.float64)
         self.tau = float(cfg.tau) if cfg.tau is not None else auto_tau_km(self.centres)
         self.loop = _Loop()
@@ -418,7 +424,7 @@ class _Run:
 
     @property
     def run_key(self) -> str:
-        return _run_key(self.data, self.cfg, self.bundle.cells_hash or "", self.bb.hash)
+        return _run_key(self.data, self.cfg, self.bundle.cells_hash or "", self.bb.hash, self.stores[0].precision)
 
     def resume(self) -> None:
         """Continue the run saved in .train_state.pt (same data, options, cells and backbone) with `--resume`."""
@@ -575,6 +581,7 @@ class _Run:
         n_vectors = sum(len(s) for s in self.stores)
         return {
             "skipped": dict(self.skipped),                        # bad samples left out, by reason
+            "precision": self.stores[0].precision,                # the backbone forwards' behind the embeddings (the folder's header)
             "embed_seconds": self.embed_seconds,
             "images_embedded": self.images_embedded,              # backbone forwards in this run
             "embeddings_reused": n_vectors - self.images_embedded,  # read from an embedding folder or the cache

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from pigeon.backbones import create_backbone
 from pigeon.core.errors import UserError
 from pigeon.datasets import open_source
 from pigeon.datasets.shards import write_webdataset
+from pigeon.datasets.sources import WebDatasetSource
 from pigeon.embed import cached_embeddings, embed_source
 from pigeon.embeddings import EmbeddingStore, ShardFiles
 from pigeon.core.sphere import haversine_km
@@ -73,6 +75,66 @@ def test_workers_and_webdataset_give_the_same_vectors(world, tmp_path):
     assert w["shards"] == 3 and len(store) == 240
     np.testing.assert_allclose(store.rows["lat"], df["lat"])
     np.testing.assert_allclose(_all(store), _all(EmbeddingStore(root / "ref")), atol=1e-3)
+
+
+class _CountingSource(WebDatasetSource):
+    """A WebDataset source that leaves a marker file each time a shard's records are opened: the
+    markers survive the loader's worker processes, and name the shard and the process that read it."""
+
+    def __init__(self, spec, marks):
+        super().__init__(spec)
+        self.marks = marks
+
+    def records(self, shard):
+        (self.marks / f"open-{shard}-{os.getpid()}-{uuid.uuid4().hex}").touch()
+        yield from super().records(shard)
+
+
+def _write_tars(df: pd.DataFrame, root, out, per_shard: int, bad_coords=(), bad_images=()):
+    """WebDataset shards by hand (image + .json per sample); rows in `bad_coords` get a latitude of 999
+    (the source skips them), rows in `bad_images` bytes that are no image (the decoder skips them)."""
+    import io
+    import tarfile
+
+    out.mkdir()
+    for s in range(0, len(df), per_shard):
+        with tarfile.open(out / f"{s // per_shard:05d}.tar", "w") as tar:
+            for j in range(s, min(s + per_shard, len(df))):
+                r = df.iloc[j]
+                img = b"not an image" if j in bad_images else (root / "world" / r["image"]).read_bytes()
+                meta = {"lat": 999.0 if j in bad_coords else float(r["lat"]), "lon": float(r["lon"]), "split": r["split"]}
+                for ext, data in (("json", json.dumps(meta).encode()), ("png", img)):
+                    info = tarfile.TarInfo(f"{j:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_each_shard_is_read_once_by_one_worker(world, tmp_path):
+    """Under --workers 2 each input shard is opened exactly once (each worker takes whole shards), the
+    skip counts of both workers are all there, and the files are byte for byte those of --workers 0."""
+    root, manifest, bb, ref = world
+    df = pd.read_csv(manifest).head(120)
+    _write_tars(df, root, tmp_path / "wds", per_shard=30, bad_coords={35}, bad_images={70, 100})
+    reps, readers = {}, {}
+    for w in (0, 2):
+        marks = tmp_path / f"marks{w}"
+        marks.mkdir()
+        reps[w] = embed_source(_CountingSource(str(tmp_path / "wds"), marks), bb, tmp_path / f"out{w}", batch_size=8, workers=w,
+                               progress=False)
+        opened = [m.name.split("-") for m in marks.iterdir()]
+        assert sorted(int(o[1]) for o in opened) == [0, 1, 2, 3]            # each shard once
+        readers[w] = {o[2] for o in opened}
+    assert readers[0] == {str(os.getpid())} and len(readers[2]) == 2 and str(os.getpid()) not in readers[2]  # both workers read
+    want = {"coordinates out of range": 1, "unreadable image": 2}
+    assert reps[0]["skipped"] == reps[2]["skipped"] == want and reps[2]["vectors"] == 117
+    assert [json.loads(ShardFiles(tmp_path / "out2", i).done.read_text())["skipped"] for i in range(4)] == \
+        [{}, {"coordinates out of range": 1}, {"unreadable image": 1}, {"unreadable image": 1}]
+    names = sorted(p.name for p in (tmp_path / "out0").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out2").iterdir()) and len(names) == 13
+    for name in names:
+        assert (tmp_path / "out0" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
+    # the first shard holds the manifest's first 30 photos: the same vectors as the manifest's run
+    np.testing.assert_array_equal(_all(EmbeddingStore(tmp_path / "out2"))[:30], _all(EmbeddingStore(root / "ref"))[:30])
 
 
 def test_torchrun_two_processes_write_the_same_files(world, tmp_path):

@@ -1,5 +1,6 @@
 """The `Backbone` every adapter returns (encode, embed, weights, freeze policy), its weights' content hash
-(`state_dict_hash`), the per-architecture tower layout the freeze policy uses, and `check_device`."""
+(`state_dict_hash`), the per-architecture tower layout the freeze policy uses, and `check_device`.
+The image tower's inference precision (`Backbone.precision`) is resolved in `precision.py`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.errors import UserError
 from ..core.progress import progress as progress_bar
+from .precision import allow_tf32, autocast, resolve_precision
 
 
 def check_device(device: str) -> torch.device:
@@ -38,6 +40,12 @@ class Backbone:
 
     `model` is an `nn.Module` whose `forward(image, text)` returns `(image_features, text_features,
     logit_scale)` (open_clip's convention), so pretraining handles every kind alike.
+
+    `precision` ("fp32", "bf16" or "fp16"; `set_precision` resolves a request such as `auto` for the
+    device, `precision.resolve_precision`) is what the image tower's inference forwards run in:
+    `embed_images`, `embed_batch` (what `pigeon embed` and the embedding cache call) and everything built
+    on them. Their embeddings are float32 whatever it is. `encode_image` runs as the caller sets it up
+    (training forwards with gradients are fp32 unless the caller autocasts).
     """
 
     def __init__(
@@ -66,9 +74,23 @@ class Backbone:
         self.std = tuple(float(s) for s in std)
         self.device = str(device)
         self._hash: str | None = None
+        self.precision = resolve_precision(None, self.device)  # auto: bf16 on CUDA (fp16 without bf16), fp32 elsewhere
+        allow_tf32(self.device)
 
     def __repr__(self) -> str:
-        return f"Backbone(spec={self.spec!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, device={self.device!r})"
+        return (f"Backbone(spec={self.spec!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, device={self.device!r}, "
+                f"precision={self.precision!r})")
+
+    def set_precision(self, requested: str | None) -> str:
+        """Resolve `requested` (auto/None, fp32, bf16, fp16) for this backbone's device and use it for the
+        inference forwards from now on; returns what runs. A one-line `FieldError` (field `precision`) when
+        the device cannot run it (fp16 on CPU, bf16 on a GPU without it)."""
+        self.precision = resolve_precision(requested, self.device)
+        return self.precision
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of `self.precision` on this device (no-op for fp32)."""
+        return autocast(self.precision, self.device)
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -90,15 +112,27 @@ class Backbone:
         return self._tokenizer(list(texts))
 
     def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Image features (B, D) for preprocessed images (B, 3, H, W); gradients flow."""
-        return self.model.encode_image(x.to(self.device), normalize=normalize)
+        """Image features (B, D) for preprocessed images (B, 3, H, W); gradients flow. A pinned `x` is
+        copied to the device without blocking."""
+        return self.model.encode_image(x.to(self.device, non_blocking=True), normalize=normalize)
+
+    def embed_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 embeddings (B, D) on the CPU of one preprocessed batch, in `self.precision`.
+
+        The call's caller holds eval mode and no grad (`embed_images` does; `pigeon embed` too). The
+        forward runs under autocast; the features are cast to float32 before they are normalised, so a
+        bf16/fp16 forward loses only the forward's own rounding."""
+        with self.autocast():
+            f = self.encode_image(x, normalize=False)
+        return torch.nn.functional.normalize(f.float(), dim=-1).cpu()
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Text features (B, D) for token ids from `tokenize`; gradients flow."""
         return self.model.encode_text(tokens.to(self.device), normalize=normalize)
 
     def embed_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """L2-normalised float32 embeddings (n, D) of PIL images (preprocessed here) or a preprocessed tensor; no grad, eval mode."""
+        """L2-normalised float32 embeddings (n, D) of PIL images (preprocessed here) or a preprocessed tensor;
+        no grad, eval mode, forwards in `self.precision`."""
         n = len(images)
         out = np.zeros((n, self.embed_dim), dtype=np.float32)
         starts: Sequence[int] | Iterator[int] = range(0, n, batch_size)
@@ -108,8 +142,7 @@ class Backbone:
             for s in starts:
                 chunk = images[s : s + batch_size]
                 x = chunk if isinstance(chunk, torch.Tensor) else torch.stack([self.preprocess(im) for im in chunk])
-                f = self.encode_image(x.to(self.device).float(), normalize=True)
-                out[s : s + len(x)] = f.float().cpu().numpy()
+                out[s : s + len(x)] = self.embed_batch(x.float()).numpy()
         return out
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

@@ -9,14 +9,15 @@ from .base import Backbone
 from .registry import create_backbone
 
 
-def backbone_from_bundle(bundle: Bundle, device: str = "cpu") -> Backbone:
+def backbone_from_bundle(bundle: Bundle, device: str = "cpu", precision: str | None = None) -> Backbone:
     """The bundle's backbone: its spec, with `backbone.safetensors` loaded when the bundle has one.
 
-    The loaded weights' hash must equal the manifest's, or the bundle is refused by name."""
+    The loaded weights' hash must equal the manifest's, or the bundle is refused by name. `precision`:
+    as `create_backbone`."""
     spec = bundle.backbone_spec
     if spec is None:
         raise UserError(f"bundle {bundle.path} names no backbone; run `pigeon pretrain --out {bundle.path}` or `pigeon train --backbone SPEC`")
-    bb = create_backbone(spec, device=device)
+    bb = create_backbone(spec, device=device, precision=precision)
     if bundle.has("backbone"):
         bb.load_weights(bundle.part_path("backbone"))
         want = bundle.backbone_hash

@@ -12,6 +12,7 @@ from ..core.errors import UserError
 from .base import Backbone, check_device
 from .config import BackboneCfg, BackboneSpec
 from .openclip import _build_named
+from .precision import resolve_precision
 
 DEFAULT_SPEC = "open_clip:ViT-B-16:openai"
 
@@ -99,12 +100,16 @@ def parse_spec(spec: str) -> BackboneSpec:
     raise UserError(f"backbone spec {spec!r} is not understood; {_spec_help()}")
 
 
-def create_backbone(spec: str = DEFAULT_SPEC, device: str = "cpu") -> Backbone:
-    """Build the backbone a spec names, on `device`. Hub weights that cannot be fetched raise UserError."""
+def create_backbone(spec: str = DEFAULT_SPEC, device: str = "cpu", precision: str | None = None) -> Backbone:
+    """Build the backbone a spec names, on `device`, its inference forwards in `precision` (auto/None,
+    fp32, bf16, fp16: `Backbone.set_precision`). Hub weights that cannot be fetched raise UserError."""
     check_device(device)
+    resolve_precision(precision, device)  # refused before anything is built
     ps = parse_spec(spec)
     key = ps.kind if ps.arch is None and ps.weights is None else f"{ps.kind}:"  # a name, or a family's prefix
     entry = _REGISTRY.get(key)
     if entry is None:  # a family parser that returned another kind
         raise UserError(f"backbone spec {spec!r} parsed to {ps}, which no registered backbone builds; {_spec_help()}")
-    return entry.build(ps, device)
+    bb = entry.build(ps, device)
+    bb.set_precision(precision)
+    return bb

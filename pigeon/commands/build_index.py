@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images"),
         remove_ids: Optional[Path] = typer.Option(None, "--remove-ids", help="file of gallery ids (one a line, or an `id` column) to take out"),
         device: str = typer.Option("cpu", help="torch device"),
+        precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards when this run embeds: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
         validate: Optional[bool] = typer.Option(None, "--validate/--no-validate",
                                                 help="answer the manifest's split == val rows (held out of the gallery) with each refinement mode and record the best; default: when there are any"),
         splits: str = typer.Option(",".join(GALLERY_SPLITS), "--splits", help="rows that go into the gallery, by their `split` (missing: train): comma list, or 'all'; "
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         if images is not None or embeddings is not None:
             rep = build_index(images, bundle, append=append, kind=kind, batch_size=batch_size, workers=workers, device=device,
                               validate=validate, embeddings=embeddings, cache_dir=str(cache_dir) if cache_dir else None,
-                              splits=wanted)
+                              splits=wanted, precision=precision)
             typer.echo(json.dumps(rep))
         if remove_ids is not None:
             rep = remove_gallery_ids(bundle, read_id_file(remove_ids))

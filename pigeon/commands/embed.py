@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         lon_field: Optional[str] = typer.Option(None, "--lon-field", help="longitude key in the .json / Parquet column (default: lon, lng or longitude)"),
         strict: bool = typer.Option(False, "--strict", help="stop at the first bad sample instead of skipping and counting it"),
         device: Optional[str] = typer.Option(None, help="torch device (default: cuda:LOCAL_RANK when there is a GPU, else cpu)"),
+        precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU); recorded in the folder, which is finished at the precision it was started with"),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="no progress bar"),
     ) -> None:
         """Embed a data source shard by shard; run it again to resume; under torchrun each rank takes its own shards."""
@@ -36,6 +37,6 @@ def register(app: typer.Typer) -> None:
                   "lon_key": lon_field, "lon_column": lon_field}  # each reader takes the names it knows
         src = open_source(data, strict=strict, rows_per_shard=rows_per_shard, **{k: v for k, v in fields.items() if v})
         rep = embed_command(src, backbone, str(bundle) if bundle else None, out, batch_size=batch_size, workers=workers,
-                            device=device, progress=not quiet)
+                            device=device, progress=not quiet, precision=precision)
         if rep.get("rank", 0) == 0:
             typer.echo(json.dumps(rep))

@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, per_country.csv, predictions.csv, error_cdf.png, world_map.png"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         device: str = typer.Option("cpu", help="torch device"),
+        precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards when this run embeds: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
         refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement: cluster+nn | cluster | nn | none, or all (every mode side by side in by_refine_mode); default: the bundle's recorded mode, else cluster+nn"),
         max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard, as `pigeon locate` (default 1000; inf = off)"),
         temperature: Optional[float] = typer.Option(None, "--temperature", help="refinement softmax temperature (default 1.6, PIGEON's street view; 0.6 for Flickr)"),
@@ -41,6 +42,6 @@ def register(app: typer.Typer) -> None:
         m = evaluate(bundle, data, split=split, out=out,
                      cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers,
                      refine=refine, max_refinement_km=max_refinement_km, temperature=temperature, thresholds=km,
-                     allow_gallery_overlap=allow_gallery_overlap, group_by=group_by, combine=combine)
+                     allow_gallery_overlap=allow_gallery_overlap, group_by=group_by, combine=combine, precision=precision)
         m.pop("per_country", None)
         typer.echo(json.dumps(m))

@@ -12,7 +12,8 @@ from pigeon.core.errors import UserError
 
 
 def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
-                 refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False) -> tuple[list[dict], list[dict]]:
+                 refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
+                 precision: str | None = None) -> tuple[list[dict], list[dict]]:
     """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
 
     Returns (answers, failures): a file that cannot be read is listed in `failures` ({image, error})
@@ -20,7 +21,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     refine / max_refinement_km: gallery refinement mode (cluster+nn, cluster, nn, none) and PIGEON's
     guard in km (inf = off); None keeps `RefineConfig`'s defaults (the bundle's validated mode, else
     cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
-    top cell's centre."""
+    top cell's centre. precision: the backbone forwards' (auto/None: bf16 on CUDA, fp32 on CPU; fp32, bf16, fp16)."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from pigeon.core.io import check_writable
     from pigeon.core.progress import progress
@@ -32,7 +33,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
         check_writable(out)
     config = RefineConfig.from_options(refine, max_refinement_km)
     files = collect_images(inputs)
-    pred = Predictor.from_bundle(bundle, device=device, refine=config)
+    pred = Predictor.from_bundle(bundle, device=device, refine=config, precision=precision)
     answers: list[dict] = []
     failures: list[dict] = []
     for s in progress(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
@@ -49,7 +50,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
 
 def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
-                  group_by: str | None = None, combine: str | None = None) -> tuple[list[dict], list[dict]]:
+                  group_by: str | None = None, combine: str | None = None, precision: str | None = None) -> tuple[list[dict], list[dict]]:
     """One answer per place: every image in `inputs` is a view of one place (group_by None), or `inputs`
     is one manifest whose `group_by` column names each image's place. Views are combined by `combine`
     (mean | product | both; None: the bundle's recorded mode, else mean). Unreadable views are skipped
@@ -73,7 +74,7 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
         groups = [" + ".join(str(i) for i in inputs)] * len(files)
     else:
         files, groups = _manifest_places(inputs, group_by)
-    pred = Predictor.from_bundle(bundle, device=device, refine=RefineConfig.from_options(refine, max_refinement_km))
+    pred = Predictor.from_bundle(bundle, device=device, refine=RefineConfig.from_options(refine, max_refinement_km), precision=precision)
     failures: list[dict] = []
     emb, kept = _embed_views(pred, files, batch_size, failures, strict)
     if len(kept) == 0:
@@ -206,6 +207,7 @@ def register(app: typer.Typer) -> None:
         same_place: bool = typer.Option(False, "--same-place", help="ALL the given images (every file and folder) are views of ONE place (a panorama, a burst): one answer for them together. Photos of several places: one run per place, or --group-by on a manifest"),
         group_by: Optional[str] = typer.Option(None, "--group-by", help="IMAGES is one manifest (.csv/.parquet, columns image and COLUMN): one answer per value of COLUMN (e.g. location_id), its rows' images combined as views of that place"),
         combine: Optional[str] = typer.Option(None, "--combine", help="how views of one place combine: mean (of normalised embeddings, PIGEON's) | product (of cell probabilities) | both; default: the bundle's recorded mode, else mean"),
+        precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
         if same_place and group_by is not None:
@@ -214,10 +216,11 @@ def register(app: typer.Typer) -> None:
             raise UserError("--combine only applies to several views of one place; add --same-place or --group-by COLUMN")
         if same_place or group_by:
             answers, failures = locate_places(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device, refine=refine,
-                                              max_refinement_km=max_refinement_km, strict=strict, group_by=group_by, combine=combine)
+                                              max_refinement_km=max_refinement_km, strict=strict, group_by=group_by, combine=combine,
+                                              precision=precision)
         else:
             answers, failures = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
-                                             refine=refine, max_refinement_km=max_refinement_km, strict=strict)
+                                             refine=refine, max_refinement_km=max_refinement_km, strict=strict, precision=precision)
         for f in failures:
             typer.echo(f"pigeon: skipped {f['image']}: {f['error']}", err=True)
         if out is None:

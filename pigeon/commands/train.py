@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="random seed"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         device: str = typer.Option("cpu", help="torch device"),
+        precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards when this run embeds: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
     ) -> None:
         """Train the prototype head on a data source or an embedding folder (label smoothing per batch, temperature scaling, calibrated radii)."""
         # imported here, not at module top: `pigeon --help` and the other commands should not pay for torch/faiss
@@ -51,11 +52,11 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, tau=tau, balanced=balanced, augment=augment,
                           unfreeze_last_block=unfreeze_last_block, init=init, patience=patience, resume=resume, seed=seed,
                           cache_dir=str(cache_dir) if cache_dir else None, embeddings=str(embeddings) if embeddings else None,
-                          workers=workers, strict=strict, samples_per_epoch=samples_per_epoch, group_by=group_by)
+                          workers=workers, strict=strict, samples_per_epoch=samples_per_epoch, group_by=group_by, precision=precision)
         rep = train(data, bundle, backbone=backbone, config=cfg, device=device)
         last = rep["history"][-1] if rep["history"] else {}
         keys = ("n_train", "n_val", "n_cells", "tau_km", "epochs_run", "best_val_loss", "temperature", "ece_before", "ece_after",
-                "radius_calibration", "radius_scales", "combine_mode", "combine_validation", "skipped", "images_embedded", "embeddings_reused", "images_embedded_per_s", "head_examples_per_s")
+                "radius_calibration", "radius_scales", "combine_mode", "combine_validation", "skipped", "precision", "images_embedded", "embeddings_reused", "images_embedded_per_s", "head_examples_per_s")
         summary = {k: rep.get(k) for k in keys}
         summary["val_median_km"] = last.get("val_median_km")
         typer.echo(json.dumps(summary))

@@ -69,6 +69,10 @@ class Source(ABC):
     """A data set as a fixed list of shards of undecoded records."""
 
     kind: str = "?"
+    # Whether reading a shard's records costs nothing (they are rows held in memory, the image read only
+    # when decoded): then loader workers may share a shard (`pigeon embed`); else each worker takes
+    # whole shards, so a tar or Parquet file is read once.
+    shared_reads: bool = False
 
     def __init__(self, spec: str, strict: bool = False):
         self.spec = str(spec)
@@ -111,6 +115,7 @@ class ManifestSource(Source):
     """Today's manifest of loose files, cut into shards of `rows_per_shard` rows (resume granularity)."""
 
     kind = "manifest"
+    shared_reads = True   # records() lists in-memory rows (paths); each worker opens only the files it decodes
 
     def __init__(self, spec: str, strict: bool = False, rows_per_shard: int = 4096):
         super().__init__(spec, strict)
