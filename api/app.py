@@ -42,6 +42,20 @@ from .settings import Settings
 __all__ = ["Settings", "app_from_env", "configure_logging", "create_app"]
 
 
+def serving_device(requested: str | None) -> str:
+    """The model's device: the setting (checked: this machine has it), else cuda when there is one, else cpu."""
+    import torch
+
+    from pigeon.backbones import check_device
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return str(check_device(requested))
+    except UserError as e:
+        raise UserError(str(e).replace("--device", "--device (PIGEON_DEVICE)", 1)) from None
+
+
 def load_predictor(bundle: Any, settings: Settings) -> Any:
     """A bundle folder -> a Predictor (UserError when a part is missing or mismatched, or the precision
     setting cannot run on its device); a loaded one as given, with the settings' refinement options and
@@ -49,7 +63,7 @@ def load_predictor(bundle: Any, settings: Settings) -> Any:
     refine = settings.refine_config()
     try:
         if isinstance(bundle, (str, os.PathLike)):
-            return Predictor.from_bundle(bundle, refine=refine, precision=settings.precision)
+            return Predictor.from_bundle(bundle, device=serving_device(settings.device), refine=refine, precision=settings.precision)
         if settings.precision is not None:
             bundle.backbone.set_precision(settings.precision)
     except FieldError as e:

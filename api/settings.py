@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="one inference at start-up, so the first request is not the slow one")
     refine: Optional[str] = Field(None, description="gallery refinement mode: cluster+nn, cluster, nn, none; unset: the mode the bundle recorded, else cluster+nn")
     max_refinement_km: Optional[float] = Field(None, description="PIGEON's guard (default 1000 km; inf/none/off turns it off)")
+    device: Optional[str] = Field(None, description="torch device of the model: cpu, cuda, cuda:N; unset/auto: cuda when there is one, else cpu")
     precision: Optional[str] = Field(None, description="backbone forwards: auto, fp32, bf16, fp16; unset/auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU; fp16 is refused on CPU")
 
     def __init__(self, **values: Any) -> None:
@@ -99,6 +100,14 @@ class Settings(BaseSettings):
     def _guard_off(cls, v: Any) -> Any:
         """inf / none / off (any case) -> no guard (math.inf)."""
         return math.inf if isinstance(v, str) and v.strip().lower() in _OFF else v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: Optional[str]) -> Optional[str]:
+        """auto or a torch device name (whether this machine has it is checked when the bundle loads)."""
+        if v is None or v.strip().lower() in ("", "auto"):
+            return None
+        return v.strip()
 
     @field_validator("precision")
     @classmethod

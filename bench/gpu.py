@@ -144,26 +144,24 @@ def write_shards(folder: Path, n: int, per_shard: int, px: int) -> Path:
 
 
 def part_embed(bb: Any, device: str, cfg: dict, work: Path, forward: dict) -> dict:
-    import inspect
-
     from pigeon.datasets.sources import open_source
     from pigeon.embed import embed_source
 
     shards = write_shards(work / "shards", cfg["photos"], cfg["per_shard"], cfg["image_px"])
     bare = forward.get(f"bf16_b{cfg['embed_batch']}") or bare_forward(bb, device, cfg["embed_batch"], "bf16", cfg["forward_seconds"])
-    takes_precision = "precision" in inspect.signature(embed_source).parameters
     out = {"photos": cfg["photos"], "batch": cfg["embed_batch"], "bare_bf16_images_per_s": round(bare, 1)}
+    before = bb.precision
+    bb.set_precision("bf16")   # as `pigeon embed --precision bf16`
     for w in cfg["workers"]:
-        kw = {"precision": "bf16"} if takes_precision else {}
-        with (contextlib.nullcontext() if takes_precision else autocast(device, "bf16")):
-            t0 = time.perf_counter()
-            rep = embed_source(open_source(shards), bb, work / f"emb-w{w}", batch_size=cfg["embed_batch"], workers=w, progress=False, **kw)
-            sync(device)
-            seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = embed_source(open_source(shards), bb, work / f"emb-w{w}", batch_size=cfg["embed_batch"], workers=w, progress=False)
+        sync(device)
+        seconds = time.perf_counter() - t0
         rate = cfg["photos"] / seconds
         out[f"workers_{w}"] = {"images_per_s": round(rate, 1), "over_bare_bf16": round(rate / bare, 3),
                                "embedded": int(rep.get("images", cfg["photos"]) if isinstance(rep, dict) else cfg["photos"])}
         log(f"embed workers {w}: {rate:.1f} images/s = {rate / bare:.2f} x bare bf16")
+    bb.set_precision(before)
     return out
 
 
@@ -175,7 +173,7 @@ def part_serve(bb: Any, device: str, cfg: dict, work: Path, smoke: bool) -> dict
 
     bundle = make_bundle(work / "bundle", cfg["backbone"], cfg["cells"])
     jpeg = test_jpeg(640, 480)
-    env = {"PIGEON_DEVICE": device, "PIGEON_MAX_BATCH_IMAGES": str(cfg["serve_batch"]), "PIGEON_BATCH_WAIT_MS": "2",
+    env = {"PIGEON_DEVICE": device, "PIGEON_PRECISION": "auto", "PIGEON_MAX_BATCH_IMAGES": str(cfg["serve_batch"]), "PIGEON_BATCH_WAIT_MS": "2",
            "PIGEON_MAX_CONCURRENCY": "1", "PIGEON_MAX_QUEUE": str(cfg["serve_clients"] * 2)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -88,3 +88,14 @@ def test_sigterm_exits_within_10_s_while_an_upload_is_stalled():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    r = subprocess.run([*CLI, "--bundle", str(tiny_bundle()), "--device", "cuda", "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--device (PIGEON_DEVICE) cuda: this machine has 0 CUDA device(s); use --device cpu" in r.stderr and "Traceback" not in r.stderr

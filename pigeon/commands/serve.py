@@ -47,6 +47,7 @@ def serve(
     refine: Optional[str] = None,
     max_refinement_km: Optional[float] = None,
     precision: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> None:
     """Load the bundle (refusing a bundle with missing or mismatched parts), then run uvicorn.
 
@@ -76,6 +77,7 @@ def serve(
         "refine": refine,
         "max_refinement_km": max_refinement_km,
         "precision": precision,
+        "device": device,
     }
     settings = Settings.from_env(**overrides)  # every setting checked once, here (UserError), rather than in every worker
     check_bindable(host, port)  # before the bundle loads: a busy port is one line, not a load, a warm-up and a traceback
@@ -111,7 +113,8 @@ def register(app: typer.Typer) -> None:
         refine: Optional[str] = typer.Option(None, "--refine", help="gallery refinement: cluster+nn | cluster | nn | none (env PIGEON_REFINE); default: the bundle's validated mode, else cluster+nn"),
         max_refinement_km: Optional[float] = typer.Option(None, "--max-refinement-km", help="PIGEON's guard in km (default 1000; inf = off; env PIGEON_MAX_REFINEMENT_KM)"),
         precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards: fp32 | bf16 | fp16 (env PIGEON_PRECISION; default auto: bf16 on CUDA, fp32 on CPU)"),
+        device: Optional[str] = typer.Option(None, "--device", help="torch device of the model: cpu | cuda | cuda:N (env PIGEON_DEVICE; default: cuda when there is one, else cpu)"),
     ) -> None:
         """Serve POST /locate and the web page at http://HOST:PORT/ (API key: env PIGEON_API_KEY)."""
         serve(bundle, host=host, port=port, workers=workers, max_concurrency=max_concurrency, max_upload_mb=max_upload_mb, log_level=log_level,
-              refine=refine, max_refinement_km=max_refinement_km, precision=precision)
+              refine=refine, max_refinement_km=max_refinement_km, precision=precision, device=device)
