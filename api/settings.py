@@ -34,6 +34,7 @@ _ALLOWED = {
     "warmup": "true or false",
     "refine": f"one of {', '.join(MODES)}",
     "max_refinement_km": "a distance in km > 0, or inf/none/off for no guard",
+    "batch_wait_ms": "a number of ms >= 0 and <= 1000 (0: a batch never waits)",
 }
 
 
@@ -61,6 +62,8 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="one inference at start-up, so the first request is not the slow one")
     refine: Optional[str] = Field(None, description="gallery refinement mode: cluster+nn, cluster, nn, none; unset: the mode the bundle recorded, else cluster+nn")
     max_refinement_km: Optional[float] = Field(None, description="PIGEON's guard (default 1000 km; inf/none/off turns it off)")
+    max_batch_images: int = Field(16, ge=1, description="images per backbone forward when concurrent locate requests are batched together (a request with more goes alone)")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="ms a batch may wait, after its first request arrived, for requests still decoding (never when none is); 0: never waits")
 
     def __init__(self, **values: Any) -> None:
         """Read and check the settings; anything out of range raises `UserError` (one line)."""
