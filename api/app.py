@@ -13,7 +13,8 @@ the shared per-process state (service.py). Here they are put together:
   shutdown, drops the caches. An app driven without a lifespan (httpx's ASGITransport) still
   answers; it just is not warmed up, and its background check starts with the first /health or
   /locate.
-- The API key is a dependency on the protected routers, added only when a key is configured;
+- The API key is a dependency on the protected routers (locate, cells, /version, /metrics), added
+  only when a key is configured;
   on the locate routes the request gate checks it too, before the upload is read, and takes the
   request's admission slot (503 otherwise) before reading it as well.
 """
@@ -35,7 +36,7 @@ from .deps import require_api_key
 from .errors import install_error_handlers
 from .logs import configure_logging, log
 from .middleware import RequestGate
-from .routers import cells, locate, meta, page
+from .routers import cells, locate, meta, metrics, page
 from .service import Service
 from .settings import Settings
 
@@ -87,6 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ms = await anyio.to_thread.run_sync(service.warm_up)
         log.info(f"warm-up inference took {ms:.0f} ms")
     log.info(f"ready: {len(service.predictor.cells)} cells, max_concurrency {settings.max_concurrency}, "
+             f"batches of up to {settings.max_batch_images} images (wait {settings.batch_wait_ms:g} ms), "
              f"API key {'required' if settings.api_key else 'not required (PIGEON_API_KEY unset)'}")
     try:
         yield
@@ -100,6 +102,7 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
     app.include_router(locate.router, dependencies=auth)
     app.include_router(cells.router, dependencies=auth)
     app.include_router(meta.router, dependencies=auth)
+    app.include_router(metrics.router, dependencies=auth)
     app.include_router(meta.public)
     app.include_router(page.router)
     app.mount("/static", page.static, name="static")
@@ -108,7 +111,8 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
 def _add_middleware(app: FastAPI, settings: Settings, service: Service) -> None:
     """The request gate (outermost but for CORS) and, when origins are configured, CORS."""
     app.add_middleware(RequestGate, max_upload_bytes=settings.max_upload_bytes, admission=service.admission, api_key=settings.api_key,
-                       body_timeout_s=settings.body_timeout_s, min_upload_bytes_per_s=settings.min_upload_bytes_per_s)
+                       body_timeout_s=settings.body_timeout_s, min_upload_bytes_per_s=settings.min_upload_bytes_per_s,
+                       metrics=service.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

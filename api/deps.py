@@ -1,6 +1,6 @@
 """FastAPI dependencies: the service and settings of the app, the API key, the query-string guard.
 
-- `require_api_key` is added to the protected routers (locate, cells, /version) by `create_app`
+- `require_api_key` is added to the protected routers (locate, cells, /version, /metrics) by `create_app`
   only when a key is configured, so `/openapi.json` shows the `X-API-Key` scheme exactly when the
   server enforces it. The page, `/static`, the docs and `/health` never need it. On the locate
   routes the request gate (middleware.py) checks the key too, before the upload is read.
@@ -25,7 +25,7 @@ from .settings import Settings
 api_key_header = APIKeyHeader(
     name="X-API-Key",
     scheme_name="ApiKey",
-    description="the server's key (PIGEON_API_KEY); required on /locate, /locate/batch, /cells and /version when the server has one",
+    description="the server's key (PIGEON_API_KEY); required on /locate, /locate/batch, /cells, /version and /metrics when the server has one",
     auto_error=False,  # our own 401 below, in the {error, detail} shape
 )
 

@@ -16,6 +16,8 @@ dependency runs, and these decisions must come before the body is read.
   So neither a stalled client nor one that trickles a byte at a time can hold a slot for long.
 - A refusal (503) is held until its Retry-After has passed (see `Admission`), so clients that
   ignore it, reconnecting or not, cannot crowd the event loop with refusals.
+- When an exchange has ended, it is counted in the app's metrics (metrics.py): route, method,
+  status, latency, and for an answer >= 400 its `error` code.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import Any, Optional
 import anyio
 
 from .deps import UNAUTHORIZED, key_matches
-from .errors import error_body
+from .errors import STATUS_CODES, error_body
 from .logs import access_log
+from .metrics import Metrics, error_code
 from .service import Admission
 
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the image bytes
@@ -51,6 +54,7 @@ class _Exchange:
         self.headers = dict(scope["headers"])
         self.rid = self.headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
         self.status, self.read = 0, 0
+        self.code: Optional[str] = None   # the `error` code of an answer >= 400 (the metrics)
         self.started = self.swallow = self.body_done = False
         self.cut: Optional[tuple[int, str, str]] = None  # (status, code, detail) once the body was cut off
         self.t_admitted = anyio.current_time()   # event-loop clock; reset when a slot is taken
@@ -58,6 +62,7 @@ class _Exchange:
     async def error(self, status: int, code: str, detail: Any, close: bool = False, extra: Optional[list] = None) -> None:
         """Answer `{error, detail}` JSON here, without the app."""
         body = error_body(code, detail)
+        self.code = code
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"x-request-id", self.rid.encode("latin-1"))]
         headers += extra or []
         if close:
@@ -78,6 +83,8 @@ class _Exchange:
             msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", self.rid.encode("latin-1"))]}
         elif self.swallow:
             return
+        elif self.status >= 400 and self.code is None and msg["type"] == "http.response.body":
+            self.code = error_code(msg.get("body", b""), STATUS_CODES.get(self.status, "http_error"))
         await self.send(msg)
 
     def limited(self, receive: Any) -> Any:
@@ -136,10 +143,11 @@ class RequestGate:
     """Pure ASGI middleware: request id, body limits, key and admission before the body, JSON access log."""
 
     def __init__(self, app: Any, max_upload_bytes: int, admission: Admission, api_key: Optional[str] = None, body_timeout_s: float = 30.0,
-                 min_upload_bytes_per_s: float = 0.0):
+                 min_upload_bytes_per_s: float = 0.0, metrics: Optional[Metrics] = None):
         self.app = app
         self.limit = max_upload_bytes + MULTIPART_SLACK
         self.admission, self.api_key, self.body_timeout_s, self.min_rate = admission, api_key, body_timeout_s, min_upload_bytes_per_s
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -154,6 +162,10 @@ class RequestGate:
             else:
                 await self._forward(ex, receive)
         finally:
+            if self.metrics is not None:
+                status = ex.status or 500
+                self.metrics.observe_request(scope["path"], scope["method"], status, time.perf_counter() - ex.t0,
+                                             ex.code or STATUS_CODES.get(status, "http_error"))
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(ex.log_line())
 

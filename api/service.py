@@ -1,16 +1,20 @@
 """The loaded predictor and what the endpoints share: admission (the slot counter of the 503 gate),
-the worker-thread limiter, decoding, the answers, the explainer and the cached GeoJSON.
+the worker-thread limiter, the batcher, decoding, the answers, the explainer, the metrics and the
+cached GeoJSON.
 
 Requests to the locate routes take a slot of `Admission` in the request gate (middleware.py)
 before their body is read; beyond `max_concurrency + max_queue` they are refused at once (503
-with Retry-After). Decoding and inference then run in a worker thread (one hop per request)
-under a capacity limiter of `max_concurrency`, so decoded pixels are bounded too.
+with Retry-After). Decoding, and later the answers, run in worker threads under a capacity limiter
+of `max_concurrency`, so decoded pixels are bounded too; the backbone forward runs in the batcher
+(batching.py), which gathers the images of concurrent requests into one forward, one at a time.
 
 Every locate request, whatever its route and options, takes one path, `Service.locate`: probe each
-upload's header, check the request's pixel budget (`uploads.check_request_pixels`), decode, one
-backbone forward over the usable images, then the Predictor's answers (`predict_embeddings` +
-`format`, or `predict_places` + `format_places`), to which the service adds only what it knows of
-the uploads (`exif_gps_present`, `image`, `view_images`), the timings and the explanation.
+upload's header, check the request's pixel budget (`uploads.check_request_pixels`), decode (a worker
+thread); the usable images to the batcher, which embeds them in one backbone forward with those of
+other requests in flight (awaited on the event loop); then the Predictor's answers
+(`predict_embeddings` + `format`, or `predict_places` + `format_places`; a worker thread), to which
+the service adds only what it knows of the uploads (`exif_gps_present`, `image`, `view_images`),
+the timings and the explanation.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from pigeon.bundle import BackgroundVerify
 from pigeon.explain import Explainer, heatmap_base64
 
 from .logs import log
+from .batching import Batcher, Embedded
+from .metrics import Metrics, bundle_build_id
 from .settings import Settings
 from .uploads import DecodedImage, ProbedImage, UploadError, check_request_pixels, decode_probed, probe_image, upload_label
 
@@ -104,11 +110,28 @@ class Upload(NamedTuple):
 
 
 @dataclass
+class _Read:
+    """A request's uploads after decoding (`Service._prepare`): what each entry is made of, the usable images."""
+
+    decoded: list[DecodedImage | UploadError]
+    pixels: int
+    members: dict[Any, list[int]]   # entry -> its uploads
+    bad: dict[Any, UploadError]     # entry -> why it cannot be answered
+    use: list[int]                  # the uploads embedded (every upload of an answerable entry)
+    groups: list[Any] | None        # their place labels (None: one answer per upload)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [self.decoded[i].image for i in self.use]  # type: ignore[union-attr]
+
+
+@dataclass
 class Located:
     """What `Service.locate` found: the entries (a result or an error each) and the request's timings."""
 
     entries: list[dict[str, Any]]
     timings: dict[str, float]
+    stages_s: tuple[float, float] = (0.0, 0.0)   # head (+ refinement) and formatting, in seconds (the metrics)
 
 
 ONE_PLACE = "same_place"  # the place label of /locate's views (any non-empty label: they are one place)
@@ -198,7 +221,7 @@ def _log_verification(check: BackgroundVerify) -> None:
 
 
 class Service:
-    """The loaded predictor plus the per-process state the endpoints share (limiter, caches, explainer)."""
+    """The loaded predictor plus the per-process state the endpoints share (limiter, batcher, caches, explainer, metrics)."""
 
     def __init__(self, predictor: Any, settings: Settings):
         self.predictor = predictor
@@ -207,6 +230,11 @@ class Service:
         self._limiter: anyio.CapacityLimiter | None = None
         self._cells_json: bytes | None = None
         self._cells_lock = threading.Lock()
+        self.metrics = Metrics()
+        # Concurrent requests meet here: up to max_batch_images images per forward, one forward at a time (it
+        # takes every core, or the GPU); max_concurrency is the worker threads that decode and answer around it.
+        self.batcher = Batcher(self._forward, settings.max_batch_images, settings.batch_wait_ms, max_running=1,
+                               observe=self.metrics.observe_batch)
         # The explainer keeps no per-request state on the model (see pigeon.explain), so explanations
         # run beside plain requests under the same limiter, up to max_concurrency at once.
         head = predictor.head
@@ -216,6 +244,10 @@ class Service:
         # the large parts' full hash, in a background thread started with the service (`start_verification`):
         # until it is done /health says "verifying"; a mismatch makes /health 503 and /locate 503 naming the part
         self.verification = BackgroundVerify(getattr(predictor, "bundle", None), on_done=_log_verification)
+        info = self.version()
+        self.metrics.bind(lambda: self.admission.in_flight, self.queued, {
+            "pigeon_version": str(info["pigeon_version"]), "backbone": str(info["backbone"]),
+            "bundle_build": bundle_build_id(info["manifest"])})
 
     def start_verification(self) -> BackgroundVerify:
         """Start the background hash of the bundle's large parts (once; later calls return the same check)."""
@@ -232,6 +264,15 @@ class Service:
         """`fn(*args)` in a worker thread, at most `max_concurrency` at once."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    def queued(self) -> int:
+        """Locate requests waiting: for a worker thread (decode or answers) or for a forward (the batcher)."""
+        waiting = self._limiter.statistics().tasks_waiting if self._limiter is not None else 0
+        return waiting + self.batcher.waiting
+
+    def _forward(self, images: list[Image.Image]) -> np.ndarray:
+        """The batcher's forward (in a worker thread): one `predictor.embed` over a batch's images."""
+        return self.predictor.embed(images)
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def warm_up(self) -> float:
         """One inference on a small synthetic image (the first forward pass is the slow one); returns ms."""
@@ -247,38 +288,57 @@ class Service:
     # /locate (one image, or views of one place with same_place) and /locate/batch (per file, or per
     # `place` label) differ only in how uploads map to answers and whether a bad upload refuses the
     # request; `locate` is the one flow, the four entry points below only name the uploads and shape the JSON.
-    def locate_one(self, data: bytes, filename: str | None, top_k: int, explain: bool) -> dict[str, Any]:
+    async def locate_one(self, data: bytes, filename: str | None, top_k: int, explain: bool) -> dict[str, Any]:
         """POST /locate with one image: its answer (explained when asked); a refusal raises with its status."""
-        return self._alone(self.locate([Upload(upload_label("image", filename), filename, data)], top_k, strict=True, explain=explain))
+        return self._alone(await self.locate([Upload(upload_label("image", filename), filename, data)], top_k, strict=True, explain=explain))
 
-    def locate_place(self, blobs: list[tuple[str | None, bytes]], top_k: int, combine: str | None) -> dict[str, Any]:
+    async def locate_place(self, blobs: list[tuple[str | None, bytes]], top_k: int, combine: str | None) -> dict[str, Any]:
         """POST /locate with same_place: one answer for several views of one place. Every view must be
         usable: the first that is not refuses the request with its own status, named `image[i] (name)`."""
         uploads = [Upload(upload_label(f"image[{i}]", name), name, data) for i, (name, data) in enumerate(blobs)]
-        return self._alone(self.locate(uploads, top_k, places=[ONE_PLACE] * len(uploads), combine=combine, strict=True))
+        return self._alone(await self.locate(uploads, top_k, places=[ONE_PLACE] * len(uploads), combine=combine, strict=True))
 
-    def locate_many(self, blobs: list[tuple[str | None, bytes]], top_k: int) -> dict[str, Any]:
+    async def locate_many(self, blobs: list[tuple[str | None, bytes]], top_k: int) -> dict[str, Any]:
         """POST /locate/batch: an entry per file, `{filename, result}` or `{filename, error}`."""
-        return self._batch(self.locate(_batch_uploads(blobs), top_k))
+        return self._batch(await self.locate(_batch_uploads(blobs), top_k))
 
-    def locate_places(self, blobs: list[tuple[str | None, bytes]], places: list[str], top_k: int, combine: str | None) -> dict[str, Any]:
+    async def locate_places(self, blobs: list[tuple[str | None, bytes]], places: list[str], top_k: int, combine: str | None) -> dict[str, Any]:
         """POST /locate/batch with `place` labels: an entry per place, `{place, filenames, result | error}`."""
-        return self._batch(self.locate(_batch_uploads(blobs), top_k, places=places, combine=combine))
+        return self._batch(await self.locate(_batch_uploads(blobs), top_k, places=places, combine=combine))
 
-    def locate(self, uploads: list[Upload], top_k: int, *, places: list[str] | None = None, combine: str | None = None,
-               strict: bool = False, explain: bool = False) -> Located:
-        """The flow of every locate request (runs in a worker thread): probe every upload, check the
-        request's pixel budget, decode, then one backbone forward over the usable images and the
-        Predictor's answers, one per upload (`places` None) or one per place label (`places`: one per
-        upload; entries in the order of each place's first file).
+    async def locate(self, uploads: list[Upload], top_k: int, *, places: list[str] | None = None, combine: str | None = None,
+                     strict: bool = False, explain: bool = False) -> Located:
+        """The flow of every locate request: probe every upload, check the request's pixel budget, decode
+        (a worker thread), then the usable images' embeddings from the batcher (one backbone forward,
+        shared with the other requests in flight) and the Predictor's answers (a worker thread), one per
+        upload (`places` None) or one per place label (`places`: one per upload; entries in the order of
+        each place's first file).
 
         `strict`: every upload must be usable, the first refusal raises (the /locate routes). Otherwise a
         refused upload is its entry's error (a place with several gets the last one's, as before) and its
         place's other views are not used; when no entry can be answered, `_all_failed` is raised.
-        `explain`: one upload only (the router refuses more)."""
+        `explain`: one upload only (the router refuses more); the explanation runs unbatched, after the answer."""
         if explain and len(uploads) != 1:
             raise ValueError("explain works on one upload")
         t0 = time.perf_counter()
+        with self.batcher.on_the_way():   # a batch about to start may wait for this request's images
+            try:
+                read = await self.run(self._prepare, uploads, places, strict)
+            finally:
+                self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        got = await self.batcher.embed(read.images)
+        t2 = time.perf_counter()
+        located = await self.run(self._finish, read, got, uploads, top_k, places is not None, combine, strict, explain, (t0, t1, t2))
+        m = self.metrics
+        m.head_seconds.observe(located.stages_s[0])
+        m.format_seconds.observe(located.stages_s[1])
+        m.locate_seconds.observe(time.perf_counter() - t0)
+        return located
+
+    def _prepare(self, uploads: list[Upload], places: list[str] | None, strict: bool) -> _Read:
+        """(Worker thread.) The uploads read and decoded (`_read`), sorted into entries: which can be
+        answered, which images go to the forward. Raises `_all_failed` when no entry can be answered."""
         decoded, pixels = self._read(uploads, strict)
         units: list[Any] = list(range(len(uploads))) if places is None else list(places)  # the entry each upload answers in
         members: dict[Any, list[int]] = {}
@@ -290,30 +350,35 @@ class Service:
         use = [i for i, u in enumerate(units) if u not in bad]
         if not use:
             raise _all_failed(list(bad.values()))
-        t1 = time.perf_counter()
-        ok = {i: d for i, d in enumerate(decoded) if isinstance(d, DecodedImage)}  # every upload of an entry in `use`
-        images = [ok[i].image for i in use]
-        answers, stages = self._answers(images, None if places is None else [units[i] for i in use], top_k, combine)
-        by_entry = dict(zip(use, answers)) if isinstance(answers, list) else answers
-        t2 = time.perf_counter()
-        shares = _answer_timings(stages, len(by_entry), places is not None, strict)
+        return _Read(decoded, pixels, members, bad, use, None if places is None else [units[i] for i in use])
+
+    def _finish(self, read: _Read, got: Embedded, uploads: list[Upload], top_k: int, place: bool, combine: str | None,
+                strict: bool, explain: bool, marks: tuple[float, float, float]) -> Located:
+        """(Worker thread.) The Predictor's answers from the request's embeddings, as entries, with the timings."""
+        t0, t1, t2 = marks
+        answers, stages = self._answers(got.embeddings, read.groups, top_k, combine)
+        stages = {"embed_ms": (t2 - t1) * 1e3, **stages}  # the request's wait for its batch and the batch's forward
+        by_entry = dict(zip(read.use, answers)) if isinstance(answers, list) else answers
+        t3 = time.perf_counter()
+        shares = _answer_timings(stages, len(by_entry), place, strict)
+        ok = read.decoded
         entries = []
-        for u, idx in members.items():
+        for u, idx in read.members.items():
             names = [uploads[i].filename for i in idx]
-            entry: dict[str, Any] = {"filename": names[0]} if places is None else {"place": u, "filenames": names}
-            if u in bad:
-                entry["error"] = bad[u].as_item()
+            entry: dict[str, Any] = {"filename": names[0]} if not place else {"place": u, "filenames": names}
+            if u in read.bad:
+                entry["error"] = read.bad[u].as_item()
             else:
-                entry["result"] = _result(by_entry[u], [ok[i] for i in idx], shares, places is not None)
+                entry["result"] = _result(by_entry[u], [ok[i] for i in idx], shares, place)  # type: ignore[misc]
             entries.append(entry)
-        timings = {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t2)}
+        timings = {"decode_ms": _ms(t0, t1), "locate_ms": _ms(t1, t3)}
         if explain:
-            entries[0]["result"]["explain"] = self.explain(images[0], entries[0]["result"])
-            timings["explain_ms"] = _ms(t2, time.perf_counter())
+            entries[0]["result"]["explain"] = self.explain(read.images[0], entries[0]["result"])
+            timings["explain_ms"] = _ms(t3, time.perf_counter())
         timings["total_ms"] = _ms(t0, time.perf_counter())
-        if pixels > LARGE_REQUEST_PIXELS:
+        if read.pixels > LARGE_REQUEST_PIXELS:
             release_memory()
-        return Located(entries, timings)
+        return Located(entries, timings, (stages["head_ms"] / 1e3, stages["format_ms"] / 1e3))
 
     def _read(self, uploads: list[Upload], strict: bool) -> tuple[list[DecodedImage | UploadError], int]:
         """Every upload probed (header only), the request's pixel budget checked over the usable headers
@@ -339,14 +404,12 @@ class Service:
                 decoded.append(e)
         return decoded, pixels
 
-    def _answers(self, images: list[Image.Image], groups: list[Any] | None, top_k: int,
+    def _answers(self, emb: np.ndarray, groups: list[Any] | None, top_k: int,
                  combine: str | None) -> tuple[list[dict[str, Any]] | dict[Any, dict[str, Any]], dict[str, float]]:
-        """One backbone forward over `images`, then the Predictor's formatted answers: a list, one per
-        image (`groups` None), or a dict place label -> answer (`groups`: each image's place). Also the
-        stages' ms (embed, head, format) for the answers' own timings."""
+        """The Predictor's formatted answers for the images' embeddings `emb`: a list, one per image
+        (`groups` None), or a dict place label -> answer (`groups`: each image's place). Also the
+        stages' ms (head, format) for the answers' own timings."""
         pred = self.predictor
-        t0 = time.perf_counter()
-        emb = pred.embed(images)
         t1 = time.perf_counter()
         if groups is None:
             arrays = pred.predict_embeddings(emb, top_k=top_k)
@@ -357,7 +420,7 @@ class Service:
             t2 = time.perf_counter()
             answers = {a.pop("place"): a for a in plain(pred.format_places(pp, top_k=top_k))}
         t3 = time.perf_counter()
-        return answers, {"embed_ms": (t1 - t0) * 1e3, "head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3}
+        return answers, {"head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3}
 
     @staticmethod
     def _alone(located: Located) -> dict[str, Any]:

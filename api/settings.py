@@ -36,6 +36,7 @@ _ALLOWED = {
     "refine": f"one of {', '.join(MODES)}",
     "max_refinement_km": "a distance in km > 0, or inf/none/off for no guard",
     "precision": f"one of {', '.join(CHOICES)}",
+    "batch_wait_ms": "a number of ms >= 0 and <= 1000 (0: a batch never waits)",
 }
 
 
@@ -65,6 +66,8 @@ class Settings(BaseSettings):
     max_refinement_km: Optional[float] = Field(None, description="PIGEON's guard (default 1000 km; inf/none/off turns it off)")
     device: Optional[str] = Field(None, description="torch device of the model: cpu, cuda, cuda:N; unset/auto: cuda when there is one, else cpu")
     precision: Optional[str] = Field(None, description="backbone forwards: auto, fp32, bf16, fp16; unset/auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU; fp16 is refused on CPU")
+    max_batch_images: int = Field(16, ge=1, description="images per backbone forward when concurrent locate requests are batched together (a request with more goes alone)")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="ms a batch may wait, after its first request arrived, for requests still decoding (never when none is); 0: never waits")
 
     def __init__(self, **values: Any) -> None:
         """Read and check the settings; anything out of range raises `UserError` (one line)."""

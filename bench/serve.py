@@ -24,10 +24,20 @@ in one /locate/batch, which is over the per-request pixel budget (413 before dec
 them (196 Mpx, within the 200 Mpx budget), decoded one at a time and reduced: the server's RSS
 before, at its peak (sampled every 5 ms) and after, and the time taken.
 
+`--mode batch` (the timing backbone): batched serving against the bare forward. At 1 client, /locate
+alternated with a bare batch-1 forward, as in the timing mode (p50 over p50); at `--clients` (16)
+concurrent clients, /locate requests per second against the bare forward's images per second at
+batch `--clients` (`encode_image` on that many preprocessed images at once, the server idle), in
+`--rounds` rounds of one bare forward then a share of the requests, so both see the same background
+load (requests / summed wall time of the rounds; the bare figure is the median); then 4 clients. The server batches with its settings
+(`PIGEON_MAX_BATCH_IMAGES` = `--max-batch-images`, `PIGEON_BATCH_WAIT_MS` = `--batch-wait-ms`); its
+/metrics give the batch sizes it formed.
+
 Prints one JSON line. Examples:
     .venv/bin/python bench/serve.py --soak-s 120
     .venv/bin/python bench/serve.py --mode overload --overload-s 20
     .venv/bin/python bench/serve.py --mode memory
+    .venv/bin/python bench/serve.py --mode batch --threads 2
 """
 
 from __future__ import annotations
@@ -80,7 +90,7 @@ def test_jpeg(w: int = 1024, h: int = 768) -> bytes:
     return buf.getvalue()
 
 
-def interleaved_c1(url: str, spec: str, jpeg: bytes, n: int) -> tuple[list[float], list[float]]:
+def interleaved_c1(url: str, spec: str, jpeg: bytes, n: int, bb=None) -> tuple[list[float], list[float]]:
     """Concurrency 1, alternating one bare forward pass here with one POST /locate to the idle server.
 
     The bare pass is `encode_image` on the preprocessed image (same size the server uses), no
@@ -92,7 +102,7 @@ def interleaved_c1(url: str, spec: str, jpeg: bytes, n: int) -> tuple[list[float
     from pigeon.api.uploads import decode_image
     from pigeon.backbones import create_backbone
 
-    bb = create_backbone(spec)
+    bb = bb or create_backbone(spec)
     x = bb.preprocess(decode_image(jpeg).image).unsqueeze(0)
     fwd, req = [], []
     with torch.no_grad(), httpx.Client(base_url=url, timeout=60) as c:
@@ -113,12 +123,12 @@ def interleaved_c1(url: str, spec: str, jpeg: bytes, n: int) -> tuple[list[float
 class Server:
     """uvicorn in a subprocess over a bundle (factory `pigeon.api.app:app_from_env`)."""
 
-    def __init__(self, bundle: Path, threads: int):
+    def __init__(self, bundle: Path, threads: int, env: dict[str, str] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.log = tempfile.TemporaryFile()  # the JSON request log; a pipe nobody reads would fill and stall the server
-        env = {**os.environ, "PIGEON_BUNDLE": str(bundle), "OMP_NUM_THREADS": str(threads), "PIGEON_MAX_QUEUE": "16"}
+        env = {**os.environ, "PIGEON_BUNDLE": str(bundle), "OMP_NUM_THREADS": str(threads), "PIGEON_MAX_QUEUE": "16", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "pigeon.api.app:app_from_env", "--factory", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "warning", "--no-access-log"],
@@ -385,9 +395,87 @@ def run_timing(args: argparse.Namespace, tmp: Path, jpeg: bytes) -> dict:
     return out
 
 
+def bare_batch_forward(bb, jpeg: bytes, batch: int, n: int) -> list[float]:
+    """ms of `n` bare forwards (`encode_image`, no grad) over `batch` copies of the preprocessed image (one warm-up first)."""
+    import torch
+
+    from pigeon.api.uploads import decode_image
+
+    x = bb.preprocess(decode_image(jpeg).image).unsqueeze(0).repeat(batch, 1, 1, 1)
+    out = []
+    with torch.no_grad():
+        bb.encode_image(x)
+        for _ in range(n):
+            t = time.perf_counter()
+            bb.encode_image(x)
+            out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def server_batches(url: str) -> dict:
+    """The server's batch sizes, from its /metrics (prometheus_client's parser): forwards, mean images and
+    requests per forward, and how many forwards served one request alone."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, s.labels.get("le")): s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)
+               for s in f.samples}
+    n = samples.get(("pigeon_batch_images_count", None), 0)
+    return {"forwards": int(n), "mean_images": round(samples.get(("pigeon_batch_images_sum", None), 0) / n, 2) if n else None,
+            "mean_requests": round(samples.get(("pigeon_batch_requests_sum", None), 0) / n, 2) if n else None,
+            "forwards_of_one_request": int(samples.get(("pigeon_batch_requests_bucket", "1.0"), 0)),
+            "forward_s": samples.get(("pigeon_forward_seconds_sum", None), 0.0)}
+
+
+def run_batch(args: argparse.Namespace, tmp: Path, jpeg: bytes) -> dict:
+    """The batch mode: /locate at 1 client against the bare batch-1 forward, at `--clients` against the bare
+    batch-`--clients` forward (images/s), then 4 clients; the server's batch sizes from /metrics."""
+    from pigeon.backbones import create_backbone
+
+    k = args.clients
+    bundle = make_bundle(tmp / "batch", args.backbone, args.cells)
+    env = {"PIGEON_MAX_BATCH_IMAGES": str(args.max_batch_images), "PIGEON_BATCH_WAIT_MS": str(args.batch_wait_ms),
+           "PIGEON_MAX_QUEUE": str(max(16, 2 * k))}
+    srv = Server(bundle, args.threads, env)
+    bb = create_backbone(args.backbone)
+    out: dict = {"clients": k, "max_batch_images": args.max_batch_images, "batch_wait_ms": args.batch_wait_ms}
+    try:
+        fwd, req = interleaved_c1(srv.url, args.backbone, jpeg, n=args.requests, bb=bb)
+        out["c1"] = {"bare_forward_b1_p50_ms": round(statistics.median(fwd), 2), "locate_p50_ms": round(statistics.median(req), 2),
+                     "locate_p99_ms": round(float(np.percentile(req, 99)), 2)}
+        out["c1"]["locate_p50_over_forward_p50"] = round(out["c1"]["locate_p50_ms"] / out["c1"]["bare_forward_b1_p50_ms"], 3)
+        load(srv.url, jpeg, k, n_requests=k)  # warm-up at this concurrency
+        bare_ms: list[float] = []
+        rounds: list[dict] = []
+        batches0 = server_batches(srv.url)
+        for _ in range(args.rounds):  # a bare forward (the server idle), then a load round: both under the same background load
+            bare_ms += bare_batch_forward(bb, jpeg, k, 1)
+            t0 = time.perf_counter()
+            rnd = load(srv.url, jpeg, k, n_requests=args.batch_requests // args.rounds)
+            rnd["wall_s"] = time.perf_counter() - t0
+            rounds.append(rnd)
+        batches1 = server_batches(srv.url)
+        n_req = sum(r["requests"] for r in rounds)
+        wall = sum(r["wall_s"] for r in rounds)
+        n_fwd = batches1["forwards"] - batches0["forwards"]
+        bare = statistics.median(bare_ms)
+        out[f"c{k}"] = {"requests": n_req, "errors": sum(r["errors"] for r in rounds), "first_error": next((r["first_error"] for r in rounds if r["errors"]), None),
+                        "throughput_rps": round(n_req / wall, 2), "p50_ms_per_round": [r["p50_ms"] for r in rounds],
+                        "rps_per_round": [r["throughput_rps"] for r in rounds],
+                        f"bare_forward_b{k}_ms": [round(t, 1) for t in bare_ms], "bare_images_per_s": round(1000 * k / bare, 2),
+                        "forwards": n_fwd, "mean_images_per_forward": round(n_req / n_fwd, 2) if n_fwd else None,
+                        "forwards_of_one_request": batches1["forwards_of_one_request"] - batches0["forwards_of_one_request"],
+                        "forward_busy_share": round((batches1["forward_s"] - batches0["forward_s"]) / wall, 3)}
+        out[f"c{k}"]["rps_over_bare_images_per_s"] = round(out[f"c{k}"]["throughput_rps"] / out[f"c{k}"]["bare_images_per_s"], 3)
+        out["c4"] = load(srv.url, jpeg, 4, n_requests=args.c4_requests)
+    finally:
+        srv.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=("timing", "overload", "memory"), default="timing")
+    ap.add_argument("--mode", choices=("timing", "overload", "memory", "batch"), default="timing")
     ap.add_argument("--backbone", default="open_clip:ViT-B-32:none")
     ap.add_argument("--cells", type=int, default=300)
     ap.add_argument("--requests", type=int, default=40, help="requests per concurrency level")
@@ -399,15 +487,21 @@ def main() -> None:
     ap.add_argument("--connection", choices=("keepalive", "reconnect", "both"), default="both",
                     help="--mode overload: one keep-alive connection per client, a new one per request, or both in turn")
     ap.add_argument("--client-nice", type=int, default=0, help="nice increment of the load generator in --mode overload (0: same priority as the server)")
+    ap.add_argument("--clients", type=int, default=16, help="--mode batch: concurrent clients (and the bare forward's batch)")
+    ap.add_argument("--batch-requests", type=int, default=192, help="--mode batch: requests at --clients clients, over all rounds")
+    ap.add_argument("--c4-requests", type=int, default=24, help="--mode batch: requests at 4 clients")
+    ap.add_argument("--rounds", type=int, default=4, help="--mode batch: rounds of (one bare batched forward, then --batch-requests/rounds requests)")
+    ap.add_argument("--max-batch-images", type=int, default=16, help="--mode batch: the server's PIGEON_MAX_BATCH_IMAGES")
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="--mode batch: the server's PIGEON_BATCH_WAIT_MS")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     jpeg = test_jpeg()
-    out: dict = {"mode": args.mode, "backbone": args.backbone if args.mode == "timing" else "tiny", "cells": args.cells,
+    out: dict = {"mode": args.mode, "backbone": args.backbone if args.mode in ("timing", "batch") else "tiny", "cells": args.cells,
                  "image": "1024x768 JPEG", "threads": args.threads}
-    run = {"timing": run_timing, "overload": run_overload, "memory": run_memory}[args.mode]
+    run = {"timing": run_timing, "overload": run_overload, "memory": run_memory, "batch": run_batch}[args.mode]
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-serve-") as tmp:
         out.update(run(args, Path(tmp), jpeg))
     print(json.dumps(out))

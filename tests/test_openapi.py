@@ -44,7 +44,7 @@ def test_operations_conform_to_the_schema(api_schema):
 
 def test_schema_documents_every_endpoint(api_schema):
     raw = api_schema.raw_schema
-    assert {"/locate", "/locate/batch", "/health", "/version", "/cells"} <= set(raw["paths"])
+    assert {"/locate", "/locate/batch", "/health", "/version", "/cells", "/metrics"} <= set(raw["paths"])
     locate = raw["paths"]["/locate"]["post"]
     assert {"200", "400", "413", "415", "422", "503"} <= set(locate["responses"])
     body = locate["requestBody"]["content"]["multipart/form-data"]["schema"]
@@ -60,7 +60,7 @@ def test_api_key_scheme_is_shown_exactly_when_enforced():
     keyed = create_app(tiny_predictor(), Settings(api_key="k3y", warmup=False)).openapi()
     scheme = keyed["components"]["securitySchemes"]["ApiKey"]
     assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
-    protected = {("/locate", "post"), ("/locate/batch", "post"), ("/cells", "get"), ("/version", "get")}
+    protected = {("/locate", "post"), ("/locate/batch", "post"), ("/cells", "get"), ("/version", "get"), ("/metrics", "get")}
     for path, ops in keyed["paths"].items():
         for method, op in ops.items():
             assert op.get("security") == ([{"ApiKey": []}] if (path, method) in protected else None), (path, method)

@@ -1,7 +1,8 @@
 """POST /locate (one photo) and POST /locate/batch (several, one batched forward pass).
 
 The request gate has already checked the API key and given the request a slot before its body
-was read (middleware.py); here the form is read, checked and handed to the service."""
+was read (middleware.py); here the form is read, checked and handed to the service, whose batcher
+embeds its images in one forward with those of the other requests in flight."""
 
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ async def locate(
         if explain:
             raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
         blobs = [(f.filename, await f.read()) for f in image]
-        return await service.run(service.locate_place, blobs, top_k, combine)
+        return await service.locate_place(blobs, top_k, combine)
     data = await image[0].read()
-    return await service.run(service.locate_one, data, image[0].filename, top_k, explain)
+    return await service.locate_one(data, image[0].filename, top_k, explain)
 
 
 @router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
@@ -102,8 +103,8 @@ async def locate_batch(
     places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
     if places is None:
-        return await service.run(service.locate_many, blobs, top_k)
-    return await service.run(service.locate_places, blobs, places, top_k, combine)
+        return await service.locate_many(blobs, top_k)
+    return await service.locate_places(blobs, places, top_k, combine)
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:
