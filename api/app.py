@@ -51,15 +51,12 @@ def serving_device(requested: str | None) -> str:
 
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return str(check_device(requested))
-    except UserError as e:
-        raise UserError(str(e).replace("--device", "--device (PIGEON_DEVICE)", 1)) from None
+    return str(check_device(requested))
 
 
 def load_predictor(bundle: Any, settings: Settings) -> Any:
-    """A bundle folder -> a Predictor (UserError when a part is missing or mismatched, or the precision
-    setting cannot run on its device); a loaded one as given, with the settings' refinement options and
+    """A bundle folder -> a Predictor (UserError when a part is missing or mismatched, or the device or
+    precision setting cannot run here); a loaded one as given, with the settings' refinement options and
     precision applied when they set any."""
     refine = settings.refine_config()
     try:
@@ -67,10 +64,10 @@ def load_predictor(bundle: Any, settings: Settings) -> Any:
             return Predictor.from_bundle(bundle, device=serving_device(settings.device), refine=refine, precision=settings.precision)
         if settings.precision is not None:
             bundle.backbone.set_precision(settings.precision)
-    except FieldError as e:
-        if e.field != "precision":
+    except FieldError as e:   # a setting the device cannot run: named as the user set it
+        if e.field not in ("precision", "device"):
             raise
-        raise e.renamed("--precision", "PIGEON_PRECISION") from None
+        raise e.renamed(f"--{e.field}", f"PIGEON_{e.field.upper()}") from None
     if settings.refine is not None or settings.max_refinement_km is not None:
         bundle.refine = refine.resolve(bundle.refine.mode)
     return bundle

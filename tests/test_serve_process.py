@@ -98,4 +98,4 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line():
     r = subprocess.run([*CLI, "--bundle", str(tiny_bundle()), "--device", "cuda", "--port", str(_free_port())],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "--device (PIGEON_DEVICE) cuda: this machine has 0 CUDA device(s); use --device cpu" in r.stderr and "Traceback" not in r.stderr
+    assert "--device cuda (PIGEON_DEVICE): this machine has 0 CUDA device(s); use cpu" in r.stderr and "Traceback" not in r.stderr

@@ -14,24 +14,25 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..core.errors import UserError
+from ..core.errors import FieldError, UserError
 from ..core.progress import progress as progress_bar
 from .precision import allow_tf32, autocast, resolve_precision
 
 
 def check_device(device: str) -> torch.device:
-    """A torch device this machine has, or a one-line UserError naming the flag and what exists here."""
+    """A torch device this machine has, or a one-line `FieldError` (field `device`) saying what exists
+    here; the CLI and the service settings name it as the user set it (`--device`, `PIGEON_DEVICE`)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise UserError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from e
+        raise FieldError("device", repr(device), "is not a torch device; use cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (dev.index is not None and dev.index >= n):
             have = f"this machine has {n} CUDA device(s)" + (f" (cuda:0..cuda:{n - 1})" if n else "")
-            raise UserError(f"--device {device}: {have}; use --device cpu" + (" or one of those" if n else ""))
+            raise FieldError("device", device, f"{have}; use cpu" + (" or one of those" if n else ""))
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise FieldError("device", device, "MPS is not available on this machine; use cpu")
     return dev
 
 
