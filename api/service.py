@@ -35,6 +35,7 @@ from PIL import Image
 
 from pigeon.bundle import BackgroundVerify
 from pigeon.explain import Explainer, heatmap_base64
+from pigeon.predictor import DEFAULT_OPTIONS, AnswerOptions
 
 from .logs import log
 from .batching import Batcher, Embedded
@@ -288,26 +289,30 @@ class Service:
     # /locate (one image, or views of one place with same_place) and /locate/batch (per file, or per
     # `place` label) differ only in how uploads map to answers and whether a bad upload refuses the
     # request; `locate` is the one flow, the four entry points below only name the uploads and shape the JSON.
-    async def locate_one(self, data: bytes, filename: str | None, top_k: int, explain: bool) -> dict[str, Any]:
+    async def locate_one(self, data: bytes, filename: str | None, top_k: int, explain: bool,
+                         options: AnswerOptions | None = None) -> dict[str, Any]:
         """POST /locate with one image: its answer (explained when asked); a refusal raises with its status."""
-        return self._alone(await self.locate([Upload(upload_label("image", filename), filename, data)], top_k, strict=True, explain=explain))
+        return self._alone(await self.locate([Upload(upload_label("image", filename), filename, data)], top_k, strict=True, explain=explain,
+                                             options=options))
 
-    async def locate_place(self, blobs: list[tuple[str | None, bytes]], top_k: int, combine: str | None) -> dict[str, Any]:
+    async def locate_place(self, blobs: list[tuple[str | None, bytes]], top_k: int, combine: str | None,
+                           options: AnswerOptions | None = None) -> dict[str, Any]:
         """POST /locate with same_place: one answer for several views of one place. Every view must be
         usable: the first that is not refuses the request with its own status, named `image[i] (name)`."""
         uploads = [Upload(upload_label(f"image[{i}]", name), name, data) for i, (name, data) in enumerate(blobs)]
-        return self._alone(await self.locate(uploads, top_k, places=[ONE_PLACE] * len(uploads), combine=combine, strict=True))
+        return self._alone(await self.locate(uploads, top_k, places=[ONE_PLACE] * len(uploads), combine=combine, strict=True, options=options))
 
-    async def locate_many(self, blobs: list[tuple[str | None, bytes]], top_k: int) -> dict[str, Any]:
+    async def locate_many(self, blobs: list[tuple[str | None, bytes]], top_k: int, options: AnswerOptions | None = None) -> dict[str, Any]:
         """POST /locate/batch: an entry per file, `{filename, result}` or `{filename, error}`."""
-        return self._batch(await self.locate(_batch_uploads(blobs), top_k))
+        return self._batch(await self.locate(_batch_uploads(blobs), top_k, options=options))
 
-    async def locate_places(self, blobs: list[tuple[str | None, bytes]], places: list[str], top_k: int, combine: str | None) -> dict[str, Any]:
+    async def locate_places(self, blobs: list[tuple[str | None, bytes]], places: list[str], top_k: int, combine: str | None,
+                            options: AnswerOptions | None = None) -> dict[str, Any]:
         """POST /locate/batch with `place` labels: an entry per place, `{place, filenames, result | error}`."""
-        return self._batch(await self.locate(_batch_uploads(blobs), top_k, places=places, combine=combine))
+        return self._batch(await self.locate(_batch_uploads(blobs), top_k, places=places, combine=combine, options=options))
 
     async def locate(self, uploads: list[Upload], top_k: int, *, places: list[str] | None = None, combine: str | None = None,
-                     strict: bool = False, explain: bool = False) -> Located:
+                     strict: bool = False, explain: bool = False, options: AnswerOptions | None = None) -> Located:
         """The flow of every locate request: probe every upload, check the request's pixel budget, decode
         (a worker thread), then the usable images' embeddings from the batcher (one backbone forward,
         shared with the other requests in flight) and the Predictor's answers (a worker thread), one per
@@ -317,7 +322,8 @@ class Service:
         `strict`: every upload must be usable, the first refusal raises (the /locate routes). Otherwise a
         refused upload is its entry's error (a place with several gets the last one's, as before) and its
         place's other views are not used; when no entry can be answered, `_all_failed` is raised.
-        `explain`: one upload only (the router refuses more); the explanation runs unbatched, after the answer."""
+        `explain`: one upload only (the router refuses more); the explanation runs unbatched, after the answer.
+        `options`: what the answers carry beyond the default (`pigeon.predictor.AnswerOptions`)."""
         if explain and len(uploads) != 1:
             raise ValueError("explain works on one upload")
         t0 = time.perf_counter()
@@ -329,7 +335,8 @@ class Service:
         t1 = time.perf_counter()
         got = await self.batcher.embed(read.images)
         t2 = time.perf_counter()
-        located = await self.run(self._finish, read, got, uploads, top_k, places is not None, combine, strict, explain, (t0, t1, t2))
+        located = await self.run(self._finish, read, got, uploads, top_k, places is not None, combine, strict, explain, (t0, t1, t2),
+                                 options or DEFAULT_OPTIONS)
         m = self.metrics
         m.head_seconds.observe(located.stages_s[0])
         m.format_seconds.observe(located.stages_s[1])
@@ -353,10 +360,10 @@ class Service:
         return _Read(decoded, pixels, members, bad, use, None if places is None else [units[i] for i in use])
 
     def _finish(self, read: _Read, got: Embedded, uploads: list[Upload], top_k: int, place: bool, combine: str | None,
-                strict: bool, explain: bool, marks: tuple[float, float, float]) -> Located:
+                strict: bool, explain: bool, marks: tuple[float, float, float], options: AnswerOptions) -> Located:
         """(Worker thread.) The Predictor's answers from the request's embeddings, as entries, with the timings."""
         t0, t1, t2 = marks
-        answers, stages = self._answers(got.embeddings, read.groups, top_k, combine)
+        answers, stages = self._answers(got.embeddings, read.groups, top_k, combine, options)
         stages = {"embed_ms": (t2 - t1) * 1e3, **stages}  # the request's wait for its batch and the batch's forward
         by_entry = dict(zip(read.use, answers)) if isinstance(answers, list) else answers
         t3 = time.perf_counter()
@@ -404,21 +411,21 @@ class Service:
                 decoded.append(e)
         return decoded, pixels
 
-    def _answers(self, emb: np.ndarray, groups: list[Any] | None, top_k: int,
-                 combine: str | None) -> tuple[list[dict[str, Any]] | dict[Any, dict[str, Any]], dict[str, float]]:
+    def _answers(self, emb: np.ndarray, groups: list[Any] | None, top_k: int, combine: str | None,
+                 options: AnswerOptions) -> tuple[list[dict[str, Any]] | dict[Any, dict[str, Any]], dict[str, float]]:
         """The Predictor's formatted answers for the images' embeddings `emb`: a list, one per image
         (`groups` None), or a dict place label -> answer (`groups`: each image's place). Also the
         stages' ms (head, format) for the answers' own timings."""
         pred = self.predictor
         t1 = time.perf_counter()
         if groups is None:
-            arrays = pred.predict_embeddings(emb, top_k=top_k)
+            arrays = pred.predict_embeddings(emb, top_k=top_k, options=options)
             t2 = time.perf_counter()
-            answers: Any = plain(pred.format(arrays, top_k=top_k))
+            answers: Any = plain(pred.format(arrays, top_k=top_k, options=options))
         else:
-            pp = pred.predict_places(emb, groups, combine=combine, top_k=top_k)
+            pp = pred.predict_places(emb, groups, combine=combine, top_k=top_k, options=options)
             t2 = time.perf_counter()
-            answers = {a.pop("place"): a for a in plain(pred.format_places(pp, top_k=top_k))}
+            answers = {a.pop("place"): a for a in plain(pred.format_places(pp, top_k=top_k, options=options))}
         t3 = time.perf_counter()
         return answers, {"head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3}
 

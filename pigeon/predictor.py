@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +49,25 @@ def recorded_combine_mode(bundle: Bundle | None) -> str | None:
     mode = bundle.meta("head").get("combine_mode") if bundle is not None else None
     return None if mode is None else check_combine(mode, f"bundle {bundle.path}: the head record's combine_mode")
 
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """What an answer carries beyond the default one, asked by the caller (`evidence=true`, `--within`, ...):
+    one object that every locate path (`Predictor.locate`, `locate_place`, `predict_*`/`format*`, the
+    service, `pigeon locate`) passes along, so an option cannot reach one path and miss another.
+    Every option is off by default, and an answer asked without them is the default answer, unchanged.
+
+    evidence: list the gallery photos that decided the refinement (`pigeon.index` neighbours + their source columns).
+    regions:  the 50% / 90% credible regions as polygons (the fewest cells holding that mass).
+    within:   an area of interest the answer is restricted to (None: anywhere)."""
+
+    evidence: bool = False
+    regions: bool = False
+    within: Any = None
+
+
+DEFAULT_OPTIONS = AnswerOptions()
 
 
 class Predictor:
@@ -112,7 +132,7 @@ class Predictor:
             return centre_answers(probs, self.centres)
         return self.gallery.answer(emb, probs, self.refine)
 
-    def predict_embeddings(self, emb: np.ndarray, top_k: int = 5) -> dict[str, np.ndarray | list]:
+    def predict_embeddings(self, emb: np.ndarray, top_k: int = 5, options: AnswerOptions | None = None) -> dict[str, np.ndarray | list]:
         """Batched answers for (n, D) embeddings, as arrays.
 
         Keys: probs (n, C), lat, lon, confidence (n,), radius_km_50, radius_km_90 (n,), top_cells
@@ -120,7 +140,7 @@ class Predictor:
         (n, A) over `admin1_keys`, refinement (a `RefineResult`: arrays; `format` writes it out).
         """
         emb = self._checked(emb)
-        return self._predict(emb, self.cell_probs(emb), top_k)
+        return self._predict(emb, self.cell_probs(emb), top_k, options or DEFAULT_OPTIONS)
 
     def _checked(self, emb: np.ndarray) -> np.ndarray:
         """(n, D) float32 embeddings of the head's width, or a UserError naming the shape."""
@@ -129,7 +149,7 @@ class Predictor:
             raise UserError(f"embeddings must have shape (n, {self.head.embed_dim}), got {emb.shape}")
         return emb
 
-    def _predict(self, emb: np.ndarray, probs: np.ndarray, top_k: int) -> dict[str, np.ndarray | list]:
+    def _predict(self, emb: np.ndarray, probs: np.ndarray, top_k: int, options: AnswerOptions) -> dict[str, np.ndarray | list]:
         """`predict_embeddings`' arrays from embeddings and their (already computed or combined) cell probabilities."""
         ref = self._answer_points(emb, probs)
         lat, lon = ref.lat, ref.lon
@@ -148,7 +168,7 @@ class Predictor:
         }
 
     def predict_places(self, emb: np.ndarray, groups: Sequence[Any] | np.ndarray, combine: str | None = None,
-                       top_k: int = 5) -> PlacePrediction:
+                       top_k: int = 5, options: AnswerOptions | None = None) -> PlacePrediction:
         """One answer per place for (n, D) view embeddings and each view's place label `groups` (n,;
         a missing label is a place of its own: `pigeon.places`).
 
@@ -166,18 +186,18 @@ class Predictor:
         mean_probs = self.cell_probs(mean_emb)
         view_probs = None if mode == "mean" else self.cell_probs(emb)
         probs = combine_place_probs(view_probs, mean_probs, codes, mode)
-        return PlacePrediction(self._predict(mean_emb, probs, top_k), labels, np.bincount(codes, minlength=len(labels)),
+        return PlacePrediction(self._predict(mean_emb, probs, top_k, options or DEFAULT_OPTIONS), labels, np.bincount(codes, minlength=len(labels)),
                                codes, mode, mean_emb)
 
-    def format_places(self, pp: PlacePrediction, top_k: int = 5) -> list[dict[str, Any]]:
+    def format_places(self, pp: PlacePrediction, top_k: int = 5, options: AnswerOptions | None = None) -> list[dict[str, Any]]:
         """`format`'s dicts, one per place, each with its `place` label, `views` and `combine`."""
-        out = self.format(pp.arrays, top_k=top_k)
+        out = self.format(pp.arrays, top_k=top_k, options=options)
         for a, label, n in zip(out, pp.labels, pp.views):
             a.update(place=str(label), views=int(n), combine=pp.combine)
         return out
 
     def locate_place(self, images: Sequence[Any] | None = None, *, embeddings: np.ndarray | None = None,
-                     combine: str | None = None, top_k: int = 5) -> dict[str, Any]:
+                     combine: str | None = None, top_k: int = 5, options: AnswerOptions | None = None) -> dict[str, Any]:
         """One answer for several views of one place (PIL images or paths, or their (n, D) embeddings):
         `locate`'s dict plus `views` (how many were combined) and `combine` (how)."""
         if (images is None) == (embeddings is None):
@@ -190,9 +210,9 @@ class Predictor:
                 raise UserError("no views given; give at least one image of the place")
             embeddings = self.embed(images)
         t1 = time.perf_counter()
-        pp = self.predict_places(embeddings, np.zeros(len(embeddings), dtype=np.int64), combine=combine, top_k=top_k)
+        pp = self.predict_places(embeddings, np.zeros(len(embeddings), dtype=np.int64), combine=combine, top_k=top_k, options=options)
         t2 = time.perf_counter()
-        out = self.format_places(pp, top_k=top_k)[0]
+        out = self.format_places(pp, top_k=top_k, options=options)[0]
         del out["place"]
         t3 = time.perf_counter()
         out["timings_ms"] = {"embed_ms": (t1 - t0) * 1e3, "head_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t0) * 1e3}
@@ -214,7 +234,7 @@ class Predictor:
         ims = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
         return self.backbone.embed_images(ims)
 
-    def locate(self, images: Sequence[Any], top_k: int = 5) -> list[dict[str, Any]]:
+    def locate(self, images: Sequence[Any], top_k: int = 5, options: AnswerOptions | None = None) -> list[dict[str, Any]]:
         """Answers for PIL images or paths: lat, lon, confidence, radii, top cells, countries, admin-1, refinement,
         the region at the answer point, the reach, timings."""
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
@@ -226,9 +246,9 @@ class Predictor:
         t1 = time.perf_counter()
         emb = self.backbone.embed_images(ims)
         t2 = time.perf_counter()
-        p = self.predict_embeddings(emb, top_k=top_k)
+        p = self.predict_embeddings(emb, top_k=top_k, options=options)
         t3 = time.perf_counter()
-        out = self.format(p, top_k=top_k)
+        out = self.format(p, top_k=top_k, options=options)
         t4 = time.perf_counter()
         n = len(ims)
         timing = {"load_ms": (t1 - t0) * 1e3 / n, "embed_ms": (t2 - t1) * 1e3 / n, "head_ms": (t3 - t2) * 1e3 / n,
@@ -237,8 +257,9 @@ class Predictor:
             o["timings_ms"] = dict(timing)
         return out
 
-    def format(self, p: dict[str, Any], top_k: int = 5) -> list[dict[str, Any]]:
-        """Turn `predict_embeddings` arrays into one JSON-ready dict per image."""
+    def format(self, p: dict[str, Any], top_k: int = 5, options: AnswerOptions | None = None) -> list[dict[str, Any]]:
+        """Turn `predict_embeddings` arrays into one JSON-ready dict per image (with what `options` asks)."""
+        options = options or DEFAULT_OPTIONS
         n = len(p["lat"])
         k_c = min(top_k, len(self._country_keys))
         k_a = min(top_k, len(self._admin_keys))
@@ -323,4 +344,4 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-__all__ = ["Predictor", "load", "collect_images", "IMAGE_SUFFIXES", "COMBINE_MODES", "recorded_combine_mode"]
+__all__ = ["AnswerOptions", "DEFAULT_OPTIONS", "Predictor", "load", "collect_images", "IMAGE_SUFFIXES", "COMBINE_MODES", "recorded_combine_mode"]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from pigeon.core.errors import UserError
 
+if TYPE_CHECKING:
+    from pigeon.predictor import AnswerOptions
+
 
 def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                  refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
-                 precision: str | None = None) -> tuple[list[dict], list[dict]]:
+                 precision: str | None = None, options: "AnswerOptions | None" = None) -> tuple[list[dict], list[dict]]:
     """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
 
     Returns (answers, failures): a file that cannot be read is listed in `failures` ({image, error})
@@ -21,7 +24,8 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     refine / max_refinement_km: gallery refinement mode (cluster+nn, cluster, nn, none) and PIGEON's
     guard in km (inf = off); None keeps `RefineConfig`'s defaults (the bundle's validated mode, else
     cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
-    top cell's centre. precision: the backbone forwards' (auto/None: bf16 on CUDA, fp32 on CPU; fp32, bf16, fp16)."""
+    top cell's centre. precision: the backbone forwards' (auto/None: bf16 on CUDA, fp32 on CPU; fp32, bf16, fp16).
+    options: what each answer carries beyond the default (`pigeon.predictor.AnswerOptions`)."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from pigeon.core.io import check_writable
     from pigeon.core.progress import progress
@@ -40,7 +44,7 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
         images, names = _load_batch(files[s : s + batch_size], failures, strict)
         if not images:
             continue
-        for name, a in zip(names, pred.locate(images, top_k=top_k)):
+        for name, a in zip(names, pred.locate(images, top_k=top_k, options=options)):
             a["image"] = name
             answers.append(a)
     if out is not None and answers:
@@ -50,7 +54,8 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
 
 def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
-                  group_by: str | None = None, combine: str | None = None, precision: str | None = None) -> tuple[list[dict], list[dict]]:
+                  group_by: str | None = None, combine: str | None = None, precision: str | None = None,
+                  options: "AnswerOptions | None" = None) -> tuple[list[dict], list[dict]]:
     """One answer per place: every image in `inputs` is a view of one place (group_by None), or `inputs`
     is one manifest whose `group_by` column names each image's place. Views are combined by `combine`
     (mean | product | both; None: the bundle's recorded mode, else mean). Unreadable views are skipped
@@ -79,7 +84,8 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     emb, kept = _embed_views(pred, files, batch_size, failures, strict)
     if len(kept) == 0:
         return [], failures
-    answers = pred.format_places(pred.predict_places(emb, np.asarray(groups, dtype=object)[kept], combine=combine, top_k=top_k), top_k=top_k)
+    pp = pred.predict_places(emb, np.asarray(groups, dtype=object)[kept], combine=combine, top_k=top_k, options=options)
+    answers = pred.format_places(pp, top_k=top_k, options=options)
     for a in answers:
         a["image"] = a["place"]
     if out is not None and answers:
