@@ -158,14 +158,18 @@ class Backbone:
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
-        """Eval mode and no grad for the duration, then the model's previous train/eval mode back."""
+        """Eval mode and no grad for the duration, then the model's previous train/eval mode back. A model
+        already in eval mode (serving, embedding) is left alone: `train(mode)` walks every submodule, which
+        twice per request cost ViT-B-32 ~1.5 ms, 1% of /locate (py-spy)."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:
+            self.model.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train(True)
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, path: str | os.PathLike) -> None:
