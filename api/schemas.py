@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _Open(BaseModel):
@@ -89,9 +89,33 @@ class Explanation(BaseModel):
     heatmap: Heatmap
 
 
+class ExifGps(BaseModel):
+    lat: float = Field(..., description="the file's EXIF GPS latitude (degrees, south negative)")
+    lon: float = Field(..., description="the file's EXIF GPS longitude (degrees, west negative)")
+    distance_km: float = Field(..., description="great-circle distance from the answer's point")
+
+
+class PhotoMetadata(BaseModel):
+    """What the file says about itself, beside the answer (never used for it). Present only when the file
+    recorded an EXIF GPS position or a capture time (or had such tags that could not be used: `ignored`)."""
+
+    exif_gps: Optional[ExifGps] = Field(None, description="EXIF GPSLatitude/GPSLongitude with their refs; null when absent, "
+                                                          "out of range, malformed or (0, 0) (see `ignored`)")
+    taken_at: Optional[str] = Field(None, examples=["2024-06-01T14:03:00"], description="DateTimeOriginal: local time as the camera recorded it, no zone")
+    utc_offset: Optional[str] = Field(None, examples=["+02:00"], description="OffsetTimeOriginal (EXIF 2.31), when recorded")
+    taken_at_utc: Optional[str] = Field(None, examples=["2024-06-01T12:03:00Z"],
+                                        description="the UTC moment, only from a recorded offset, else from GPSDateStamp+GPSTimeStamp (UTC by definition)")
+    utc_from: Optional[str] = Field(None, description="where `taken_at_utc` comes from: OffsetTimeOriginal | GPSDateStamp+GPSTimeStamp")
+    sun_elevation_deg: Optional[float] = Field(None, description="the sun's apparent elevation at the PREDICTED place at `taken_at_utc` "
+                                                                 "(astral; negative: below the horizon); null without a UTC time")
+    note: Optional[str] = Field(None, description="when the EXIF position lies beyond the answer's 90% radius: a sentence stating that either "
+                                                  "the prediction is wrong or the metadata was edited")
+    ignored: list[str] = Field(default_factory=list, description="recorded tags that were not usable, and why")
+
+
 class Location(_Open):
-    """One photo's answer, or one place's from several views (`views` > 1). `exif_gps_present` only reports the
-    files' EXIF (any view's); it is never used for the answer."""
+    """One photo's answer, or one place's from several views (`views` > 1). `exif_gps_present` and `metadata` only
+    report the files' EXIF (any view's); it is never used for the answer."""
 
     lat: float
     lon: float
@@ -111,6 +135,19 @@ class Location(_Open):
     views: int = Field(1, ge=1, description="how many views of the place were combined into this answer (1: one photo)")
     combine: Optional[str] = Field(None, description="how the views were combined (mean | product | both); null for one photo")
     view_images: Optional[list[ImageInfo]] = Field(None, description="each view's format and size, in the order sent (several views only)")
+    metadata: Optional[PhotoMetadata] = Field(None, description="the file's own EXIF position and capture time checked against the answer "
+                                                                "(several views: the first view that has any); absent when no file recorded either")
+    view_metadata: Optional[list[Optional[PhotoMetadata]]] = Field(None, description="several views only, when any view has metadata: "
+                                                                                     "each view's, in the order sent (null for a view without)")
+
+    @model_serializer(mode="wrap")
+    def _only_recorded_metadata(self, handler):
+        """`metadata`/`view_metadata` appear only when a file recorded any: other answers keep their keys."""
+        out = handler(self)
+        for key in ("metadata", "view_metadata"):
+            if out.get(key, 0) is None:
+                del out[key]
+        return out
 
 
 class ItemError(BaseModel):

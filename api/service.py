@@ -13,8 +13,9 @@ upload's header, check the request's pixel budget (`uploads.check_request_pixels
 thread); the usable images to the batcher, which embeds them in one backbone forward with those of
 other requests in flight (awaited on the event loop); then the Predictor's answers
 (`predict_embeddings` + `format`, or `predict_places` + `format_places`; a worker thread), to which
-the service adds only what it knows of the uploads (`exif_gps_present`, `image`, `view_images`),
-the timings and the explanation.
+the service adds only what it knows of the uploads (`exif_gps_present`, `image`, `view_images`, and
+the files' own EXIF position and capture time checked against the answer, `metadata`/`view_metadata`,
+from `pigeon.exif`), the timings and the explanation.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from pigeon.bundle import BackgroundVerify
+from pigeon.exif import metadata_fields
 from pigeon.explain import Explainer, heatmap_base64
 from pigeon.predictor import DEFAULT_OPTIONS, AnswerOptions
 
@@ -148,9 +150,12 @@ def _image_info(d: DecodedImage) -> dict[str, Any]:
 
 def _result(answer: dict[str, Any], views: list[DecodedImage], timings: dict[str, float], place: bool) -> dict[str, Any]:
     """The Predictor's answer plus the upload facts the service owns: `exif_gps_present` (any view's),
-    `image` (the first view's), `view_images` (a place's views, in order) and `timings_ms`."""
+    `metadata` (+ `view_metadata` for a place) only when a file recorded a position or capture time
+    (`pigeon.exif.metadata_fields`), `image` (the first view's), `view_images` (a place's views, in
+    order) and `timings_ms`."""
     out = dict(answer)
     out["exif_gps_present"] = any(v.exif_gps_present for v in views)
+    out.update(metadata_fields(answer, [v.metadata for v in views], several=place))
     out["image"] = _image_info(views[0])
     if place:
         out["view_images"] = [_image_info(v) for v in views]

@@ -25,8 +25,9 @@ Decisions (documented in docs/serve.md):
   reduction right after decoding, so only one full-size image is ever held at a time.
 - CMYK, grayscale, palette, 16-bit and alpha images are valid photos: converted to 8-bit RGB
   (alpha over white) and answered.
-- EXIF orientation is applied; EXIF GPS is only *reported* (`exif_gps_present`), never used;
-  malformed EXIF is ignored.
+- EXIF orientation is applied; EXIF GPS is only *reported* (`exif_gps_present`, and the position and
+  capture time in `metadata`, read here once by `pigeon.exif.read_exif`), never used; malformed EXIF
+  is ignored.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pigeon.exif import NO_METADATA, PhotoMetadata, read_exif
 
 # Our own pixel limit is checked first; PIL's warning (between 1x and 2x its default) is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -81,6 +84,7 @@ class DecodedImage:
     width: int  # original (header) size, after EXIF orientation
     height: int
     exif_gps_present: bool
+    metadata: PhotoMetadata = NO_METADATA  # the file's own EXIF position and capture time (reported, never used)
 
 
 @dataclass
@@ -172,19 +176,19 @@ def check_request_pixels(probed: Sequence[ProbedImage], limit: int) -> int:
     return total
 
 
-def _exif_facts(im: Image.Image) -> tuple[bool, int]:
-    """(EXIF GPS present, EXIF orientation 1..8), from an image already loaded (so reading the EXIF
-    decodes nothing). Malformed EXIF says nothing about either; the pixels are still fine."""
+def _exif_facts(im: Image.Image) -> tuple[bool, int, PhotoMetadata]:
+    """(EXIF GPS present, EXIF orientation 1..8, the file's metadata), from an image already loaded (so
+    reading the EXIF decodes nothing). Malformed EXIF says nothing about any; the pixels are still fine."""
     try:
         exif = im.getexif()
     except Exception:  # any parse error in third-party EXIF: treat as no EXIF
-        return False, 1
+        return False, 1, NO_METADATA
     try:
         gps = bool(exif.get_ifd(_GPS_IFD)) or _GPS_IFD in exif and bool(exif[_GPS_IFD])
     except Exception:
         gps = False
     orientation = exif.get(_ORIENTATION, 1)
-    return gps, orientation if orientation in _TRANSPOSE else 1
+    return gps, orientation if orientation in _TRANSPOSE else 1, read_exif(exif)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -242,7 +246,7 @@ def decode_probed(p: ProbedImage, draft_size: int | None = 256) -> DecodedImage:
     except _DECODE_ERRORS as e:
         what = "cut short (truncated)" if isinstance(e, EOFError) or "truncated" in str(e) else "corrupt"
         raise UploadError(400, "bad_image", f"{p.label} is a damaged {p.format.upper()}: its image data is {what}; {_FIX}") from None
-    gps, orientation = _exif_facts(im)
+    gps, orientation, metadata = _exif_facts(im)
     rgb = im
     try:
         rgb = _shrunk_rgb(im, draft_size)
@@ -254,7 +258,7 @@ def decode_probed(p: ProbedImage, draft_size: int | None = 256) -> DecodedImage:
         if rgb is not im:  # drop the full-size decode now (the probe keeps a reference to `im`)
             im.close()
     ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return DecodedImage(image=rgb, format=p.format, width=ow, height=oh, exif_gps_present=gps)
+    return DecodedImage(image=rgb, format=p.format, width=ow, height=oh, exif_gps_present=gps, metadata=metadata)
 
 
 def decode_image(

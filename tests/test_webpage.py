@@ -210,3 +210,46 @@ def test_bad_upload_shows_the_error(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: "Error" in status.text)
     assert "415" in status.text and "unsupported_media_type" in status.text
     assert status.get_attribute("class") == "error"
+
+
+def test_exif_cross_check_is_shown_as_text_with_its_own_marker(server, browser, tmp_path):
+    """A photo with EXIF GPS and a capture time: a distinct marker at the EXIF position, its distance, the
+    time and the sun; a tag holding HTML is shown as text; a photo without EXIF shows none of it."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from pigeon.core.sphere import haversine_km
+
+    def send(name: str, exif) -> None:
+        f = tmp_path / name
+        f.write_bytes(encode(photo(160, 120, seed=22), "JPEG", exif=exif) if exif is not None else encode(photo(160, 120, seed=22)))
+        browser.execute_script("document.body.dataset.state = 'sending'; document.getElementById('file').value = '';")
+        browser.find_element(By.ID, "file").send_keys(str(f))
+        _answered(browser, wait)
+
+    exif = Image.Exif()
+    exif[0x8825] = {1: "S", 2: (33.0, 51.0, 24.0), 3: "E", 4: (151.0, 12.0, 36.0)}
+    exif[0x8769] = {0x9003: "2024:06:01 11:53:00", 0x9011: "+10:00"}
+    wait = _open(browser, server)
+    send("sydney.jpg", exif)
+    lat, lon = _page(browser, "[p.exifMarker.getLatLng().lat, p.exifMarker.getLatLng().lng]")
+    assert (lat, lon) == pytest.approx((-(33 + 51 / 60 + 24 / 3600), 151 + 12 / 60 + 36 / 3600), abs=1e-6)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.pigeon-exif")) == 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".leaflet-marker-icon")) == 1  # the answer's pin is still the only pin
+    assert _page(browser, "p.map.getBounds().contains(p.exifMarker.getLatLng())")
+    text = browser.find_element(By.ID, "metadata").text
+    ans = _page(browser, "[p.answer.lat, p.answer.lon]")
+    km = round(float(haversine_km(lat, lon, ans[0], ans[1])))
+    assert f"{km:,} km from the guess" in text and "not used for the guess" in text
+    assert "taken 2024-06-01T11:53:00 (UTC+10:00)" in text and "2024-06-01T01:53:00Z UTC" in text and "the horizon at the guessed place" in text
+
+    bad = Image.Exif()
+    bad[0x8769] = {0x9003: "<img src=x onerror=window.pwned=1>"}
+    send("html.jpg", bad)
+    box = browser.find_element(By.ID, "metadata")
+    assert "<img src=x onerror=window.pwned=1>" in box.text and not box.find_elements(By.TAG_NAME, "img")
+    assert _page(browser, "window.pwned === undefined && p.exifMarker === null")
+    assert not browser.find_elements(By.CSS_SELECTOR, "path.pigeon-exif")
+
+    send("plain.jpg", None)
+    assert not browser.find_element(By.ID, "metadata").is_displayed()

@@ -10,7 +10,7 @@ const ADMIN1_ZOOM = 4;         // admin-1 outlines from this zoom on (and around
 const page = {                 // the page's state, also read by the browser tests
   map: null, countries: null, admin1: null, admin1Loading: null,
   answerLayer: null, marker: null, circle50: null, circle90: null, cellLayers: [], regionLayer: null,
-  cellsIndex: null, answer: null,
+  cellsIndex: null, answer: null, exifMarker: null,
 };
 window.pigeonPage = page;
 
@@ -101,7 +101,7 @@ async function drawAnswer(a) {
   layer.clearLayers();
   page.cellLayers = [];
   page.regionLayer = null;
-  page.marker = page.circle50 = page.circle90 = null;  // a new answer without radii must not fit the old circles
+  page.marker = page.circle50 = page.circle90 = page.exifMarker = null;  // a new answer without radii must not fit the old circles
   // the top cells' polygons, darker for likelier ones (drawn first: under the circles and marker)
   const idx = await loadCells().catch(() => null);
   if (idx) {
@@ -123,8 +123,44 @@ async function drawAnswer(a) {
   if (a.radius_km_50 > 0) page.circle50 = L.circle(at, { radius: 1000 * a.radius_km_50, className: "pigeon-r50", color: "#1f5bd1", weight: 1.5, fillOpacity: 0.12 }).addTo(layer);
   page.marker = L.marker(at, { title: `${a.lat.toFixed(4)}, ${a.lon.toFixed(4)}`, alt: "the answer" }).addTo(layer);
   const bounds = (page.circle90 || page.circle50) ? (page.circle90 || page.circle50).getBounds() : L.latLngBounds([at, at]).pad(1);
+  drawExif(a, layer, bounds);
   page.map.fitBounds(bounds, { maxZoom: 9, padding: [20, 20] });
   await drawRegion(a);
+}
+
+function drawExif(a, layer, bounds) {
+  // the file's own EXIF position (never used for the guess): a distinct marker, kept in view
+  const g = a.metadata && a.metadata.exif_gps;
+  if (!g) return;
+  page.exifMarker = L.circleMarker([g.lat, g.lon], { radius: 7, className: "pigeon-exif", color: "#7a2aa8", weight: 2, fillColor: "#c99be6", fillOpacity: 0.9 })
+    .bindTooltip(`EXIF GPS of the file (not used): ${Math.round(g.distance_km).toLocaleString("en")} km from the guess`).addTo(layer);
+  bounds.extend([g.lat, g.lon]);
+}
+
+function showMetadata(m) {
+  // what the file says about itself, beside the guess; every value goes in as text (never as HTML)
+  const box = $("metadata");
+  box.textContent = "";
+  box.hidden = !m;
+  if (!m) return;
+  const parts = [];
+  if (m.exif_gps) parts.push(`EXIF GPS ${m.exif_gps.lat.toFixed(4)}, ${m.exif_gps.lon.toFixed(4)}: ${Math.round(m.exif_gps.distance_km).toLocaleString("en")} km from the guess`);
+  if (m.taken_at) parts.push(`taken ${m.taken_at}` + (m.utc_offset ? ` (UTC${m.utc_offset})` : " (local time, no UTC offset recorded)"));
+  if (m.taken_at_utc) parts.push(`${m.taken_at_utc} UTC`);
+  if (m.sun_elevation_deg !== null && m.sun_elevation_deg !== undefined) {
+    const e = m.sun_elevation_deg;
+    parts.push(`sun ${Math.abs(e).toFixed(1)}° ${e >= 0 ? "above" : "below"} the horizon at the guessed place then`);
+  }
+  const line = document.createElement("span");
+  line.id = "metadata-facts";
+  line.textContent = "The file's own metadata (not used for the guess): " + (parts.length ? parts.join(" · ") : "nothing usable");
+  box.appendChild(line);
+  for (const text of [m.note, ...(m.ignored || [])].filter(Boolean)) {
+    const p = document.createElement("span");
+    p.className = text === m.note ? "metadata-note" : "metadata-ignored";
+    p.textContent = text;
+    box.append(document.createElement("br"), p);
+  }
 }
 
 async function drawRegion(a) {
@@ -156,6 +192,7 @@ async function showAnswer(a, views) {
     (a.exif_gps_present ? " · the file carried EXIF GPS (not used)" : "");
   listItems($("country-list"), (a.countries || []).map((c) => ({ label: `${c.name || "?"}${c.iso_a2 ? " (" + c.iso_a2 + ")" : ""}`, p: c.probability })));
   listItems($("cell-list"), (a.top_cells || []).map((c) => ({ label: `${c.admin1 || "cell " + c.cell_id}, ${c.country || ""}`, p: c.probability })));
+  showMetadata(a.metadata);
   await drawAnswer(a);
 
   const box = $("explain-box");

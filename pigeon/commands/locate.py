@@ -25,10 +25,12 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     guard in km (inf = off); None keeps `RefineConfig`'s defaults (the bundle's validated mode, else
     cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
     top cell's centre. precision: the backbone forwards' (auto/None: bf16 on CUDA, fp32 on CPU; fp32, bf16, fp16).
-    options: what each answer carries beyond the default (`pigeon.predictor.AnswerOptions`)."""
+    options: what each answer carries beyond the default (`pigeon.predictor.AnswerOptions`).
+    A file that records an EXIF position or capture time gets `metadata` (`pigeon.exif`: reported, never used)."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from pigeon.core.io import check_writable
     from pigeon.core.progress import progress
+    from pigeon.exif import metadata_fields, read_metadata
     from pigeon.index import RefineConfig
     from pigeon.predictor import Predictor, collect_images
 
@@ -44,8 +46,10 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
         images, names = _load_batch(files[s : s + batch_size], failures, strict)
         if not images:
             continue
-        for name, a in zip(names, pred.locate(images, top_k=top_k, options=options)):
+        metas = [read_metadata(im) for im in images]  # the loaded image keeps its file's EXIF block
+        for name, meta, a in zip(names, metas, pred.locate(images, top_k=top_k, options=options)):
             a["image"] = name
+            a.update(metadata_fields(a, [meta]))
             answers.append(a)
     if out is not None and answers:
         _write_answers(answers, out)
@@ -60,11 +64,13 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     is one manifest whose `group_by` column names each image's place. Views are combined by `combine`
     (mean | product | both; None: the bundle's recorded mode, else mean). Unreadable views are skipped
     and listed in `failures` (or raise, if strict); each answer carries `image` and `place` (the place's
-    label), `views` and `combine`. Writes `out` like `locate_files`."""
+    label), `views` and `combine`, and `metadata`/`view_metadata` when a view records an EXIF position or
+    capture time (`pigeon.exif.metadata_fields`). Writes `out` like `locate_files`."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     import numpy as np
 
     from pigeon.core.io import check_writable
+    from pigeon.exif import metadata_fields
     from pigeon.index import RefineConfig
     from pigeon.places import check_combine
     from pigeon.predictor import Predictor
@@ -81,13 +87,18 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
         files, groups = _manifest_places(inputs, group_by)
     pred = Predictor.from_bundle(bundle, device=device, refine=RefineConfig.from_options(refine, max_refinement_km), precision=precision)
     failures: list[dict] = []
-    emb, kept = _embed_views(pred, files, batch_size, failures, strict)
+    emb, kept, metas = _embed_views(pred, files, batch_size, failures, strict)
     if len(kept) == 0:
         return [], failures
-    pp = pred.predict_places(emb, np.asarray(groups, dtype=object)[kept], combine=combine, top_k=top_k, options=options)
+    kept_groups = np.asarray(groups, dtype=object)[kept]
+    pp = pred.predict_places(emb, kept_groups, combine=combine, top_k=top_k, options=options)
     answers = pred.format_places(pp, top_k=top_k, options=options)
+    views: dict = {}
+    for g, m in zip(kept_groups, metas):
+        views.setdefault(g, []).append(m)
     for a in answers:
         a["image"] = a["place"]
+        a.update(metadata_fields(a, views.get(a["place"], []), several=True))
     if out is not None and answers:
         _write_answers(answers, out)
     return answers, failures
@@ -134,19 +145,22 @@ def _manifest_places(inputs: list[Path], column: str) -> tuple[list[Path], list[
     return files, place_labels(df[column]).tolist()
 
 
-def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict], strict: bool) -> tuple["np.ndarray", "np.ndarray"]:
-    """(embeddings of the readable files, their positions in `files`), batch by batch; unreadable files go to `failures`."""
+def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict], strict: bool) -> tuple["np.ndarray", "np.ndarray", list]:
+    """(embeddings of the readable files, their positions in `files`, their `pigeon.exif` metadata), batch
+    by batch; unreadable files go to `failures`."""
     import numpy as np
     from pigeon.core.progress import progress
+    from pigeon.exif import read_metadata
 
-    embs, kept = [], []
+    embs, kept, metas = [], [], []
     for s in progress(range(0, len(files), batch_size), desc="locate", unit="batch", disable=len(files) <= batch_size):
         images, names = _load_batch(files[s : s + batch_size], failures, strict)
         if images:
             embs.append(pred.embed(images))
+            metas += [read_metadata(im) for im in images]
             ok = set(names)
             kept += [s + i for i, f in enumerate(files[s : s + batch_size]) if str(f) in ok]
-    return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(kept, dtype=np.int64)
+    return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(kept, dtype=np.int64), metas
 
 
 def _check_options(out: Path | None, top_k: int, batch_size: int) -> None:
@@ -176,11 +190,13 @@ def _load_batch(files: list[Path], failures: list[dict], strict: bool) -> tuple[
 
 
 def _write_answers(answers: list[dict], out: Path) -> None:
-    """Write the answers atomically: CSV (one row per image) or GeoJSON (one point feature per image)."""
+    """Write the answers atomically: CSV (one row per image; exif_lat, exif_lon, exif_distance_km columns
+    only when some answer has an EXIF position) or GeoJSON (one point feature per image, the full answer)."""
     import pandas as pd
 
     from pigeon.core.io import atomic_path
 
+    exif = any(_exif_gps(a) for a in answers)
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".csv":
             rows = [{"image": a["image"], "lat": a["lat"], "lon": a["lon"], "confidence": a["confidence"],
@@ -190,12 +206,22 @@ def _write_answers(answers: list[dict], out: Path) -> None:
                      "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
                      "admin1": a["admin1"][0]["name"] if a["admin1"] else "",
                      "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"],
-                     **({"views": a["views"]} if "views" in a else {})} for a in answers]
+                     **({"views": a["views"]} if "views" in a else {}), **(_exif_columns(a) if exif else {})} for a in answers]
             pd.DataFrame(rows).to_csv(tmp, index=False)
         else:
             feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
                       "properties": {k: v for k, v in a.items() if k not in ("lat", "lon")}} for a in answers]
             tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+def _exif_gps(a: dict) -> dict | None:
+    """The answer's EXIF position cross-check ({lat, lon, distance_km}), or None."""
+    return (a.get("metadata") or {}).get("exif_gps")
+
+
+def _exif_columns(a: dict) -> dict:
+    g = _exif_gps(a) or {}
+    return {"exif_lat": g.get("lat"), "exif_lon": g.get("lon"), "exif_distance_km": g.get("distance_km")}
 
 
 def register(app: typer.Typer) -> None:
@@ -234,8 +260,10 @@ def register(app: typer.Typer) -> None:
                 c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}
                 here = a["region_at_answer"]
                 views = f"\t{a['views']} views ({a['combine']})" if "views" in a else ""
+                gps = _exif_gps(a)
+                exif = f"\tEXIF GPS {gps['distance_km']:.0f} km away" if gps else ""
                 typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\tin {here['admin1']}, {here['country']}\t{c['name']} ({c['probability']:.0%})\t"
-                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km{views}")
+                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km{views}{exif}")
         else:
             what = "places" if same_place or group_by else "images"
             typer.echo(f"{len(answers)} {what} located -> {out}" if answers else "nothing located; nothing written")
