@@ -3,7 +3,7 @@
 From a photo's (lat, lon, taken_at, heading) and the geocells: the region and country of its cell
 (the cell's label: the (country, admin-1) pair holding most of its training points, so the two always
 agree, and photo captions and zero-shot cell prompts name the same place),
-the nearest town (bundled GeoNames cities, KD-tree on unit vectors), the driving side of its cell,
+the nearest town (bundled GeoNames cities: `pigeon.towns`), the driving side of its cell,
 the hemisphere, the month and the facing direction. A base sentence names the place; extras are
 added with their probabilities, in random order. The wording and probabilities are data
 (`pigeon/data/captions.json`), not code; the draws are seeded.
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import cKDTree
 
 from .core.errors import UserError
-from .core.sphere import chord_to_km, to_xyz
-from .geocells import GeoCells, bundled
+from .geocells import GeoCells
+from .towns import nearest_towns
 
 EXTRAS = ("driving_side", "facing", "month", "hemisphere", "climate")
 
@@ -37,20 +35,6 @@ def load_templates(path: str | os.PathLike | None = None) -> dict[str, Any]:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"caption templates {path or 'captions.json'} are unreadable ({e}); give a JSON file shaped like pigeon/data/captions.json") from e
-
-
-@lru_cache(maxsize=1)
-def _town_index():
-    """KD-tree over the bundled cities' unit vectors, and their names."""
-    c = bundled.cities()
-    return cKDTree(to_xyz(c["lat"].to_numpy(), c["lon"].to_numpy())), c["name"].astype(str).to_numpy()
-
-
-def nearest_towns(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Name of, and great-circle km to, the nearest bundled town for each point (vectorised)."""
-    tree, names = _town_index()
-    d, i = tree.query(to_xyz(np.atleast_1d(lat), np.atleast_1d(lon)))
-    return names[i], chord_to_km(d)
 
 
 def compass(heading: np.ndarray, names: Sequence[str]) -> np.ndarray:

@@ -4,9 +4,12 @@ Refuses photos that are in the bundle's gallery (they would answer with their ow
 told otherwise; scores the bundle's recorded refinement mode, one given, or every mode side by side
 (`refine="all"`). Writes metrics.json (the field's standard figures at the given thresholds, and how
 often the 50% / 90% uncertainty circles hold the truth), per_country.csv (n, median km, country
-accuracy per true country), predictions.csv, error_cdf.png and world_map.png (guesses vs truths
-over the bundled admin-1 outlines). Country and admin-1 accuracy compare the guess's and the truth's
-admin-1 polygons (bundled Natural Earth), so they do not depend on how the cells were drawn.
+accuracy, share within 25 km per true country), predictions.csv, error_cdf.png and world_map.png
+(guesses vs truths over the bundled admin-1 outlines). Country and admin-1 accuracy compare the
+guess's and the truth's admin-1 polygons (bundled Natural Earth), so they do not depend on how the
+cells were drawn. Where the model fails (PIGEON's analyses): the figures by the truth's area type
+(urban / suburban / rural, `pigeon.towns.area_types`), per true country, and the worst answers with
+their top cells, in metrics.json and failures.png.
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ from .core.splits import TEST, TRAIN, VAL, normalise as normalise_splits, parse 
 from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .index import MODES, RefineConfig
-from .metrics import THRESHOLDS_KM, geo_metrics, reverse_geocode
+from .metrics import CITY_KM, THRESHOLDS_KM, geo_metrics, reverse_geocode
 from .places import check_combine, group_column, place_truths
 from .predictor import Predictor
+from .towns import AREA_TYPES, area_type_rule, area_types
+
+WORST_N = 20          # answers listed in `worst`
+WORST_TOP_CELLS = 5   # cells listed with each of them
+FIGURE_COUNTRIES = 15  # countries (most photos first) drawn in failures.png
 
 
 def evaluate(
@@ -64,7 +72,8 @@ def evaluate(
     `allow_gallery_overlap` (their answers would be their own positions). `group_by` (e.g. location_id):
     also one answer per place, its photos combined as views by `combine`, scored in `per_place`.
     `precision`: the backbone forwards' when `data` is embedded (auto/None: bf16 on CUDA, fp32 on CPU);
-    the metrics' `precision` is the embeddings' (the folder's header)."""
+    the metrics' `precision` is the embeddings' (the folder's header). Where the answers fail, last:
+    by_area_type, area_type_rule, per_country and worst (`failure_breakdown`)."""
     if out is not None:
         check_writable(Path(out) / "metrics.json", flag="--out")  # before the slow part, not after it
     if data is None and embeddings is None:
@@ -93,7 +102,7 @@ def evaluate(
                         f"positions. Rebuild the index from other photos (`pigeon build-index --splits train`), or pass --allow-gallery-overlap")
     emb = store.take(sel)
     p = pred.predict_embeddings(emb, top_k=1)
-    m, preds, table = _score(pred, p, keys, tlat, tlon, thresholds)
+    m, preds, table, failures = _score(pred, p, keys, tlat, tlon, thresholds)
     m.update(_baselines(pred, store.rows, tlat, tlon), **retrieval_baseline(pred, emb, tlat, tlon, thresholds),
              refine_mode=pred.refine.mode if pred.gallery is not None else "none",
              gallery_overlap=int(overlap.sum()), split=split, bundle=str(bundle_dir), precision=store.precision)
@@ -101,9 +110,9 @@ def evaluate(
         m["by_refine_mode"] = _by_refine_mode(pred, emb, p["probs"], tlat, tlon, thresholds)
     if group_by is not None:
         m["per_place"] = per_place_metrics(pred, emb, rows, group_by, combine, thresholds, embeddings or data)
+    m.update(failures)
     if out is not None:
         _write_outputs(Path(out), m, table, preds, plots, thresholds)
-    m["per_country"] = table.to_dict(orient="records")
     return m
 
 
@@ -119,7 +128,8 @@ def per_place_metrics(pred: Predictor, emb: np.ndarray, rows: pd.DataFrame, grou
                       thresholds: Sequence[float], name: Any) -> dict[str, Any]:
     """The figures of one answer per place: rows with the same `group_by` value are views of one place,
     combined by `combine` (`Predictor.predict_places`; a row without a place is a place of its own); a
-    place's truth is its rows' spherical mean."""
+    place's truth is its rows' spherical mean. Where it fails too: by_area_type, per_country and the
+    worst places, as for photos."""
     col = group_column(rows.columns, group_by, f"data {name}")
     if col is None:
         raise UserError(f"--group-by {group_by}: data {name} has no place column to group by; name one, e.g. --group-by location_id")
@@ -127,12 +137,15 @@ def per_place_metrics(pred: Predictor, emb: np.ndarray, rows: pd.DataFrame, grou
     p, labels, counts = pp.arrays, pp.labels, pp.views
     tlat, tlon = place_truths(rows["lat"].to_numpy(), rows["lon"].to_numpy(), pp.codes, len(labels))
     retrieval = retrieval_baseline(pred, pp.mean_embeddings, tlat, tlon, thresholds)
-    t_iso, _, t_adm = reverse_geocode(tlat, tlon)
+    t_iso, t_country, t_adm = reverse_geocode(tlat, tlon)
     p_iso, _, p_adm = reverse_geocode(p["lat"], p["lon"])
     m = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
     km = haversine_km(p["lat"], p["lon"], tlat, tlon)
     m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), group_by=group_by, combine=pp.combine,
              n_places=int(len(labels)), views_per_place_mean=float(counts.mean()), views_per_place_max=int(counts.max()), **retrieval)
+    failures, _, _ = failure_breakdown(p, km, pred.cells.cell_of(tlat, tlon), labels, "place", tlat, tlon,
+                                       (t_iso, t_country, t_adm), (p_iso, p_adm), thresholds)
+    m.update(failures)
     return m
 
 
@@ -183,8 +196,9 @@ def _id_text(ids: Any) -> pd.Series:
 
 
 def _score(pred: Predictor, p: dict[str, Any], keys: np.ndarray, tlat: np.ndarray, tlon: np.ndarray,
-           thresholds: Sequence[float]) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    """The metrics of the predictor's answers, the predictions table and the per-country table."""
+           thresholds: Sequence[float]) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The metrics of the predictor's answers, the predictions table, the per-country table and
+    where the answers fail (`failure_breakdown`)."""
     t_iso, t_country, t_adm = reverse_geocode(tlat, tlon)
     p_iso, _, p_adm = reverse_geocode(p["lat"], p["lon"])
     m: dict[str, Any] = geo_metrics(p["lat"], p["lon"], tlat, tlon, p_iso, t_iso, p_adm, t_adm, thresholds=thresholds)
@@ -193,13 +207,59 @@ def _score(pred: Predictor, p: dict[str, Any], keys: np.ndarray, tlat: np.ndarra
     m["cell_accuracy"] = float(np.mean(p["top_cells"][:, 0] == true_cell))
     km = haversine_km(p["lat"], p["lon"], tlat, tlon)
     m.update(radius_coverage(km, p["radius_km_50"], p["radius_km_90"]), radii_calibrated=bool(pred.radius_model.calibrated))
-    per = pd.DataFrame({"iso_a2": t_iso, "country": t_country, "km": km, "ok": p_iso == t_iso})
-    table = per.groupby(["iso_a2", "country"]).agg(n=("km", "size"), median_km=("km", "median"), country_accuracy=("ok", "mean")).reset_index()
-    table = table.sort_values("n", ascending=False).reset_index(drop=True)
+    failures, table, area = failure_breakdown(p, km, true_cell, keys, "image", tlat, tlon, (t_iso, t_country, t_adm),
+                                              (p_iso, p_adm), thresholds)
     preds = pd.DataFrame({"image": keys, "lat": tlat, "lon": tlon, "pred_lat": p["lat"], "pred_lon": p["lon"],
                           "km": km, "confidence": p["confidence"], "radius_km_50": p["radius_km_50"],
-                          "radius_km_90": p["radius_km_90"], "true_country": t_iso, "pred_country": p_iso})
-    return m, preds, table
+                          "radius_km_90": p["radius_km_90"], "true_country": t_iso, "pred_country": p_iso, "area_type": area})
+    return m, preds, table, failures
+
+
+def failure_breakdown(p: dict[str, Any], km: np.ndarray, true_cell: np.ndarray, labels: np.ndarray, label_key: str,
+                      tlat: np.ndarray, tlon: np.ndarray, truth_regions: tuple[np.ndarray, ...],
+                      answer_regions: tuple[np.ndarray, ...], thresholds: Sequence[float]) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
+    """Where the answers `p` (predict_embeddings' arrays) fail, as PIGEON analyses it: the figures by the
+    truth's area type (`by_area_type`, with the `area_type_rule`), per true country (`per_country`, also
+    returned as the table) and the WORST_N farthest answers (`worst`). `truth_regions` is
+    reverse_geocode's (iso, country, admin-1 key) of the truths, `answer_regions` (iso, admin-1 key) of
+    the answers. Returns (those keys, the per-country table, each truth's area type)."""
+    t_iso, t_country, t_adm = truth_regions
+    p_iso, p_adm = answer_regions
+    area = area_types(tlat, tlon)
+    by_area = {}
+    for kind in AREA_TYPES:
+        k = area == kind
+        by_area[kind] = (geo_metrics(p["lat"][k], p["lon"][k], tlat[k], tlon[k], p_iso[k], t_iso[k], p_adm[k], t_adm[k], thresholds=thresholds)
+                         if k.any() else {"n": 0})
+    table = country_table(t_iso, t_country, km, p_iso == t_iso)
+    worst = worst_answers(p, km, true_cell, labels, label_key, tlat, tlon, t_iso, p_iso, area)
+    out = {"by_area_type": by_area, "area_type_rule": area_type_rule(), "per_country": table.to_dict(orient="records"), "worst": worst}
+    return out, table, area
+
+
+def country_table(t_iso: np.ndarray, t_country: np.ndarray, km: np.ndarray, country_ok: np.ndarray) -> pd.DataFrame:
+    """Per true country, most photos first: iso_a2, country, n, median_km, country_accuracy and
+    within_25km (the share within PIGEON's city-level CITY_KM)."""
+    per = pd.DataFrame({"iso_a2": t_iso, "country": t_country, "km": km, "ok": country_ok, "city": km <= CITY_KM})
+    table = per.groupby(["iso_a2", "country"]).agg(n=("km", "size"), median_km=("km", "median"), country_accuracy=("ok", "mean"),
+                                                   within_25km=("city", "mean")).reset_index()
+    return table.sort_values("n", ascending=False).reset_index(drop=True)
+
+
+def worst_answers(p: dict[str, Any], km: np.ndarray, true_cell: np.ndarray, labels: np.ndarray, label_key: str,
+                  tlat: np.ndarray, tlon: np.ndarray, t_iso: np.ndarray, p_iso: np.ndarray, area: np.ndarray,
+                  n: int = WORST_N, top_k: int = WORST_TOP_CELLS) -> list[dict[str, Any]]:
+    """The `n` answers farthest from their truths, farthest first (ties in input order): label, truth,
+    answer, km, countries, the truth's area type, the true cell and its probability, and the `top_k`
+    most probable cells (cell_id, probability): did the head miss the place, or refinement?"""
+    probs = p["probs"]
+    idx = np.argsort(-km, kind="stable")[:n]
+    top = np.argsort(-probs[idx], axis=1, kind="stable")[:, :top_k]
+    return [{label_key: str(labels[i]), "lat": float(tlat[i]), "lon": float(tlon[i]), "pred_lat": float(p["lat"][i]),
+             "pred_lon": float(p["lon"][i]), "km": float(km[i]), "true_country": str(t_iso[i]), "pred_country": str(p_iso[i]),
+             "area_type": str(area[i]), "true_cell": int(true_cell[i]), "true_cell_probability": float(probs[i, true_cell[i]]),
+             "top_cells": [{"cell_id": int(c), "probability": float(probs[i, c])} for c in cells]}
+            for i, cells in zip(idx, top)]
 
 
 def _baselines(pred: Predictor, rows: pd.DataFrame, tlat: np.ndarray, tlon: np.ndarray) -> dict[str, Any]:
@@ -250,7 +310,7 @@ def _by_refine_mode(pred: Predictor, emb: np.ndarray, probs: np.ndarray, tlat: n
 
 def _write_outputs(o: Path, m: dict[str, Any], table: pd.DataFrame, preds: pd.DataFrame, plots: bool,
                    thresholds: Sequence[float] = THRESHOLDS_KM) -> None:
-    """metrics.json, per_country.csv, predictions.csv and (with `plots`) the two figures, each written atomically."""
+    """metrics.json, per_country.csv, predictions.csv and (with `plots`) the three figures, each written atomically."""
     o.mkdir(parents=True, exist_ok=True)
     with atomic_path(o / "metrics.json") as tmp:
         tmp.write_text(json.dumps(m, indent=2))
@@ -262,6 +322,7 @@ def _write_outputs(o: Path, m: dict[str, Any], table: pd.DataFrame, preds: pd.Da
         km = preds["km"].to_numpy()
         plot_error_cdf(km, o / "error_cdf.png", thresholds)
         plot_world_map(preds["lat"].to_numpy(), preds["lon"].to_numpy(), preds["pred_lat"].to_numpy(), preds["pred_lon"].to_numpy(), o / "world_map.png")
+        plot_failures(m["by_area_type"], table, o / "failures.png")
 
 
 def radius_coverage(km: np.ndarray, r50: np.ndarray, r90: np.ndarray) -> dict[str, float]:
@@ -328,4 +389,40 @@ def plot_world_map(tlat, tlon, plat, plon, dest: Path, max_lines: int = 2000) ->
     plt.close(fig)
 
 
-__all__ = ["evaluate", "checked_thresholds", "gallery_overlap", "radius_coverage", "plot_error_cdf", "plot_world_map"]
+def plot_failures(by_area: dict[str, dict[str, Any]], table: pd.DataFrame, dest: Path, countries: int = FIGURE_COUNTRIES) -> None:
+    """Where the model fails: median error by the truth's area type, and by true country (the
+    `countries` with the most photos), each bar labelled with n and the share within 25 km."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = table.head(countries)
+    fig, (ax_a, ax_c) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.3 * len(top) + 1.5)), dpi=110,
+                                     gridspec_kw={"width_ratios": [1, 1.6]})
+    kinds = [k for k in AREA_TYPES if by_area[k]["n"]]
+    med = [by_area[k]["median_km"] for k in kinds]
+    ax_a.bar(kinds, med, color=["tab:purple", "tab:orange", "tab:green"][:len(kinds)])
+    city = f"within_{CITY_KM:g}km"   # absent when --thresholds leaves 25 km out
+    for i, k in enumerate(kinds):
+        share = f"\n{by_area[k][city]:.0%} <{CITY_KM:g} km" if city in by_area[k] else ""
+        ax_a.text(i, med[i], f"n={by_area[k]['n']}{share}", ha="center", va="bottom", fontsize=7)
+    ax_a.set_ylabel("median error (km)")
+    ax_a.set_title("by area type of the truth (density of places)", fontsize=9)
+    ax_a.margins(y=0.2)
+    y = np.arange(len(top))[::-1]
+    ax_c.barh(y, top["median_km"].to_numpy(), color="tab:blue")
+    ax_c.set_yticks(y, [f"{c} ({iso})" for c, iso in zip(top["country"], top["iso_a2"])], fontsize=7)
+    for yy, (n, w, v) in zip(y, zip(top["n"], top["within_25km"], top["median_km"])):
+        ax_c.text(v, yy, f" n={n}, {w:.0%} <{CITY_KM:g} km", va="center", fontsize=7)
+    ax_c.set_xlabel("median error (km)")
+    ax_c.set_title(f"by true country (the {len(top)} with the most photos)", fontsize=9)
+    ax_c.margins(x=0.25)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+__all__ = ["evaluate", "checked_thresholds", "gallery_overlap", "radius_coverage", "plot_error_cdf", "plot_world_map",
+           "failure_breakdown", "country_table", "worst_answers", "plot_failures"]

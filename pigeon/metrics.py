@@ -19,6 +19,7 @@ from pigeon.geocells import bundled
 from pigeon.geocells.geometry import NearestIndex, assign_points
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 50.0, 200.0, 750.0, 2500.0)
+CITY_KM = 25.0   # city level: the one share reported whatever the thresholds (choices on validation, per country)
 GEOGUESSR_SCALE_KM = 1492.7
 
 
@@ -60,7 +61,7 @@ def choose_on_validation(km: Mapping[str, np.ndarray], default: str, order: Sequ
     when a non-default option had the lowest median, else {})."""
     order = list(order or km)
     median = {m: float(np.median(km[m])) for m in km}
-    within = {m: float(np.mean(np.asarray(km[m]) <= 25.0)) for m in km}
+    within = {m: float(np.mean(np.asarray(km[m]) <= CITY_KM)) for m in km}
     best = min(median.values())
     choice = next(m for m in order if median[m] <= best + 1e-9)
     beats: dict[str, float] = {}
@@ -132,4 +133,4 @@ def _admin1_lookup():
     return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)
 
 
-__all__ = ["THRESHOLDS_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "median_wins", "choose_on_validation", "SWITCH_CONFIDENCE"]
+__all__ = ["THRESHOLDS_KM", "CITY_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "median_wins", "choose_on_validation", "SWITCH_CONFIDENCE"]

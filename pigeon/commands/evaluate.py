@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="embedding folder from `pigeon embed` with the bundle's backbone (nothing is embedded)"),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding images"),
         split: str = typer.Option("test", "--split", help="which rows to score: train, val, test, or all"),
-        out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, per_country.csv, predictions.csv, error_cdf.png, world_map.png"),
+        out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, per_country.csv, predictions.csv, error_cdf.png, world_map.png, failures.png"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="embedding cache (default $PIGEON_CACHE_DIR or ~/.cache/pigeon/embeddings)"),
         device: str = typer.Option("cpu", help="torch device"),
         precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards when this run embeds: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
@@ -43,5 +43,7 @@ def register(app: typer.Typer) -> None:
                      cache_dir=str(cache_dir) if cache_dir else None, device=device, embeddings=embeddings, workers=workers,
                      refine=refine, max_refinement_km=max_refinement_km, temperature=temperature, thresholds=km,
                      allow_gallery_overlap=allow_gallery_overlap, group_by=group_by, combine=combine, precision=precision)
-        m.pop("per_country", None)
+        for figures in (m, m.get("per_place", {})):   # long lists: in metrics.json (--out), not on the line
+            figures.pop("per_country", None)
+            figures.pop("worst", None)
         typer.echo(json.dumps(m))
