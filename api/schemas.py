@@ -115,7 +115,12 @@ class PhotoMetadata(BaseModel):
 
 class Location(_Open):
     """One photo's answer, or one place's from several views (`views` > 1). `exif_gps_present` and `metadata` only
-    report the files' EXIF (any view's); it is never used for the answer."""
+    report the files' EXIF (any view's); it is never used for the answer.
+
+    Asked with `within` (an area of interest), the answer also carries `within`: `{"codes": ["HR", "US-CA"], "area_km2"}`
+    or `{"geojson": true, "area_km2"}`, the area it was restricted to; `refinement.moved_into_area_km`: how far the
+    refined point was moved to lie in the area (0: it already did); and its top cells, countries and admin-1 lists
+    leave out what the area gave probability 0 (answers without `within` carry none of these keys)."""
 
     lat: float
     lon: float

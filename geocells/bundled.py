@@ -28,7 +28,8 @@ def data_path(name: str):
 
 @lru_cache(maxsize=1)
 def admin1():
-    """Admin-1 polygons as a GeoDataFrame: adm0_a3, iso_a2, country, admin1, geometry (EPSG:4326)."""
+    """Admin-1 polygons as a GeoDataFrame: adm0_a3, iso_a2, country, admin1, iso_3166_2 (e.g. US-CA; ""
+    where Natural Earth has no code), geometry (EPSG:4326)."""
     return gpd.read_parquet(str(data_path("admin1.parquet")))
 
 

@@ -21,6 +21,7 @@ product by LLVM's `fpext half` (one F16C instruction per 8 values on x86; exact)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -133,6 +134,14 @@ def _csr(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
     offs = np.zeros(n_keys + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=n_keys), out=offs[1:])
     return order, offs
+
+
+def _csr_among(order: np.ndarray, offs: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_csr`'s (order, offsets) over only the items where `keep` (indexed by item) is True."""
+    k = keep[order]
+    kept = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(k, out=kept[1:])
+    return order[k], kept[offs]
 
 
 # -- the compiled kernel --------------------------------------------------------------------------
@@ -382,6 +391,17 @@ class Refiner:
         ids, vecs = index.vectors()
         return cls(cell_centres, clusters, gallery, ids, vecs)
 
+    def among(self, rows: np.ndarray) -> "Refiner":
+        """This refiner over only the gallery photos where `rows` (bool per gallery-frame row) is True (an
+        area of interest): cells and clusters scan only those, and a cluster with none left is skipped.
+        The vectors and prototypes are shared, not copied."""
+        keep = np.asarray(rows, bool)[self.g_row]          # in storage order
+        out = copy.copy(self)
+        out.gk_order, out.gk_offs = _csr_among(self.gk_order, self.gk_offs, keep)
+        out.gc_order, out.gc_offs = _csr_among(self.gc_order, self.gc_offs, keep)
+        out.c_order, out.c_offs = _csr_among(self.c_order, self.c_offs, np.diff(out.gk_offs) > 0)
+        return out
+
     # -- public ------------------------------------------------------------------------------
     def refine(self, query_emb: np.ndarray, cell_probs: np.ndarray, *, mode: Mode = DEFAULT_MODE, top_k: int = _DEFAULTS.top_k,
                temperature: float = _DEFAULTS.temperature, neighbours: int = _DEFAULTS.neighbours, average: int = _DEFAULTS.average,
@@ -465,6 +485,12 @@ class GalleryRefiner:
         if mode == "none":
             return centre_answers(probs, self.centres)
         return self.refiner.refine(emb, probs, mode=mode, **config.refine_kwargs())
+
+    def among(self, rows: np.ndarray) -> "GalleryRefiner":
+        """This gallery's refiner over only the photos where `rows` (bool per gallery-frame row) is True."""
+        out = copy.copy(self)
+        out.refiner = self.refiner.among(rows)
+        return out
 
     def neighbour_places(self, r: RefineResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, image) of each neighbour in `r`, (B, m) arrays: nan / "" where there is none."""

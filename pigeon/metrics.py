@@ -118,11 +118,18 @@ def reverse_geocode(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.nd
 def regions_at(lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
     """The bundled admin-1 region at each point: arrays `admin1`, `country`, `iso_a2` (object) and
     `at_sea` (bool: the point is in no polygon, and the region is the nearest one on the sphere)."""
-    adm, geoms, tree, nearest = _admin1_lookup()
-    lon = wrap_lon(lon)
-    idx, _, _, sea = assign_points(np.asarray(lat, np.float64), lon, geoms, tree, nearest)
+    adm = bundled.admin1()
+    idx, sea = region_index(lat, lon)
     return {"admin1": adm["admin1"].to_numpy(object)[idx], "country": adm["country"].to_numpy(object)[idx],
-            "iso_a2": adm["iso_a2"].to_numpy(object)[idx], "at_sea": np.asarray(sea, bool)}
+            "iso_a2": adm["iso_a2"].to_numpy(object)[idx], "at_sea": sea}
+
+
+def region_index(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of `bundled.admin1()` at each point, at_sea): `regions_at`'s rule (a point in no polygon
+    takes the nearest one on the sphere), as row numbers for callers that look up their own columns."""
+    _, geoms, tree, nearest = _admin1_lookup()
+    idx, _, _, sea = assign_points(np.asarray(lat, np.float64), wrap_lon(lon), geoms, tree, nearest)
+    return idx, np.asarray(sea, bool)
 
 
 @lru_cache(maxsize=1)
@@ -133,4 +140,4 @@ def _admin1_lookup():
     return adm, geoms, shapely.STRtree(geoms), NearestIndex(geoms)
 
 
-__all__ = ["THRESHOLDS_KM", "CITY_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "median_wins", "choose_on_validation", "SWITCH_CONFIDENCE"]
+__all__ = ["THRESHOLDS_KM", "CITY_KM", "geoguessr_score", "distance_metrics", "geo_metrics", "reverse_geocode", "regions_at", "region_index", "median_wins", "choose_on_validation", "SWITCH_CONFIDENCE"]

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import sparse
 
+from .area import AreaViews, mark_within
 from .bundle import Bundle
 from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixture_radii
 from .core.errors import UserError
@@ -33,14 +34,22 @@ from .places import (COMBINE_MODES, PlacePrediction, check_combine, combine_plac
                      place_labels, resolve_combine)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int) -> tuple[sparse.csr_matrix, np.ndarray]:
+def _group_matrix(comp: Any, key_cols: Sequence[str], n_cells: int, labels: np.ndarray | None = None,
+                  keep: np.ndarray | None = None) -> tuple[sparse.csr_matrix, np.ndarray]:
     """Sparse (C, K) share of each cell's training points per group, rows summing to 1, and the K sorted
     group labels (`key_cols` joined by "\x1f"), from a `GeoCells.composition` table: probs (n, C) @ it
-    splits the mass of a cell that straddles a border between the groups its points fell in."""
+    splits the mass of a cell that straddles a border between the groups its points fell in.
+    `labels`: the columns to use (an area's matrix keeps the bundle's); `keep`: bool per row, only those
+    rows' shares (an area's groups; a cell with none kept is a row of zeros)."""
     keys = comp[key_cols[0]].str.cat([comp[c] for c in key_cols[1:]], sep="\x1f").to_numpy(str)
-    labels, inv = np.unique(keys, return_inverse=True)
-    m = sparse.csr_matrix((comp["share"].to_numpy(np.float64), (comp["cell_id"].to_numpy(), inv.ravel())), shape=(n_cells, len(labels)))
-    m = sparse.diags(1.0 / np.asarray(m.sum(axis=1)).ravel()) @ m
+    if labels is None:
+        labels, inv = np.unique(keys, return_inverse=True)
+    else:
+        inv = np.searchsorted(labels, keys)
+    share = comp["share"].to_numpy(np.float64) if keep is None else comp["share"].to_numpy(np.float64) * keep
+    m = sparse.csr_matrix((share, (comp["cell_id"].to_numpy(), inv.ravel())), shape=(n_cells, len(labels)))
+    rows = np.asarray(m.sum(axis=1)).ravel()
+    m = sparse.diags(1.0 / np.where(rows > 0, rows, 1.0)) @ m
     return sparse.csr_matrix(m, dtype=np.float32), labels
 
 
@@ -60,7 +69,8 @@ class AnswerOptions:
 
     evidence: list the gallery photos that decided the refinement (`pigeon.index` neighbours + their source columns).
     regions:  the 50% / 90% credible regions as polygons (the fewest cells holding that mass).
-    within:   an area of interest the answer is restricted to (None: anywhere)."""
+    within:   an area of interest the answer is restricted to (None: anywhere): a `pigeon.area.Area`
+              (`parse_area`), or its text ("HR,SI", "US-CA", GeoJSON), parsed on use."""
 
     evidence: bool = False
     regions: bool = False
@@ -105,6 +115,8 @@ class Predictor:
         # cells whose land was cut at the cells' reach limit (None: no limit recorded): see `reach` in `format`
         self._reach_km = cells.max_reach_km  # a column scan: once, not per answer
         self._edge = cells.at_reach_edge.astype(np.float64) if self._reach_km is not None else None
+        # areas of interest (`options.within`): each area's view of the cells and gallery, built on first use
+        self._areas = AreaViews(cells, self.gallery, self._area_matrices)
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -125,12 +137,19 @@ class Predictor:
         """(n, C) calibrated cell probabilities of (n, D) embeddings: the head's own maths (`PrototypeHead.cell_probs`)."""
         return self.head.cell_probs(emb)
 
-    def _answer_points(self, emb: np.ndarray, probs: np.ndarray) -> RefineResult:
+    def _answer_points(self, emb: np.ndarray, probs: np.ndarray, gallery: GalleryRefiner | None = None) -> RefineResult:
         """The answer per image and what refinement did, as arrays: PIGEON's refinement over the gallery
-        under `self.refine`, else (no gallery) the top cell's centre."""
-        if self.gallery is None:
+        (`gallery`, else the bundle's) under `self.refine`, else (no gallery) the top cell's centre."""
+        gallery = self.gallery if gallery is None else gallery
+        if gallery is None:
             return centre_answers(probs, self.centres)
-        return self.gallery.answer(emb, probs, self.refine)
+        return gallery.answer(emb, probs, self.refine)
+
+    def _area_matrices(self, keep: np.ndarray) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
+        """The country and admin-1 matrices over only the composition rows `keep` (an area's groups), same columns."""
+        comp = self.cells.composition("admin1")
+        return (_group_matrix(comp, ["iso_a2", "country"], self.n_cells, self._country_keys, keep)[0],
+                _group_matrix(comp, ["admin1", "country"], self.n_cells, self._admin_keys, keep)[0])
 
     def predict_embeddings(self, emb: np.ndarray, top_k: int = 5, options: AnswerOptions | None = None) -> dict[str, np.ndarray | list]:
         """Batched answers for (n, D) embeddings, as arrays.
@@ -150,22 +169,31 @@ class Predictor:
         return emb
 
     def _predict(self, emb: np.ndarray, probs: np.ndarray, top_k: int, options: AnswerOptions) -> dict[str, np.ndarray | list]:
-        """`predict_embeddings`' arrays from embeddings and their (already computed or combined) cell probabilities."""
-        ref = self._answer_points(emb, probs)
+        """`predict_embeddings`' arrays from embeddings and their (already computed or combined) cell probabilities.
+        With `options.within` (an `Area`): probabilities, refinement, answer point and groups restricted to it."""
+        view = self._areas.view(options.within) if options.within is not None else None
+        if view is not None:
+            probs = view.restrict(probs)
+        ref = self._answer_points(emb, probs, view.gallery if view is not None else None)
         lat, lon = ref.lat, ref.lon
+        if view is not None:
+            lat, lon, moved = view.inside(lat, lon, ref.cell)
         k = min(top_k, self.n_cells)
         part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(probs, part, 1), axis=1)
         top = np.take_along_axis(part, order, 1)
         r50, r90 = self.radii(lat, lon, probs)
-        country = np.asarray(probs @ self._country_m)
-        admin = np.asarray(probs @ self._admin_m)
-        return {
+        country = np.asarray(probs @ (self._country_m if view is None else view.country_m))
+        admin = np.asarray(probs @ (self._admin_m if view is None else view.admin_m))
+        out = {
             "probs": probs, "lat": lat, "lon": lon, "confidence": probs.max(axis=1),
             "radius_km_50": r50, "radius_km_90": r90, "top_cells": top,
             "top_probs": np.take_along_axis(probs, top, 1), "country_probs": country, "admin1_probs": admin,
             "refinement": ref,
         }
+        if view is not None:
+            out["within"] = (view.area, moved)   # the area and how far each answer was moved into it
+        return out
 
     def predict_places(self, emb: np.ndarray, groups: Sequence[Any] | np.ndarray, combine: str | None = None,
                        top_k: int = 5, options: AnswerOptions | None = None) -> PlacePrediction:
@@ -291,6 +319,8 @@ class Predictor:
                                      "iso_a2": str(here["iso_a2"][i]), "at_sea": bool(here["at_sea"][i])},
                 "reach": None if edge is None else {"max_reach_km": self._reach_km, "edge_probability": float(edge[i])},
             })
+        if "within" in p:
+            mark_within(out, *p["within"])
         return out
 
     def _refinement_dicts(self, r: RefineResult) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ Writes into geocells/data/:
   coverage (shared borders stay shared: no gaps or overlaps appear) with a 0.01 degree tolerance
   (about 1.1 km at the equator, less than the width of the smallest cells the 30/60 sizes give
   outside city centres, where cells are cut by Voronoi edges anyway, not by admin borders);
-  columns adm0_a3, iso_a2, country, admin1, geometry.
+  columns adm0_a3, iso_a2, country, admin1, iso_3166_2 (the region's ISO 3166-2 code, e.g. US-CA; "" where
+  Natural Earth has none, i.e. its placeholders such as XK-X01~), geometry.
 - driving_side.csv: adm0_a3, iso_a2, country, driving_side (from Wikidata, CC0).
 - cities.parquet: GeoNames places with >= 1000 people (CC BY 4.0): lat, lon, name, admin1, cc.
 - world_cells.parquet: the cells of `pigeon world`'s zero-shot bundle, from the 100K MP-16 photo
@@ -37,6 +38,7 @@ WORLD_MIN_SIZE = 50           # photos per world cell inside a country (see worl
 WORLD_TOLERANCE_DEG = 0.05    # about 5.5 km: a zero-shot answer is a region's centre, hundreds of km wide
 WORLD_MAX_BYTES = 3_000_000
 PARTS = ("driving_side", "admin1", "cities", "world")
+ISO_3166_2 = r"[A-Z]{2}-[A-Z0-9]{1,3}"   # a subdivision code: country, hyphen, up to three letters or digits
 
 
 def main() -> None:
@@ -81,8 +83,11 @@ def make_admin1(src: Path, out: Path, ds: pd.DataFrame, tolerance: float) -> Non
     geom = _simplified(g.geometry.values, tolerance)  # polygonal parts only: make_valid can leave lines where a sliver collapsed
     admin1 = g["name_en"].where(g["name_en"].astype(str).str.len() > 0, g["name"]).fillna(g["name"])
     iso = g["iso_a2"].where(g["iso_a2"].str.len() == 2, g["adm0_a3"].map(dict(zip(ds.adm0_a3, ds.iso_a2))))
+    code = g["iso_3166_2"].fillna("").astype(str)
+    code = code.where(code.str.fullmatch(ISO_3166_2), "")  # Natural Earth's placeholders (`XK-X01~`) are no ISO code
     b = gpd.GeoDataFrame(
-        {"adm0_a3": g["adm0_a3"].values, "iso_a2": iso.fillna("").values, "country": g["admin"].values, "admin1": admin1.values},
+        {"adm0_a3": g["adm0_a3"].values, "iso_a2": iso.fillna("").values, "country": g["admin"].values, "admin1": admin1.values,
+         "iso_3166_2": code.values},
         geometry=geom, crs="EPSG:4326",
     )
     b = b[~b.geometry.is_empty].reset_index(drop=True)

@@ -253,3 +253,33 @@ def test_exif_cross_check_is_shown_as_text_with_its_own_marker(server, browser, 
 
     send("plain.jpg", None)
     assert not browser.find_element(By.ID, "metadata").is_displayed()
+def test_area_of_interest_restricts_the_answer(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from pigeon.area import parse_area
+    from pigeon.predictor import AnswerOptions
+
+    img = tmp_path / "street.jpg"
+    img.write_bytes(encode(photo(160, 120, seed=21)))
+    wait = _open(browser, server)
+    browser.find_element(By.ID, "within").send_keys("ke")
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    _answered(browser, wait)
+    want = tiny_predictor().locate([_decoded(photo(160, 120, seed=21))], top_k=5, options=AnswerOptions(within=parse_area("KE")))[0]
+    plain = tiny_predictor().locate([_decoded(photo(160, 120, seed=21))], top_k=5)[0]
+    assert plain["countries"][0]["iso_a2"] != "KE"       # the area changes this photo's answer
+    lat, lng = _page(browser, "[p.marker.getLatLng().lat, p.marker.getLatLng().lng]")
+    assert [lat, lng] == pytest.approx([want["lat"], want["lon"]], abs=1e-6)
+    kenya = next(c for c in TOY_CELLS if c[1] == "KE")
+    assert kenya[5] <= lng <= kenya[7] and kenya[6] <= lat <= kenya[8]
+    assert [li.text.split(" — ")[0] for li in browser.find_elements(By.CSS_SELECTOR, "#country-list li")] == ["Kenya (KE)"]
+    assert "within KE" in browser.find_element(By.ID, "answer").text
+    assert _page(browser, "p.answer.within.codes") == ["KE"]
+
+    # an unknown code: the server's one-line 422 on the page
+    browser.find_element(By.ID, "within").clear()
+    browser.find_element(By.ID, "within").send_keys("XX")
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+    status = browser.find_element(By.ID, "status")
+    assert "422" in status.text and "bad_area" in status.text and "XX is not an ISO 3166-1" in status.text

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
+from pigeon.area import AreaError, parse_area
 from pigeon.places import place_labels
+from pigeon.predictor import AnswerOptions
 
 from ..deps import ServiceDep, SettingsDep, bundle_intact, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
@@ -24,7 +26,8 @@ LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {**ERROR, "description": "body over the size limit, an image over the pixel limit, the request's images over the per-request pixel budget, or too many images"},
     415: {**ERROR, "description": "not JPEG, PNG or WebP (detected from the bytes)"},
     422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), no image or more views than max_batch "
-                                  "(`one_image_expected`), explain with several views, top_k over the server's max_top_k, or an image too small to use"},
+                                  "(`one_image_expected`), explain with several views, top_k over the server's max_top_k, an image too small to use, "
+                                  "or `bad_area`: a `within` code that is unknown, a GeoJSON that is not a polygon, or an area that holds no cell of the bundle"},
     503: {**ERROR, "description": "over capacity, decided before the body is read; retry after the Retry-After header's seconds. "
                                   "Or `bundle_damaged`: a bundle part failed its background verification (the detail names it); not worth retrying"},
 }
@@ -61,6 +64,34 @@ LOCATE_DESCRIPTION = (
     "Several parts without `same_place=true` are refused (422 `one_image_expected`): photos of different places go to POST /locate/batch.")
 Combine = Annotated[Optional[Literal["mean", "product", "both"]],
                     Form(description="how several views combine: mean | product | both (default: the bundle's recorded mode, else mean)")]
+Within = Annotated[Optional[str], Form(description=(
+    "an area of interest the answer must lie in: ISO 3166-1 alpha-2 country codes and/or ISO 3166-2 admin-1 codes, comma-separated, "
+    "any case (`HR`, `HR,SI,BA`, `US-CA`), or GeoJSON text (Polygon, MultiPolygon, Feature or FeatureCollection, [lon, lat]). Cells "
+    "outside get probability 0, a cell cut by the border keeps the share of its training photos inside, the rest is renormalised; "
+    "refinement uses only gallery photos inside; the answer point, radii, countries and admin-1 respect it, and the answer names it "
+    "(`within`). Unknown code, or an area that holds no cell: 422 `bad_area`"))]
+WithinGeojson = Annotated[Optional[UploadFile], File(description="the area of interest as a GeoJSON file (instead of `within`), e.g. a polygon drawn in a GIS")]
+
+
+async def _within(within: str | None, within_geojson: UploadFile | None) -> AnswerOptions | None:
+    """The answer options of the `within` / `within_geojson` fields (None when neither is given); 422 `bad_area` when bad."""
+    if within_geojson is not None and within and within.strip():
+        raise ApiError(422, "bad_area", "give the area of interest once: the `within` field or the `within_geojson` file, not both")
+    text = await within_geojson.read() if within_geojson is not None else within
+    if text is None or not text.strip():
+        return None
+    try:
+        return AnswerOptions(within=parse_area(text))
+    except AreaError as e:
+        raise ApiError(422, "bad_area", str(e)) from None
+
+
+async def _answer(call: Any) -> Any:
+    """The service's answer; an area that holds no cell for these photos is 422 `bad_area`, as a bad code is."""
+    try:
+        return await call
+    except AreaError as e:
+        raise ApiError(422, "bad_area", str(e)) from None
 
 
 @router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION)
@@ -72,17 +103,20 @@ async def locate(
     explain: Annotated[bool, Form(description="add text-tower cue scores and a class-activation heatmap (one image only)")] = False,
     same_place: Annotated[bool, Form(description="the `image` parts are views of ONE place: answer them together (needed for more than one part)")] = False,
     combine: Combine = None,
+    within: Within = None,
+    within_geojson: WithinGeojson = None,
 ) -> Any:
     _check_top_k(top_k, settings)
+    options = await _within(within, within_geojson)
     if len(image) > settings.max_batch or (len(image) > 1 and not same_place):
         raise too_many_views(len(image), settings.max_batch, same_place)
     if len(image) > 1:
         if explain:
             raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
         blobs = [(f.filename, await f.read()) for f in image]
-        return await service.locate_place(blobs, top_k, combine)
+        return await _answer(service.locate_place(blobs, top_k, combine, options=options))
     data = await image[0].read()
-    return await service.locate_one(data, image[0].filename, top_k, explain)
+    return await _answer(service.locate_one(data, image[0].filename, top_k, explain, options=options))
 
 
 @router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
@@ -94,8 +128,11 @@ async def locate_batch(
     top_k: TopK = 5,
     place: Annotated[Optional[list[str]], Form(description="one place label per `images` part, in order (optional: all or none)")] = None,
     combine: Combine = None,
+    within: Within = None,
+    within_geojson: WithinGeojson = None,
 ) -> Any:
     _check_top_k(top_k, settings)
+    options = await _within(within, within_geojson)
     if len(images) > settings.max_batch:
         raise too_many_images(len(images), settings.max_batch)
     if not images:
@@ -103,8 +140,8 @@ async def locate_batch(
     places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
     if places is None:
-        return await service.locate_many(blobs, top_k)
-    return await service.locate_places(blobs, places, top_k, combine)
+        return await _answer(service.locate_many(blobs, top_k, options=options))
+    return await _answer(service.locate_places(blobs, places, top_k, combine, options=options))
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:

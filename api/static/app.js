@@ -189,7 +189,8 @@ async function showAnswer(a, views) {
     (views > 1 ? ` · ${views} views of one place, combined by ${a.combine}` : "") +
     (a.radius_km_50 ? ` · 50% within ${Math.round(a.radius_km_50)} km` : "") +
     (a.radius_km_90 ? `, 90% within ${Math.round(a.radius_km_90)} km` : "") +
-    (a.exif_gps_present ? " · the file carried EXIF GPS (not used)" : "");
+    (a.exif_gps_present ? " · the file carried EXIF GPS (not used)" : "") +
+    (a.within ? ` · within ${a.within.codes ? a.within.codes.join(", ") : "the drawn area"}` : "");
   listItems($("country-list"), (a.countries || []).map((c) => ({ label: `${c.name || "?"}${c.iso_a2 ? " (" + c.iso_a2 + ")" : ""}`, p: c.probability })));
   listItems($("cell-list"), (a.top_cells || []).map((c) => ({ label: `${c.admin1 || "cell " + c.cell_id}, ${c.country || ""}`, p: c.probability })));
   showMetadata(a.metadata);
@@ -244,6 +245,8 @@ async function locate(fileList) {
   fd.append("top_k", "5");
   if (several) fd.append("same_place", "true");
   fd.append("explain", !several && $("explain").checked ? "true" : "false");
+  const within = $("within").value.trim();   // an area of interest: ISO codes; the answer must lie in it
+  if (within) fd.append("within", within);
   try {
     const r = await fetch("/locate", { method: "POST", body: fd, headers: headers() });
     const body = await r.json();

@@ -163,6 +163,16 @@ def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict],
     return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(kept, dtype=np.int64), metas
 
 
+def _within_options(within: str | None) -> "AnswerOptions | None":
+    """`--within`'s answer options (None without it), read before the bundle is loaded: a bad area is one line, exit 2."""
+    if within is None:
+        return None
+    from pigeon.area import read_area
+    from pigeon.predictor import AnswerOptions
+
+    return AnswerOptions(within=read_area(within))
+
+
 def _check_options(out: Path | None, top_k: int, batch_size: int) -> None:
     """Refuse impossible options before the bundle is loaded."""
     if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
@@ -240,19 +250,22 @@ def register(app: typer.Typer) -> None:
         group_by: Optional[str] = typer.Option(None, "--group-by", help="IMAGES is one manifest (.csv/.parquet, columns image and COLUMN): one answer per value of COLUMN (e.g. location_id), its rows' images combined as views of that place"),
         combine: Optional[str] = typer.Option(None, "--combine", help="how views of one place combine: mean (of normalised embeddings, PIGEON's) | product (of cell probabilities) | both; default: the bundle's recorded mode, else mean"),
         precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
+        within: Optional[str] = typer.Option(None, "--within", help="an area of interest the answers must lie in: ISO country codes (HR or HR,SI,BA), ISO 3166-2 admin-1 codes (US-CA), or a GeoJSON file of a (Multi)Polygon; cells outside get probability 0, refinement uses only gallery photos inside"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
         if same_place and group_by is not None:
             raise UserError("--same-place and --group-by both say how photos make places; give one (--same-place: all are one place)")
         if combine is not None and not (same_place or group_by):
             raise UserError("--combine only applies to several views of one place; add --same-place or --group-by COLUMN")
+        options = _within_options(within)
         if same_place or group_by:
             answers, failures = locate_places(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device, refine=refine,
                                               max_refinement_km=max_refinement_km, strict=strict, group_by=group_by, combine=combine,
-                                              precision=precision)
+                                              precision=precision, options=options)
         else:
             answers, failures = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
-                                             refine=refine, max_refinement_km=max_refinement_km, strict=strict, precision=precision)
+                                             refine=refine, max_refinement_km=max_refinement_km, strict=strict, precision=precision,
+                                             options=options)
         for f in failures:
             typer.echo(f"pigeon: skipped {f['image']}: {f['error']}", err=True)
         if out is None:
