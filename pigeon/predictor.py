@@ -23,6 +23,7 @@ from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixtur
 from .core.errors import UserError
 from .core.sphere import to_xyz
 from .datasets import load_image
+from .evidence import evidence_lists
 from .bundle_gallery import recorded_refine_mode
 from .loading import RETRAIN, check_head, load_bundle
 from .geocells import GeoCells
@@ -291,6 +292,9 @@ class Predictor:
                                      "iso_a2": str(here["iso_a2"][i]), "at_sea": bool(here["at_sea"][i])},
                 "reach": None if edge is None else {"max_reach_km": self._reach_km, "edge_probability": float(edge[i])},
             })
+        if options.evidence:  # the gallery photos that decided each refinement (pigeon.evidence)
+            for a, ev in zip(out, evidence_lists(self.gallery, p["refinement"], p["lat"], p["lon"])):
+                a["evidence"] = ev
         return out
 
     def _refinement_dicts(self, r: RefineResult) -> list[dict[str, Any]]:

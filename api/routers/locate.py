@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from pigeon.places import place_labels
+from pigeon.predictor import AnswerOptions
 
 from ..deps import ServiceDep, SettingsDep, bundle_intact, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
@@ -61,6 +62,9 @@ LOCATE_DESCRIPTION = (
     "Several parts without `same_place=true` are refused (422 `one_image_expected`): photos of different places go to POST /locate/batch.")
 Combine = Annotated[Optional[Literal["mean", "product", "both"]],
                     Form(description="how several views combine: mean | product | both (default: the bundle's recorded mode, else mean)")]
+Evidence = Annotated[bool, Form(description="add `evidence` to each answer: the gallery photos that decided its refinement (key, id, "
+                                            "lat/lon, similarity, distance_km to the answer, cell, and url/source/license/author when the "
+                                            "gallery's data source gave them); an empty list when no gallery photo did")]
 
 
 @router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION)
@@ -72,17 +76,19 @@ async def locate(
     explain: Annotated[bool, Form(description="add text-tower cue scores and a class-activation heatmap (one image only)")] = False,
     same_place: Annotated[bool, Form(description="the `image` parts are views of ONE place: answer them together (needed for more than one part)")] = False,
     combine: Combine = None,
+    evidence: Evidence = False,
 ) -> Any:
     _check_top_k(top_k, settings)
+    options = AnswerOptions(evidence=evidence)
     if len(image) > settings.max_batch or (len(image) > 1 and not same_place):
         raise too_many_views(len(image), settings.max_batch, same_place)
     if len(image) > 1:
         if explain:
             raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
         blobs = [(f.filename, await f.read()) for f in image]
-        return await service.locate_place(blobs, top_k, combine)
+        return await service.locate_place(blobs, top_k, combine, options=options)
     data = await image[0].read()
-    return await service.locate_one(data, image[0].filename, top_k, explain)
+    return await service.locate_one(data, image[0].filename, top_k, explain, options=options)
 
 
 @router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
@@ -94,8 +100,10 @@ async def locate_batch(
     top_k: TopK = 5,
     place: Annotated[Optional[list[str]], Form(description="one place label per `images` part, in order (optional: all or none)")] = None,
     combine: Combine = None,
+    evidence: Evidence = False,
 ) -> Any:
     _check_top_k(top_k, settings)
+    options = AnswerOptions(evidence=evidence)
     if len(images) > settings.max_batch:
         raise too_many_images(len(images), settings.max_batch)
     if not images:
@@ -103,8 +111,8 @@ async def locate_batch(
     places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
     if places is None:
-        return await service.locate_many(blobs, top_k)
-    return await service.locate_places(blobs, places, top_k, combine)
+        return await service.locate_many(blobs, top_k, options=options)
+    return await service.locate_places(blobs, places, top_k, combine, options=options)
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:
