@@ -6,13 +6,28 @@ way out (cheap with pydantic 2). Extra keys the predictor may add later pass thr
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class _Asked(_Open):
+    """A model whose `_only_when_given` fields are left out of the JSON when None: parts an answer carries only when
+    asked (`evidence=true`, ...), so an answer asked without them is the one it always was. OpenAPI still lists them."""
+
+    _only_when_given: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unasked(self, handler: Any):  # no return annotation: OpenAPI keeps the model's own schema
+        out = handler(self)
+        for k in self._only_when_given:
+            if out.get(k, 0) is None:
+                del out[k]
+        return out
 
 
 class ErrorResponse(BaseModel):
@@ -60,6 +75,25 @@ class Reach(_Open):
     max_reach_km: float
     edge_probability: float = Field(..., description="probability in cells that lost land to the reach limit (the edge of "
                                                       "the training photos' coverage): high when the photo may come from beyond it")
+
+
+class EvidencePhoto(_Asked):
+    """A gallery photo that decided the answer's refinement (asked with `evidence=true`): the photos the answer
+    was refined from, best first. `url`, `source`, `license`, `author` only when the gallery's data source gave them."""
+
+    _only_when_given: ClassVar[tuple[str, ...]] = ("url", "source", "license", "author")
+    key: str = Field(..., description="the photo's key in the gallery's data source (a manifest's `image` value, a WebDataset "
+                                      "sample key, an image-Parquet key; the id as text when it has none)", examples=["images/000058.png"])
+    id: int = Field(..., description="the photo's gallery id")
+    lat: float
+    lon: float
+    similarity: float = Field(..., description="cosine similarity of the photo's and the query's embeddings (entries in descending order)")
+    distance_km: float = Field(..., description="great-circle distance from the answer point")
+    cell: int = Field(..., description="the photo's geocell")
+    url: Optional[str] = Field(None, description="where the photo can be seen (from the gallery's data source)")
+    source: Optional[str] = Field(None, description="the collection the photo comes from (from the data source)")
+    license: Optional[str] = Field(None, description="the photo's license (from the data source)")
+    author: Optional[str] = Field(None, description="the photo's author (from the data source)")
 
 
 class ImageInfo(BaseModel):
@@ -113,7 +147,7 @@ class PhotoMetadata(BaseModel):
     ignored: list[str] = Field(default_factory=list, description="recorded tags that were not usable, and why")
 
 
-class Location(_Open):
+class Location(_Asked):
     """One photo's answer, or one place's from several views (`views` > 1). `exif_gps_present` and `metadata` only
     report the files' EXIF (any view's); it is never used for the answer.
 
@@ -121,6 +155,8 @@ class Location(_Open):
     or `{"geojson": true, "area_km2"}`, the area it was restricted to; `refinement.moved_into_area_km`: how far the
     refined point was moved to lie in the area (0: it already did); and its top cells, countries and admin-1 lists
     leave out what the area gave probability 0 (answers without `within` carry none of these keys)."""
+
+    _only_when_given: ClassVar[tuple[str, ...]] = ("evidence", "metadata", "view_metadata")
 
     lat: float
     lon: float
@@ -145,14 +181,9 @@ class Location(_Open):
     view_metadata: Optional[list[Optional[PhotoMetadata]]] = Field(None, description="several views only, when any view has metadata: "
                                                                                      "each view's, in the order sent (null for a view without)")
 
-    @model_serializer(mode="wrap")
-    def _only_recorded_metadata(self, handler):
-        """`metadata`/`view_metadata` appear only when a file recorded any: other answers keep their keys."""
-        out = handler(self)
-        for key in ("metadata", "view_metadata"):
-            if out.get(key, 0) is None:
-                del out[key]
-        return out
+    evidence: Optional[list[EvidencePhoto]] = Field(None, description="only with evidence=true: the gallery photos that decided the "
+                                                                       "refinement, best first; empty when none did (no gallery, or refinement "
+                                                                       "answered a cell or a cluster's centre)")
 
 
 class ItemError(BaseModel):

@@ -20,13 +20,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pigeon.core.errors import UserError
+from pigeon.core.provenance import SOURCE_COLUMNS, source_text
 
 from .clusters import ClusterTable, assign_to_existing, cluster_points
 from .gallery import GeoIndex, Kind, check_new_ids, normalise
 
 GALLERY_COLUMNS = ["id", "lat", "lon", "cell", "cluster", "image"]
+# optional: kept when the data source carried them (pigeon.core.provenance); galleries without them load as before
+GALLERY_SOURCE_COLUMNS = list(SOURCE_COLUMNS)
 CHUNK = 1 << 16  # rows read, normalised and added at a time
 
 
@@ -120,30 +125,56 @@ class Gallery:
         return lat, lon, ids[:, 0].astype(np.int64)
 
 
+def gallery_keys(ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """What names a gallery photo outside pigeon: its `image`, the key it has in its data source (a manifest's
+    `image` value, a WebDataset sample's key, an image-Parquet file's key column or FILE:ROW); the gallery id
+    as text for photos indexed without one (`build_gallery` without `image`). `id` names it inside the index."""
+    images = np.asarray(images, dtype=object)
+    return np.where(images != "", images, np.asarray(ids, np.int64).astype(str).astype(object))
+
+
+def _source_columns(frame: pd.DataFrame) -> list[str]:
+    """The source columns a gallery frame holds (any of GALLERY_SOURCE_COLUMNS)."""
+    return [c for c in GALLERY_SOURCE_COLUMNS if c in frame.columns]
+
+
 def write_gallery_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write `gallery.parquet` (callers make it atomic)."""
-    frame[GALLERY_COLUMNS].to_parquet(str(path), index=False)
+    """Write `gallery.parquet` (callers make it atomic): GALLERY_COLUMNS, then the source columns it holds."""
+    frame[GALLERY_COLUMNS + _source_columns(frame)].to_parquet(str(path), index=False)
 
 
 def read_gallery_frame(path: str | os.PathLike) -> pd.DataFrame:
-    """Read `gallery.parquet`, refusing one without the expected columns."""
+    """Read `gallery.parquet`, refusing one without the expected columns; source columns (absent in galleries
+    built before they were kept, or from sources without them) as compact Arrow text."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"gallery file {path} does not exist; build it with `pigeon build-index`")
-    df = pd.read_parquet(str(path))
+    names = pq.read_schema(str(path)).names
+    src = [c for c in GALLERY_SOURCE_COLUMNS if c in names]
+    df = pd.read_parquet(str(path), columns=[c for c in names if c not in src])
     missing = [c for c in GALLERY_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"gallery file {path} lacks columns {missing}; rebuild it with `pigeon build-index`")
+    if src:
+        table = pq.read_table(str(path), columns=src)
+        for c in src:
+            df[c] = pd.Series(pd.arrays.ArrowStringArray(table[c].cast(pa.string())), index=df.index)
     return df
 
 
-def _frame(ids, lat, lon, cell, cluster, image) -> pd.DataFrame:
+def _frame(ids, lat, lon, cell, cluster, image, source: pd.DataFrame | None = None) -> pd.DataFrame:
     n = len(ids)
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "id": np.asarray(ids, np.int64), "lat": np.asarray(lat, np.float64), "lon": np.asarray(lon, np.float64),
         "cell": np.asarray(cell, np.int64), "cluster": np.asarray(cluster, np.int64),
         "image": np.asarray(image if image is not None else [""] * n, dtype=object).astype(str),
     })
+    if source is not None:
+        if len(source) != n:
+            raise UserError(f"gallery source columns list {len(source)} rows for {n} images; give one row per image")
+        for c in _source_columns(source):
+            frame[c] = source_text(source[c].reset_index(drop=True))
+    return frame
 
 
 def _check(emb, ids, lat, lon, cell) -> None:
@@ -212,11 +243,13 @@ def index_in_cluster_order(emb: Any, ids: np.ndarray, cluster: np.ndarray, kind:
 
 def build_gallery(emb: Any, ids: np.ndarray, lat: np.ndarray, lon: np.ndarray, cell: np.ndarray,
                   image: np.ndarray | None = None, *, kind: Kind = "flat", progress: bool = False,
-                  index_options: dict[str, Any] | None = None, chunk: int = CHUNK, **cluster_opts) -> Gallery:
+                  index_options: dict[str, Any] | None = None, chunk: int = CHUNK, source: pd.DataFrame | None = None,
+                  **cluster_opts) -> Gallery:
     """Index embeddings, cluster the images inside their cells (OPTICS) and make the prototypes.
 
     `emb`: (n, d) ndarray, np.memmap (float16 is fine) or `StackedRows` of shards; read in chunks.
-    `index_options` go to `GeoIndex` (e.g. {"nlist": 4096, "pq_m": 64, "opq": True} for ivfpq)."""
+    `index_options` go to `GeoIndex` (e.g. {"nlist": 4096, "pq_m": 64, "opq": True} for ivfpq).
+    `source`: the images' source columns (any of GALLERY_SOURCE_COLUMNS; one row per image), kept in the rows."""
     emb = _as_rows(emb)
     _check(emb, ids, lat, lon, cell)
     if len(emb) == 0:
@@ -224,14 +257,15 @@ def build_gallery(emb: Any, ids: np.ndarray, lat: np.ndarray, lon: np.ndarray, c
     cluster = cluster_points(lat, lon, cell, progress=progress, **cluster_opts)
     index, sums = _fill_in_cluster_order(emb, ids, cluster, kind, chunk, index_options)
     table = _cluster_table(lat, lon, cell, cluster, sums)
-    return Gallery(index, _frame(ids, lat, lon, cell, cluster, image), table)
+    return Gallery(index, _frame(ids, lat, lon, cell, cluster, image, source), table)
 
 
 def append_gallery(g: Gallery, emb: np.ndarray, ids: np.ndarray, lat: np.ndarray, lon: np.ndarray,
-                   cell: np.ndarray, image: np.ndarray | None = None) -> Gallery:
+                   cell: np.ndarray, image: np.ndarray | None = None, source: pd.DataFrame | None = None) -> Gallery:
     """Add images without re-clustering: each joins the nearest existing cluster of its cell; images in
     cells without clusters form one new cluster per cell. Prototypes and centres are recomputed.
-    `emb` may be any (n, d) array-like (see `build_gallery`); it is added in chunks."""
+    `emb` may be any (n, d) array-like (see `build_gallery`); it is added in chunks. `source`: as in
+    `build_gallery` (a column only the old or only the new images have is <NA> for the others)."""
     emb = _as_rows(emb)
     _check(emb, ids, lat, lon, cell)
     if len(emb) == 0:
@@ -244,7 +278,9 @@ def append_gallery(g: Gallery, emb: np.ndarray, ids: np.ndarray, lat: np.ndarray
     if new.any():
         _, inv = np.unique(np.asarray(cell, np.int64)[new], return_inverse=True)
         cl[new] = len(g.clusters) + inv
-    frame = pd.concat([g.frame, _frame(ids, lat, lon, cell, cl, image)], ignore_index=True)
+    frame = pd.concat([g.frame, _frame(ids, lat, lon, cell, cl, image, source)], ignore_index=True)
+    for c in _source_columns(frame):
+        frame[c] = source_text(frame[c])
     frame, table = _restat(frame, g.index)
     return Gallery(g.index, frame, table)
 

@@ -25,7 +25,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,9 +34,10 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from pigeon.core.errors import FieldError, UserError
+from pigeon.core.provenance import source_text
 from pigeon.core.sphere import EARTH_RADIUS_KM
 
-from .build import Gallery
+from .build import GALLERY_SOURCE_COLUMNS, Gallery, gallery_keys
 from .clusters import ClusterTable
 
 Mode = Literal["none", "cluster", "nn", "cluster+nn"]
@@ -477,6 +478,37 @@ class GalleryRefiner:
         f = gallery.frame
         self._lat, self._lon = f["lat"].to_numpy(np.float64), f["lon"].to_numpy(np.float64)
         self._img = f["image"].astype(str).to_numpy(object) if "image" in f else np.full(len(f), "", object)
+        self._cell = f["cell"].to_numpy(np.int64)
+        # the source columns stay Arrow text (millions of urls, no Python string each): gathered per answer
+        self._source = {c: source_text(f[c]).array for c in GALLERY_SOURCE_COLUMNS if c in f}
+
+    @property
+    def source_columns(self) -> tuple[str, ...]:
+        """The source columns (url, source, license, author) this gallery holds."""
+        return tuple(self._source)
+
+    def neighbour_columns(self, r: RefineResult, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Gallery columns of each neighbour in `r`, gathered in one go per column as (B, m) arrays: `lat`, `lon`
+        (nan where there is none), `cell` (-1), `image` (""), `key` (`gallery_keys`; "") and the source columns
+        the gallery holds (None where there is none or the photo's source gave none). `names`: these only (default all)."""
+        ids = r.neighbour_ids
+        valid = ids >= 0
+        rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index
+        plain = {"lat": (self._lat, np.nan, np.float64), "lon": (self._lon, np.nan, np.float64),
+                 "cell": (self._cell, -1, np.int64), "image": (self._img, "", object)}
+        out: dict[str, np.ndarray] = {}
+        for name in (("key", *plain, *self._source) if names is None else names):
+            if name == "key":
+                out[name] = np.full(ids.shape, "", object)
+                out[name][valid] = gallery_keys(ids[valid], self._img[rows])
+            elif name in plain:
+                col, fill, dtype = plain[name]
+                out[name] = np.full(ids.shape, fill, dtype)
+                out[name][valid] = col[rows]
+            else:
+                out[name] = np.full(ids.shape, None, object)
+                out[name][valid] = self._source[name].take(rows).to_numpy(dtype=object, na_value=None)
+        return out
 
     def answer(self, emb: np.ndarray, probs: np.ndarray, config: RefineConfig) -> RefineResult:
         """The refined answers of a batch under `config` (mode None: PIGEON's cluster+nn; "none": the top
@@ -493,11 +525,7 @@ class GalleryRefiner:
         return out
 
     def neighbour_places(self, r: RefineResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(lat, lon, image) of each neighbour in `r`, (B, m) arrays: nan / "" where there is none."""
-        ids = r.neighbour_ids
-        valid = ids >= 0
-        rows = r.neighbour_rows[valid]  # rows of the gallery frame: no per-call pandas index
-        lat, lon = np.full(ids.shape, np.nan), np.full(ids.shape, np.nan)
-        img = np.full(ids.shape, "", dtype=object)
-        lat[valid], lon[valid], img[valid] = self._lat[rows], self._lon[rows], self._img[rows]
-        return lat, lon, img
+        """(lat, lon, image) of each neighbour in `r`, (B, m) arrays: nan / "" where there is none
+        (`neighbour_columns` gives the others: cell, key, url, ...)."""
+        c = self.neighbour_columns(r, ("lat", "lon", "image"))
+        return c["lat"], c["lon"], c["image"]

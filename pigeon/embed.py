@@ -39,6 +39,7 @@ from .bundle import Bundle
 from .core.errors import UserError
 from .core.splits import normalise as normalise_splits
 from .core.io import pause_point
+from .core.provenance import SOURCE_COLUMNS, source_text
 from .core.progress import progress as progress_bar
 from .datasets.fields import FIELDS, normalize_fields
 from .datasets.images import load_image
@@ -149,7 +150,7 @@ class _Pending:
 
 def _rows_frame(pos: np.ndarray, records: list[Record]) -> pd.DataFrame:
     """The Parquet rows of a shard: pos, key, lat, lon, split, and the optional fields present
-    (taken_at, heading under the rule of `pigeon.datasets.fields`)."""
+    (taken_at, heading under the rule of `pigeon.datasets.fields`; url, source, license, author as text)."""
     df = pd.DataFrame({"pos": pos.astype(np.int64), "key": [r.key for r in records],
                        "lat": np.array([r.lat for r in records], np.float64), "lon": np.array([r.lon for r in records], np.float64),
                        "split": normalise_splits([r.split for r in records])})
@@ -159,6 +160,8 @@ def _rows_frame(pos: np.ndarray, records: list[Record]) -> pd.DataFrame:
             df[c] = pd.Series(vals, dtype=object if c in ("location_id", *FIELDS) else None)
     if "location_id" in df.columns:
         df["location_id"] = df["location_id"].astype(str)
+    for c in (c for c in SOURCE_COLUMNS if c in df.columns):
+        df[c] = source_text(df[c])   # text whatever the source gave (a number, a mix): one Parquet string column
     return normalize_fields(df)
 
 

@@ -7,7 +7,8 @@ A folder of one data source's embeddings under one backbone and one view (plain 
                              source, its shard names
     shard-000000.npy         float16 (n, dim) L2-normalised vectors, in the input shard's order
     shard-000000.parquet     one row per vector: pos (the record's place in its input shard), key,
-                             lat, lon, split, and taken_at/heading/location_id/id when the source has them
+                             lat, lon, split, and taken_at/heading/location_id/id and url/source/license/author
+                             (`pigeon.core.provenance`) when the source has them
     shard-000000.json        written last: the input shard's name and fingerprint, n, what was skipped
 
 Output shard i comes from input shard i, whoever embeds it: each torchrun rank takes its own input
@@ -33,11 +34,12 @@ import pyarrow.parquet as pq
 
 from .core.errors import UserError
 from .core.io import atomic_path
+from .core.provenance import SOURCE_COLUMNS, source_text
 
 FORMAT = 1
 HEADER = "embeddings.json"
 ROW_COLUMNS = ("pos", "key", "lat", "lon", "split")
-OPTIONAL_COLUMNS = ("taken_at", "heading", "location_id", "id")
+OPTIONAL_COLUMNS = ("taken_at", "heading", "location_id", "id", *SOURCE_COLUMNS)  # SOURCE_COLUMNS read on demand (`source_columns`)
 LOAD_COLUMNS = ("lat", "lon", "split", "id", "location_id", "taken_at", "heading")  # kept in RAM; keys on demand
 
 
@@ -170,6 +172,18 @@ class EmbeddingStore:
         keys = np.concatenate([pd.read_parquet(ShardFiles(self.folder, i).rows, columns=["key"])["key"].to_numpy(dtype=object)
                                for i in range(self.n_shards)]) if self.n_shards else np.zeros(0, dtype=object)
         return keys if idx is None else keys[np.asarray(idx, np.int64)]
+
+    def source_columns(self, idx: np.ndarray | None = None) -> pd.DataFrame:
+        """The source columns (url, source, license, author: `pigeon.core.provenance`) of global rows `idx` (all
+        when None) that any shard has, read from the shards' Parquet on demand (not kept in RAM); <NA> where missing."""
+        parts = []
+        for i in range(self.n_shards):
+            path = ShardFiles(self.folder, i).rows
+            have = [c for c in SOURCE_COLUMNS if c in pq.read_schema(path).names]
+            parts.append(pd.read_parquet(path, columns=have) if have else pd.DataFrame(index=range(len(self._mats[i]))))
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        frame = pd.DataFrame({c: source_text(frame[c]) for c in SOURCE_COLUMNS if c in frame.columns}, index=frame.index)
+        return frame if idx is None else frame.iloc[np.asarray(idx, np.int64)].reset_index(drop=True)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """float32 vectors (len(idx), dim) of global rows `idx`, in the given order."""

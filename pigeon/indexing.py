@@ -7,6 +7,9 @@ The three parts are written to a staging folder first and then moved into the bu
 and parts from two different builds are refused on load. `--append` adds photos without
 re-clustering; `remove_gallery_ids` (`--remove-ids FILE`) takes photos out.
 
+The gallery rows keep the source's `url`, `source`, `license` and `author` when it has them
+(`pigeon.core.provenance`): an answer asked with evidence shows them for the photos that decided it.
+
 The gallery holds the rows with `split == "train"` (`--splits` to change it), so test photos never
 enter it. Rows with `split == "val"` stay out of the gallery: they answer, once per refinement mode, to pick
 the mode with the lowest median error, when it beats PIGEON's cluster+nn beyond bootstrap noise
@@ -35,7 +38,7 @@ from .datasets.sources import open_source
 from .embed import cached_embeddings, open_embeddings
 from .embeddings import EmbeddingStore
 from .bundle_gallery import has_gallery, load_gallery, save_gallery
-from .index import KINDS, Refiner, append_gallery, build_gallery, remove_from_gallery
+from .index import GALLERY_SOURCE_COLUMNS, KINDS, Refiner, append_gallery, build_gallery, remove_from_gallery
 from .index.refine import DEFAULT_MODE, MODES, RefineConfig
 from .metrics import SWITCH_CONFIDENCE, choose_on_validation
 from .loading import load_bundle
@@ -105,10 +108,11 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
     cell = np.asarray(cells.cell_of(lat, lon), np.int64)
     ids = _gallery_ids(df, old, name)
     image = df["image"].astype(str).to_numpy()
+    source_cols = df[[c for c in GALLERY_SOURCE_COLUMNS if c in df.columns]]   # url, source, license, author when given
     if old is None:
-        g = build_gallery(emb, ids, lat, lon, cell, image, kind=kind, progress=progress)
+        g = build_gallery(emb, ids, lat, lon, cell, image, kind=kind, progress=progress, source=source_cols)
     else:
-        g = append_gallery(old, emb, ids, lat, lon, cell, image)
+        g = append_gallery(old, emb, ids, lat, lon, cell, image, source=source_cols)
     # an append without validation photos keeps the last validated choice
     chosen = {k: b.meta("index")[k] for k in VALIDATION_KEYS if k in b.meta("index")} if old is not None else {}
     note = None
@@ -132,12 +136,16 @@ def build_index(images: str | os.PathLike | None, bundle: str | os.PathLike, app
 
 
 def _store_frame(store: EmbeddingStore) -> pd.DataFrame:
-    """image (the source key), lat, lon, split and (when the source has them) integer ids, per store row."""
+    """image (the source key), lat, lon, split and (when the source has them) integer ids and the source
+    columns (url, source, license, author), per store row."""
     rows = store.rows
     df = pd.DataFrame({"image": store.keys(), "lat": rows["lat"].to_numpy(np.float64), "lon": rows["lon"].to_numpy(np.float64),
                        "split": normalise_splits(rows["split"])})
     if "id" in rows.columns:
         df["id"] = rows["id"].to_numpy()
+    src = store.source_columns()
+    for c in src.columns:
+        df[c] = src[c].array
     return df
 
 

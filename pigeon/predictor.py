@@ -24,6 +24,7 @@ from .calibration import RADIUS_LEVELS, RadiusModel, geometric_spread_km, mixtur
 from .core.errors import UserError
 from .core.sphere import to_xyz
 from .datasets import load_image
+from .evidence import evidence_lists
 from .bundle_gallery import recorded_refine_mode
 from .loading import RETRAIN, check_head, load_bundle
 from .geocells import GeoCells
@@ -321,6 +322,9 @@ class Predictor:
             })
         if "within" in p:
             mark_within(out, *p["within"])
+        if options.evidence:  # the gallery photos that decided each refinement (pigeon.evidence)
+            for a, ev in zip(out, evidence_lists(self.gallery, p["refinement"], p["lat"], p["lon"])):
+                a["evidence"] = ev
         return out
 
     def _refinement_dicts(self, r: RefineResult) -> list[dict[str, Any]]:

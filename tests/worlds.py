@@ -29,13 +29,28 @@ def world_bundle(root: Path, n_images: int, image_size: int, seed: int, min_size
     return manifest, df, b.path, rep
 
 
-def gallery_bundle(root: Path, seed: int, n_images: int = 80):
-    """`world_bundle` (zero-shot `tiny` head) plus a gallery index of its train photos (no validation)."""
+def gallery_bundle(root: Path, seed: int, n_images: int = 80, source_columns: bool = False):
+    """`world_bundle` (zero-shot `tiny` head) plus a gallery index of its train photos (no validation).
+    `source_columns`: the manifest first gets `with_source_columns`' url, source, license and author."""
     from pigeon.indexing import build_index
 
     manifest, df, bundle, _ = world_bundle(root, n_images=n_images, image_size=48, seed=seed, min_size=8, max_size=16)
+    if source_columns:
+        with_source_columns(df).to_csv(manifest, index=False)
     build_index(manifest, bundle, progress=False, batch_size=40, validate=False)
     return bundle
+
+
+def with_source_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The manifest with the optional source columns: a url per photo (every fifth left blank), its author,
+    a license and the source, all derived from the row so a test can check them by the photo's key."""
+    out = df.copy()
+    n = len(out)
+    out["url"] = [f"https://photos.example/{i}?from=<pigeon>&x=\"q\"" if i % 5 else "" for i in range(n)]
+    out["author"] = [f"Author {i} <&>" for i in range(n)]
+    out["license"] = ["CC-BY-4.0" if i % 2 else "CC0-1.0" for i in range(n)]
+    out["source"] = "mapillary"
+    return out
 
 
 def cli(args: list[str]) -> int:

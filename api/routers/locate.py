@@ -73,15 +73,15 @@ Within = Annotated[Optional[str], Form(description=(
 WithinGeojson = Annotated[Optional[UploadFile], File(description="the area of interest as a GeoJSON file (instead of `within`), e.g. a polygon drawn in a GIS")]
 
 
-async def _within(within: str | None, within_geojson: UploadFile | None) -> AnswerOptions | None:
-    """The answer options of the `within` / `within_geojson` fields (None when neither is given); 422 `bad_area` when bad."""
+async def _within(within: str | None, within_geojson: UploadFile | None) -> Any:
+    """The area of the `within` / `within_geojson` fields (None when neither is given); 422 `bad_area` when bad."""
     if within_geojson is not None and within and within.strip():
         raise ApiError(422, "bad_area", "give the area of interest once: the `within` field or the `within_geojson` file, not both")
     text = await within_geojson.read() if within_geojson is not None else within
     if text is None or not text.strip():
         return None
     try:
-        return AnswerOptions(within=parse_area(text))
+        return parse_area(text)
     except AreaError as e:
         raise ApiError(422, "bad_area", str(e)) from None
 
@@ -92,6 +92,9 @@ async def _answer(call: Any) -> Any:
         return await call
     except AreaError as e:
         raise ApiError(422, "bad_area", str(e)) from None
+Evidence = Annotated[bool, Form(description="add `evidence` to each answer: the gallery photos that decided its refinement (key, id, "
+                                            "lat/lon, similarity, distance_km to the answer, cell, and url/source/license/author when the "
+                                            "gallery's data source gave them); an empty list when no gallery photo did")]
 
 
 @router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION)
@@ -105,9 +108,10 @@ async def locate(
     combine: Combine = None,
     within: Within = None,
     within_geojson: WithinGeojson = None,
+    evidence: Evidence = False,
 ) -> Any:
     _check_top_k(top_k, settings)
-    options = await _within(within, within_geojson)
+    options = AnswerOptions(evidence=evidence, within=await _within(within, within_geojson))
     if len(image) > settings.max_batch or (len(image) > 1 and not same_place):
         raise too_many_views(len(image), settings.max_batch, same_place)
     if len(image) > 1:
@@ -130,9 +134,10 @@ async def locate_batch(
     combine: Combine = None,
     within: Within = None,
     within_geojson: WithinGeojson = None,
+    evidence: Evidence = False,
 ) -> Any:
     _check_top_k(top_k, settings)
-    options = await _within(within, within_geojson)
+    options = AnswerOptions(evidence=evidence, within=await _within(within, within_geojson))
     if len(images) > settings.max_batch:
         raise too_many_images(len(images), settings.max_batch)
     if not images:

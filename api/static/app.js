@@ -10,7 +10,7 @@ const ADMIN1_ZOOM = 4;         // admin-1 outlines from this zoom on (and around
 const page = {                 // the page's state, also read by the browser tests
   map: null, countries: null, admin1: null, admin1Loading: null,
   answerLayer: null, marker: null, circle50: null, circle90: null, cellLayers: [], regionLayer: null,
-  cellsIndex: null, answer: null, exifMarker: null,
+  cellsIndex: null, answer: null, exifMarker: null, evidenceLayers: [],
 };
 window.pigeonPage = page;
 
@@ -102,6 +102,7 @@ async function drawAnswer(a) {
   page.cellLayers = [];
   page.regionLayer = null;
   page.marker = page.circle50 = page.circle90 = page.exifMarker = null;  // a new answer without radii must not fit the old circles
+  page.evidenceLayers = [];
   // the top cells' polygons, darker for likelier ones (drawn first: under the circles and marker)
   const idx = await loadCells().catch(() => null);
   if (idx) {
@@ -121,6 +122,7 @@ async function drawAnswer(a) {
   const at = [a.lat, a.lon];
   if (a.radius_km_90 > 0) page.circle90 = L.circle(at, { radius: 1000 * a.radius_km_90, className: "pigeon-r90", color: "#1f5bd1", weight: 1, dashArray: "4 4", fillOpacity: 0.05 }).addTo(layer);
   if (a.radius_km_50 > 0) page.circle50 = L.circle(at, { radius: 1000 * a.radius_km_50, className: "pigeon-r50", color: "#1f5bd1", weight: 1.5, fillOpacity: 0.12 }).addTo(layer);
+  drawEvidence(a, layer);
   page.marker = L.marker(at, { title: `${a.lat.toFixed(4)}, ${a.lon.toFixed(4)}`, alt: "the answer" }).addTo(layer);
   const bounds = (page.circle90 || page.circle50) ? (page.circle90 || page.circle50).getBounds() : L.latLngBounds([at, at]).pad(1);
   drawExif(a, layer, bounds);
@@ -163,6 +165,73 @@ function showMetadata(m) {
   }
 }
 
+// -- evidence: the gallery photos that decided the refinement (asked with evidence=true) --------------
+// Their text comes from the gallery's data source: it is only ever set as textContent, never parsed as HTML,
+// and only http(s) urls become links (a javascript: url must not run when clicked).
+function safeUrl(u) {
+  try {
+    const x = new URL(u);
+    return x.protocol === "http:" || x.protocol === "https:" ? x.href : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+function el(tag, text, cls) {
+  const n = document.createElement(tag);
+  if (text !== undefined) n.textContent = text;
+  if (cls) n.className = cls;
+  return n;
+}
+
+function evidenceCard(e) {
+  // similarity, distance, key, credit and (when the photo has an http(s) url) a link opening it in a new tab
+  const div = el("div", undefined, "pigeon-evidence-card");
+  div.append(el("strong", `similarity ${e.similarity.toFixed(3)}`), el("br"),
+             `${Math.round(e.distance_km)} km from the answer · ${e.key}`);
+  const credit = [e.author, e.license, e.source].filter(Boolean).join(" · ");
+  if (credit) div.append(el("br"), credit);
+  const href = e.url ? safeUrl(e.url) : null;
+  if (href) {
+    const link = el("a", "open the photo");
+    link.href = href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    div.append(el("br"), link);
+  }
+  return div;
+}
+
+function drawEvidence(a, layer) {
+  // one small circle per evidence photo, its similarity in the tooltip, its card (and link) in the popup
+  for (const e of a.evidence || []) {
+    const m = L.circleMarker([e.lat, e.lon], { radius: 5, className: "pigeon-evidence", color: "#6a3d9a", weight: 1.5,
+                                                fillColor: "#b294d6", fillOpacity: 0.85 })
+      .bindTooltip(el("span", `similarity ${e.similarity.toFixed(2)}`))
+      .bindPopup(evidenceCard(e));
+    m.evidence = e;
+    m.addTo(layer);
+    page.evidenceLayers.push(m);
+  }
+}
+
+function listEvidence(a) {
+  const box = $("evidence-box");
+  box.hidden = !a.evidence;
+  if (!a.evidence) return;
+  const n = a.evidence.length;
+  $("evidence-note").textContent = n
+    ? `${n} gallery photo${n > 1 ? "s" : ""} decided the refinement (${a.refinement.mode}), most similar first:`
+    : `No gallery photo decided this answer (refinement: ${a.refinement ? a.refinement.mode : "none"}).`;
+  const ol = $("evidence-list");
+  ol.textContent = "";
+  for (const e of a.evidence) {
+    const li = el("li");
+    li.append(evidenceCard(e));
+    ol.appendChild(li);
+  }
+}
+
 async function drawRegion(a) {
   const reg = a.region_at_answer;
   $("region").textContent = reg
@@ -194,6 +263,7 @@ async function showAnswer(a, views) {
   listItems($("country-list"), (a.countries || []).map((c) => ({ label: `${c.name || "?"}${c.iso_a2 ? " (" + c.iso_a2 + ")" : ""}`, p: c.probability })));
   listItems($("cell-list"), (a.top_cells || []).map((c) => ({ label: `${c.admin1 || "cell " + c.cell_id}, ${c.country || ""}`, p: c.probability })));
   showMetadata(a.metadata);
+  listEvidence(a);
   await drawAnswer(a);
 
   const box = $("explain-box");
@@ -247,6 +317,7 @@ async function locate(fileList) {
   fd.append("explain", !several && $("explain").checked ? "true" : "false");
   const within = $("within").value.trim();   // an area of interest: ISO codes; the answer must lie in it
   if (within) fd.append("within", within);
+  fd.append("evidence", $("evidence").checked ? "true" : "false");
   try {
     const r = await fetch("/locate", { method: "POST", body: fd, headers: headers() });
     const body = await r.json();

@@ -163,14 +163,15 @@ def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict],
     return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(kept, dtype=np.int64), metas
 
 
-def _within_options(within: str | None) -> "AnswerOptions | None":
-    """`--within`'s answer options (None without it), read before the bundle is loaded: a bad area is one line, exit 2."""
-    if within is None:
-        return None
-    from pigeon.area import read_area
+def _answer_options(within: str | None, evidence: bool) -> "AnswerOptions":
+    """The answer options of `--within` and `--evidence`, read before the bundle is loaded: a bad area is one line, exit 2."""
     from pigeon.predictor import AnswerOptions
 
-    return AnswerOptions(within=read_area(within))
+    if within is None:
+        return AnswerOptions(evidence=evidence)
+    from pigeon.area import read_area
+
+    return AnswerOptions(evidence=evidence, within=read_area(within))
 
 
 def _check_options(out: Path | None, top_k: int, batch_size: int) -> None:
@@ -216,7 +217,8 @@ def _write_answers(answers: list[dict], out: Path) -> None:
                      "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
                      "admin1": a["admin1"][0]["name"] if a["admin1"] else "",
                      "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"],
-                     **({"views": a["views"]} if "views" in a else {}), **(_exif_columns(a) if exif else {})} for a in answers]
+                     **({"views": a["views"]} if "views" in a else {}), **(_exif_columns(a) if exif else {}), **_evidence_columns(a)}
+                    for a in answers]
             pd.DataFrame(rows).to_csv(tmp, index=False)
         else:
             feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
@@ -232,6 +234,23 @@ def _exif_gps(a: dict) -> dict | None:
 def _exif_columns(a: dict) -> dict:
     g = _exif_gps(a) or {}
     return {"exif_lat": g.get("lat"), "exif_lon": g.get("lon"), "exif_distance_km": g.get("distance_km")}
+def _evidence_columns(a: dict) -> dict:
+    """A CSV row's summary of the answer's evidence (asked with --evidence): how many gallery photos, the best one's key and similarity."""
+    if "evidence" not in a:
+        return {}
+    best = a["evidence"][0] if a["evidence"] else {}
+    return {"evidence_photos": len(a["evidence"]), "evidence_best_key": best.get("key", ""), "evidence_best_similarity": best.get("similarity")}
+
+
+def _evidence_hint(a: dict) -> str:
+    """The one-line output's evidence hint (asked with --evidence): how many gallery photos decided the answer and
+    the best similarity, or why none did (the refinement mode)."""
+    if "evidence" not in a:
+        return ""
+    ev = a["evidence"]
+    if not ev:
+        return f"\tevidence: none (refinement {a['refinement']['mode']})"
+    return f"\tevidence: {len(ev)} photos, best {ev[0]['similarity']:.2f} ({ev[0]['key']}, {ev[0]['distance_km']:.0f} km)"
 
 
 def register(app: typer.Typer) -> None:
@@ -251,13 +270,14 @@ def register(app: typer.Typer) -> None:
         combine: Optional[str] = typer.Option(None, "--combine", help="how views of one place combine: mean (of normalised embeddings, PIGEON's) | product (of cell probabilities) | both; default: the bundle's recorded mode, else mean"),
         precision: Optional[str] = typer.Option(None, "--precision", help="backbone forwards: fp32 | bf16 | fp16 (default auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU)"),
         within: Optional[str] = typer.Option(None, "--within", help="an area of interest the answers must lie in: ISO country codes (HR or HR,SI,BA), ISO 3166-2 admin-1 codes (US-CA), or a GeoJSON file of a (Multi)Polygon; cells outside get probability 0, refinement uses only gallery photos inside"),
+        evidence: bool = typer.Option(False, "--evidence", help="list the gallery photos that decided each answer's refinement (key, similarity, distance, url/license/author when the gallery has them): in the JSON/GeoJSON, a summary in CSV and in the one-line output"),
     ) -> None:
         """Guess where each photo was taken: lat/lon, confidence, uncertainty radii, likely countries and regions."""
         if same_place and group_by is not None:
             raise UserError("--same-place and --group-by both say how photos make places; give one (--same-place: all are one place)")
         if combine is not None and not (same_place or group_by):
             raise UserError("--combine only applies to several views of one place; add --same-place or --group-by COLUMN")
-        options = _within_options(within)
+        options = _answer_options(within, evidence)
         if same_place or group_by:
             answers, failures = locate_places(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device, refine=refine,
                                               max_refinement_km=max_refinement_km, strict=strict, group_by=group_by, combine=combine,
@@ -276,7 +296,7 @@ def register(app: typer.Typer) -> None:
                 gps = _exif_gps(a)
                 exif = f"\tEXIF GPS {gps['distance_km']:.0f} km away" if gps else ""
                 typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\tin {here['admin1']}, {here['country']}\t{c['name']} ({c['probability']:.0%})\t"
-                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km{views}{exif}")
+                           f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km{views}{exif}{_evidence_hint(a)}")
         else:
             what = "places" if same_place or group_by else "images"
             typer.echo(f"{len(answers)} {what} located -> {out}" if answers else "nothing located; nothing written")

@@ -45,11 +45,15 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..core.errors import UserError
+from ..core.provenance import SOURCE_COLUMNS
 from ..core.splits import TRAIN, normalise as normalise_splits, normalise_one as normalise_split
 from .fields import normalize_fields
 from .manifest import read_manifest
 
-META_COLUMNS = ("split", "taken_at", "heading", "location_id", "id")  # optional per-sample fields kept in `meta`
+META_COLUMNS = ("split", "taken_at", "heading", "location_id", "id")  # optional per-sample fields kept in `meta` and coords()
+# what a Record's `meta` keeps: META_COLUMNS and the source columns (url, source, license, author: pigeon.core.provenance),
+# which `pigeon embed` passes on to the gallery; coords() leaves them out (the cells need none of them)
+RECORD_COLUMNS = (*META_COLUMNS, *SOURCE_COLUMNS)
 
 
 @dataclass
@@ -61,8 +65,9 @@ class Record:
     lon: float
     data: bytes | str
     split: str = "train"
-    meta: dict[str, Any] = field(default_factory=dict)   # taken_at, heading, location_id, id when known, as the
-                                                         # source gives them (columns of them: pigeon.datasets.fields)
+    meta: dict[str, Any] = field(default_factory=dict)   # taken_at, heading, location_id, id, url, source, license,
+                                                         # author when known, as the source gives them (RECORD_COLUMNS;
+                                                         # columns of them: pigeon.datasets.fields, pigeon.core.provenance)
 
 
 class Source(ABC):
@@ -134,20 +139,25 @@ class ManifestSource(Source):
 
     def records(self, shard: int) -> Iterator[Record]:
         part = self._rows(shard)
-        extra = [c for c in META_COLUMNS if c in part.columns and c != "split"]
+        extra = [c for c in RECORD_COLUMNS if c in part.columns and c != "split"]
         metas = part[extra].to_dict("records") if extra else [{}] * len(part)
         for key, path, lat, lon, split, meta in zip(part["image"], part["path"], part["lat"], part["lon"], part["split"], metas):
             yield Record(str(key), float(lat), float(lon), str(path), str(split), _clean_meta(meta))
 
     def fingerprint(self, shard: int) -> str:
+        """Keys, coordinates, splits and files' stamps; plus the source columns (url, ...) when the manifest has
+        them, so embeddings cached before they were added or read are made again and carry them to the gallery."""
         h = hashlib.sha1()
-        for key, path, lat, lon, split in self._rows(shard)[["image", "path", "lat", "lon", "split"]].itertuples(index=False):
+        rows = self._rows(shard)
+        for key, path, lat, lon, split in rows[["image", "path", "lat", "lon", "split"]].itertuples(index=False):
             try:
                 st = os.stat(path)
                 stamp = f"{st.st_mtime_ns}:{st.st_size}"
             except OSError:
                 stamp = "missing"
             h.update(f"{key}\x00{lat!r}\x00{lon!r}\x00{split}\x00{stamp}\x01".encode())
+        for c in (c for c in SOURCE_COLUMNS if c in rows.columns):
+            h.update(f"{c}\x02".encode() + "\x01".join(rows[c].astype(str)).encode())
         return h.hexdigest()
 
     def coords(self) -> pd.DataFrame:
@@ -308,7 +318,7 @@ class WebDatasetSource(Source):
     keys start with the shard number, so they are unique across shards; other writers' keys may repeat
     across shards and are passed on as they are. The .json holds the coordinates (lat/latitude,
     lon/lng/long/longitude, or the `lat_key`/`lon_key` given) and optionally split, taken_at, heading,
-    location_id, id. A truncated or corrupt tar yields the samples read before the damage (webdataset
+    location_id, id, and url, source, license, author (img2dataset writes `url`: the photo's address). A truncated or corrupt tar yields the samples read before the damage (webdataset
     drops the sample it was assembling) and then raises a UserError naming the shard; a tar cut exactly
     at a member boundary cannot be told from a shorter complete one.
     """
@@ -379,7 +389,7 @@ class WebDatasetSource(Source):
         if reason:
             self.skip(reason, where)
             return None
-        extra = _clean_meta({k: meta.get(k) for k in META_COLUMNS if k != "split"})
+        extra = _clean_meta({k: meta.get(k) for k in RECORD_COLUMNS if k != "split"})
         return lat, lon, normalise_split(meta.get("split")), extra
 
     def records(self, shard: int) -> Iterator[Record]:
@@ -453,9 +463,10 @@ class _Layout:
     key: str | None             # None: keys are FILE_STEM:ROW
     split: str | None
     meta: tuple[str, ...]
+    source: tuple[str, ...] = ()    # the source columns present (records read them, coords() does not)
 
-    def columns(self, with_image: bool) -> list[str]:
-        cols = ([self.image] if with_image else []) + [self.lat, self.lon, self.key, self.split, *self.meta]
+    def columns(self, with_image: bool, with_source: bool = False) -> list[str]:
+        cols = ([self.image] if with_image else []) + [self.lat, self.lon, self.key, self.split, *self.meta, *(self.source if with_source else ())]
         return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -496,8 +507,9 @@ def _parquet_layout(path: Path, schema: pa.Schema, image: str | None, lat: str |
     if key is not None and key not in names:
         raise UserError(f"Parquet file {path} has no key column {key!r} (it has {has}); give one of its columns as key_column")
     meta = tuple(c for c in META_COLUMNS if c != "split" and c in names)
+    source = tuple(c for c in SOURCE_COLUMNS if c in names and c not in (img, lat_c, lon_c, key))
     return _Layout(img, _image_kind(schema.field(img).type) == "struct", lat_c, lon_c, key or ("id" if "id" in names else None),
-                   "split" if "split" in names else None, meta)
+                   "split" if "split" in names else None, meta, source)
 
 
 def _parquet_files(spec: str | os.PathLike) -> list[Path]:
@@ -626,7 +638,7 @@ class ParquetSource(Source):
         lon = pd.to_numeric(batch.column(lay.lon).to_pandas(), errors="coerce").to_numpy(np.float64)
         split = normalise_splits(batch.column(lay.split).cast(pa.string()).to_pandas()) if lay.split else TRAIN
         frame = pd.DataFrame({"key": self._keys(shard, lay, batch, row0), "lat": lat, "lon": lon, "split": split,
-                              **{c: batch.column(c).to_pandas() for c in lay.meta}})
+                              **{c: batch.column(c).to_pandas() for c in (*lay.meta, *lay.source) if c in batch.schema.names}})
         reasons = _coord_reasons(lat, lon)
         images = None
         if with_image:
@@ -649,11 +661,12 @@ class ParquetSource(Source):
         pf, lay = self._open(shard)
         with contextlib.closing(pf):
             row0 = 0
-            for batch in self._batches(shard, pf, lay.columns(True), self.batch_size):
+            for batch in self._batches(shard, pf, lay.columns(True, with_source=True), self.batch_size):
                 frame, reasons, images = self._batch(shard, lay, batch, row0, True)
                 self._skip_rows(shard, reasons, frame["key"].to_numpy(), row0)
                 good = np.flatnonzero(reasons == "")
-                metas = frame[list(lay.meta)].iloc[good].to_dict("records") if lay.meta else [{}] * len(good)
+                kept = [*lay.meta, *lay.source]
+                metas = frame[kept].iloc[good].to_dict("records") if kept else [{}] * len(good)
                 keys, lat, lon, split = (frame[c].to_numpy() for c in ("key", "lat", "lon", "split"))
                 for j, meta in zip(good, metas):
                     yield Record(str(keys[j]), float(lat[j]), float(lon[j]), images[j], str(split[j]), _clean_meta(meta))
@@ -758,4 +771,4 @@ def open_source(spec: str | os.PathLike | list | tuple, *, strict: bool = False,
 
 
 __all__ = ["Record", "Source", "ManifestSource", "WebDatasetSource", "ParquetSource", "open_source", "detect_kind",
-           "META_COLUMNS", "IMAGE_EXTS", "LAT_NAMES", "LON_NAMES"]
+           "META_COLUMNS", "RECORD_COLUMNS", "IMAGE_EXTS", "LAT_NAMES", "LON_NAMES"]
