@@ -89,6 +89,20 @@ class Explanation(BaseModel):
     heatmap: Heatmap
 
 
+class CredibleRegion(_Open):
+    """The fewest cells, by probability, that hold `level` of the answer's mass, as one land polygon."""
+
+    level: float = Field(..., examples=[0.5])
+    probability: float = Field(..., description="the mass the cells actually hold (the level, overshot by at most the last cell)")
+    n_cells: int
+    cell_ids: list[int] = Field(..., description="the cells, by decreasing probability")
+    area_km2: float = Field(..., description="the land area of the cells' union (equal-area, before simplification)")
+    contains_answer: bool = Field(..., description="the answer point lies on this land; false when refinement moved it into another "
+                                                     "cell, out to sea, or the top cell's centre falls outside its (concave) cell")
+    geometry: Optional[dict[str, Any]] = Field(None, description="GeoJSON Polygon or MultiPolygon, lon/lat (RFC 7946: outer rings "
+                                                                  "counter-clockwise, split at the antimeridian), simplified to ~1 km")
+
+
 class Location(_Open):
     """One photo's answer, or one place's from several views (`views` > 1). `exif_gps_present` only reports the
     files' EXIF (any view's); it is never used for the answer."""
@@ -111,6 +125,9 @@ class Location(_Open):
     views: int = Field(1, ge=1, description="how many views of the place were combined into this answer (1: one photo)")
     combine: Optional[str] = Field(None, description="how the views were combined (mean | product | both); null for one photo")
     view_images: Optional[list[ImageInfo]] = Field(None, description="each view's format and size, in the order sent (several views only)")
+    regions: Optional[dict[str, CredibleRegion]] = Field(
+        None, exclude_if=lambda v: v is None,
+        description='only with regions=true: the 50% and 90% credible regions, {"50": {...}, "90": {...}}')
 
 
 class ItemError(BaseModel):

@@ -29,6 +29,7 @@ from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import Gallery, GalleryRefiner, RefineConfig, RefineResult, centre_answers
 from .metrics import regions_at
+from .regions import CellRegions
 from .places import (COMBINE_MODES, PlacePrediction, check_combine, combine_place_probs, mean_view_embeddings, place_codes,
                      place_labels, resolve_combine)
 
@@ -105,6 +106,7 @@ class Predictor:
         # cells whose land was cut at the cells' reach limit (None: no limit recorded): see `reach` in `format`
         self._reach_km = cells.max_reach_km  # a column scan: once, not per answer
         self._edge = cells.at_reach_edge.astype(np.float64) if self._reach_km is not None else None
+        self.regions = CellRegions(cells.geoms)  # the 50% / 90% credible regions (`options.regions`), unions cached
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -291,6 +293,9 @@ class Predictor:
                                      "iso_a2": str(here["iso_a2"][i]), "at_sea": bool(here["at_sea"][i])},
                 "reach": None if edge is None else {"max_reach_km": self._reach_km, "edge_probability": float(edge[i])},
             })
+        if options.regions:  # from the answer's own probabilities: whatever shaped them shapes the regions
+            for a, r in zip(out, self.regions.answer_regions(p["probs"], p["lat"], p["lon"])):
+                a["regions"] = r
         return out
 
     def _refinement_dicts(self, r: RefineResult) -> list[dict[str, Any]]:

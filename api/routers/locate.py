@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from pigeon.places import place_labels
+from pigeon.predictor import AnswerOptions
 
 from ..deps import ServiceDep, SettingsDep, bundle_intact, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
+from ..formats import FORMAT_DESCRIPTION, OTHER_CONTENT, REGIONS_DESCRIPTION, choose_format, respond_batch, respond_one
 from ..schemas import BatchResponse, Location
 from ..settings import Settings
 
@@ -24,7 +26,8 @@ LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {**ERROR, "description": "body over the size limit, an image over the pixel limit, the request's images over the per-request pixel budget, or too many images"},
     415: {**ERROR, "description": "not JPEG, PNG or WebP (detected from the bytes)"},
     422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), no image or more views than max_batch "
-                                  "(`one_image_expected`), explain with several views, top_k over the server's max_top_k, or an image too small to use"},
+                                  "(`one_image_expected`), explain with several views or with format geojson/kml, top_k over the server's max_top_k, "
+                                  "an unknown `format` (json | geojson | kml), or an image too small to use"},
     503: {**ERROR, "description": "over capacity, decided before the body is read; retry after the Retry-After header's seconds. "
                                   "Or `bundle_damaged`: a bundle part failed its background verification (the detail names it); not worth retrying"},
 }
@@ -61,10 +64,23 @@ LOCATE_DESCRIPTION = (
     "Several parts without `same_place=true` are refused (422 `one_image_expected`): photos of different places go to POST /locate/batch.")
 Combine = Annotated[Optional[Literal["mean", "product", "both"]],
                     Form(description="how several views combine: mean | product | both (default: the bundle's recorded mode, else mean)")]
+Format = Annotated[Optional[Literal["json", "geojson", "kml"]], Form(alias="format", description=FORMAT_DESCRIPTION)]
+Regions = Annotated[bool, Form(description=REGIONS_DESCRIPTION)]
+OK_FORMATS = {200: {"content": OTHER_CONTENT}}
 
 
-@router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION)
+def _answer_options(fmt: str, regions: bool, explain: bool = False) -> AnswerOptions:
+    """What the answers carry for `format`/`regions` (GeoJSON and KML are drawn from the regions)."""
+    if explain and fmt != "json":
+        raise ApiError(422, "validation_error", f"explain=true comes back only in the JSON answer, and format {fmt} was asked; "
+                                                f"ask format=json, or explain=false")
+    return AnswerOptions(regions=regions or fmt != "json")
+
+
+@router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION,
+             responses=OK_FORMATS)
 async def locate(
+    request: Request,
     image: Annotated[list[UploadFile], File(description="the photo, or 1..max_batch views of one place: JPEG, PNG or WebP (type read from the bytes)")],
     service: ServiceDep,
     settings: SettingsDep,
@@ -72,30 +88,39 @@ async def locate(
     explain: Annotated[bool, Form(description="add text-tower cue scores and a class-activation heatmap (one image only)")] = False,
     same_place: Annotated[bool, Form(description="the `image` parts are views of ONE place: answer them together (needed for more than one part)")] = False,
     combine: Combine = None,
+    fmt: Format = None,
+    regions: Regions = False,
 ) -> Any:
     _check_top_k(top_k, settings)
+    fmt = choose_format(fmt, request.headers.get("accept"))
+    options = _answer_options(fmt, regions, explain)
     if len(image) > settings.max_batch or (len(image) > 1 and not same_place):
         raise too_many_views(len(image), settings.max_batch, same_place)
     if len(image) > 1:
         if explain:
             raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
         blobs = [(f.filename, await f.read()) for f in image]
-        return await service.locate_place(blobs, top_k, combine)
+        return await respond_one(service, fmt, await service.locate_place(blobs, top_k, combine, options=options), image[0].filename)
     data = await image[0].read()
-    return await service.locate_one(data, image[0].filename, top_k, explain)
+    return await respond_one(service, fmt, await service.locate_one(data, image[0].filename, top_k, explain, options=options), image[0].filename)
 
 
 @router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
-             description=BATCH_DESCRIPTION, response_description=BATCH_200)
+             description=BATCH_DESCRIPTION, response_description=BATCH_200, responses=OK_FORMATS)
 async def locate_batch(
+    request: Request,
     images: Annotated[list[UploadFile], File(description="up to max_batch photos (16 unless the server is configured otherwise)")],
     service: ServiceDep,
     settings: SettingsDep,
     top_k: TopK = 5,
     place: Annotated[Optional[list[str]], Form(description="one place label per `images` part, in order (optional: all or none)")] = None,
     combine: Combine = None,
+    fmt: Format = None,
+    regions: Regions = False,
 ) -> Any:
     _check_top_k(top_k, settings)
+    fmt = choose_format(fmt, request.headers.get("accept"))
+    options = _answer_options(fmt, regions)
     if len(images) > settings.max_batch:
         raise too_many_images(len(images), settings.max_batch)
     if not images:
@@ -103,8 +128,8 @@ async def locate_batch(
     places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
     if places is None:
-        return await service.locate_many(blobs, top_k)
-    return await service.locate_places(blobs, places, top_k, combine)
+        return await respond_batch(service, fmt, await service.locate_many(blobs, top_k, options=options))
+    return await respond_batch(service, fmt, await service.locate_places(blobs, places, top_k, combine, options=options))
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:
