@@ -123,6 +123,20 @@ class Explanation(BaseModel):
     heatmap: Heatmap
 
 
+class CredibleRegion(_Open):
+    """The fewest cells, by probability, that hold `level` of the answer's mass, as one land polygon."""
+
+    level: float = Field(..., examples=[0.5])
+    probability: float = Field(..., description="the mass the cells actually hold (the level, overshot by at most the last cell)")
+    n_cells: int
+    cell_ids: list[int] = Field(..., description="the cells, by decreasing probability")
+    area_km2: float = Field(..., description="the land area of the cells' union (equal-area, before simplification)")
+    contains_answer: bool = Field(..., description="the answer point lies on this land; false when refinement moved it into another "
+                                                     "cell, out to sea, or the top cell's centre falls outside its (concave) cell")
+    geometry: Optional[dict[str, Any]] = Field(None, description="GeoJSON Polygon or MultiPolygon, lon/lat (RFC 7946: outer rings "
+                                                                  "counter-clockwise, split at the antimeridian), simplified to ~1 km")
+
+
 class ExifGps(BaseModel):
     lat: float = Field(..., description="the file's EXIF GPS latitude (degrees, south negative)")
     lon: float = Field(..., description="the file's EXIF GPS longitude (degrees, west negative)")
@@ -156,7 +170,7 @@ class Location(_Asked):
     refined point was moved to lie in the area (0: it already did); and its top cells, countries and admin-1 lists
     leave out what the area gave probability 0 (answers without `within` carry none of these keys)."""
 
-    _only_when_given: ClassVar[tuple[str, ...]] = ("evidence", "metadata", "view_metadata")
+    _only_when_given: ClassVar[tuple[str, ...]] = ("evidence", "metadata", "view_metadata", "regions")
 
     lat: float
     lon: float
@@ -180,10 +194,12 @@ class Location(_Asked):
                                                                 "(several views: the first view that has any); absent when no file recorded either")
     view_metadata: Optional[list[Optional[PhotoMetadata]]] = Field(None, description="several views only, when any view has metadata: "
                                                                                      "each view's, in the order sent (null for a view without)")
-
     evidence: Optional[list[EvidencePhoto]] = Field(None, description="only with evidence=true: the gallery photos that decided the "
                                                                        "refinement, best first; empty when none did (no gallery, or refinement "
                                                                        "answered a cell or a cluster's centre)")
+    regions: Optional[dict[str, CredibleRegion]] = Field(
+        None,
+        description='only with regions=true: the 50% and 90% credible regions, {"50": {...}, "90": {...}}')
 
 
 class ItemError(BaseModel):

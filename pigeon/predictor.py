@@ -31,6 +31,7 @@ from .geocells import GeoCells
 from .head import PrototypeHead
 from .index import Gallery, GalleryRefiner, RefineConfig, RefineResult, centre_answers
 from .metrics import regions_at
+from .regions import CellRegions
 from .places import (COMBINE_MODES, PlacePrediction, check_combine, combine_place_probs, mean_view_embeddings, place_codes,
                      place_labels, resolve_combine)
 
@@ -118,6 +119,7 @@ class Predictor:
         self._edge = cells.at_reach_edge.astype(np.float64) if self._reach_km is not None else None
         # areas of interest (`options.within`): each area's view of the cells and gallery, built on first use
         self._areas = AreaViews(cells, self.gallery, self._area_matrices)
+        self.regions = CellRegions(cells.geoms)  # the 50% / 90% credible regions (`options.regions`), unions cached
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -325,6 +327,9 @@ class Predictor:
         if options.evidence:  # the gallery photos that decided each refinement (pigeon.evidence)
             for a, ev in zip(out, evidence_lists(self.gallery, p["refinement"], p["lat"], p["lon"])):
                 a["evidence"] = ev
+        if options.regions:  # from the answer's own probabilities: whatever shaped them shapes the regions
+            for a, r in zip(out, self.regions.answer_regions(p["probs"], p["lat"], p["lon"])):
+                a["regions"] = r
         return out
 
     def _refinement_dicts(self, r: RefineResult) -> list[dict[str, Any]]:

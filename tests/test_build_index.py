@@ -205,7 +205,7 @@ def test_locate_refine_options_through_the_cli(world, tmp_path, capsys):
     for name, extra in (("none", ["--refine", "none"]), ("default", ["--refine", "cluster+nn"]), ("tight", ["--max-refinement-km", "0.001"])):
         out = tmp_path / f"{name}.geojson"
         assert _cli(["locate", *imgs, "--bundle", str(bpath), "--out", str(out), *extra]) == 0
-        got[name] = json.loads(out.read_text())["features"]
+        got[name] = [f for f in json.loads(out.read_text())["features"] if f["properties"]["kind"] == "answer"]
     g = load_gallery(Bundle(bpath)).frame.set_index("id")
     moved = 0
     for f_none, f_def, f_tight in zip(got["none"], got["default"], got["tight"]):
@@ -337,7 +337,7 @@ def test_predictor_defaults_to_the_recorded_mode(world, tmp_path, capsys):
     for name, extra in (("default", []), ("none", ["--refine", "none"])):
         out = tmp_path / f"{name}.geojson"
         assert _cli(["locate", *imgs, "--bundle", str(b2), "--out", str(out), *extra]) == 0
-        got[name] = [f["properties"]["refinement"]["mode"] for f in json.loads(out.read_text())["features"]]
+        got[name] = [f["properties"]["refinement"]["mode"] for f in json.loads(out.read_text())["features"] if f["properties"]["kind"] == "answer"]
     assert set(got["default"]) <= {"nn", "cell"} and "nn" in got["default"]
     assert set(got["none"]) == {"cell"}
     b3 = tmp_path / "noval"
@@ -346,3 +346,26 @@ def test_predictor_defaults_to_the_recorded_mode(world, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "refine_mode" not in out and out["images"] == half and out["held_out_val"] == rep["held_out_val"]
     assert "refine_mode" not in Bundle(b3).meta("index") and Predictor.from_bundle(b3).refine.mode == "cluster+nn"
+
+
+def test_refined_answers_say_whether_their_regions_hold_them(world):
+    """Refinement can take the answer off its top cell's land (onto a gallery photo at sea, into another cell):
+    each region's `contains_answer` says whether the answer point lies in it, checked here against the polygon."""
+    from shapely.geometry import Point, shape
+
+    from pigeon.predictor import AnswerOptions, Predictor
+    from pigeon.regions import SIMPLIFY_DEG
+
+    root, bpath, *_ = world
+    q = pd.read_csv(root / "world" / "queries.csv")
+    answers = Predictor.from_bundle(bpath).locate([str(root / "world" / p) for p in q["image"][:24]], options=AnswerOptions(regions=True))
+    held = {"50": 0, "90": 0}
+    for a in answers:
+        pt = Point(a["lon"], a["lat"])
+        for key in ("50", "90"):
+            r = a["regions"][key]
+            g = shape(r["geometry"])
+            assert g.buffer(2 * SIMPLIFY_DEG).covers(pt) if r["contains_answer"] else not g.buffer(-2 * SIMPLIFY_DEG).contains(pt)
+            held[key] += r["contains_answer"]
+        assert a["regions"]["90"]["contains_answer"] >= a["regions"]["50"]["contains_answer"]   # the 90% land holds the 50% land
+    assert held["90"] >= held["50"] >= 0.9 * len(answers)   # here (photos on land, refined in their top cell) nearly always: 24 of 24

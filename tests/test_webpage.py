@@ -283,3 +283,52 @@ def test_area_of_interest_restricts_the_answer(server, browser, tmp_path):
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
     status = browser.find_element(By.ID, "status")
     assert "422" in status.text and "bad_area" in status.text and "XX is not an ISO 3166-1" in status.text
+def test_credible_regions_drawn_and_downloads_offered(server, browser, tmp_path):
+    """The page asks regions=true and draws the 50% and 90% regions; "Download GeoJSON" / "Download KML"
+    re-send the photo for a map file and save it through a Blob link (checked in the browser and on disk)."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    from pigeon.predictor import AnswerOptions
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    img = tmp_path / "harbour view.jpg"
+    img.write_bytes(encode(photo(160, 120, seed=44)))
+    wait = _open(browser, server)
+    assert browser.find_element(By.ID, "download-geojson").get_attribute("disabled")  # nothing to download yet
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    _answered(browser, wait)
+
+    want = tiny_predictor().locate([_decoded(photo(160, 120, seed=44))], top_k=5, options=AnswerOptions(regions=True))[0]
+    assert _page(browser, "Object.keys(p.credible).sort()") == ["50", "90"]
+    for level in ("50", "90"):
+        geometry = want["regions"][level]["geometry"]
+        n_parts = len(geometry["coordinates"]) if geometry["type"] == "MultiPolygon" else 1
+        assert len(browser.find_elements(By.CSS_SELECTOR, f"path.pigeon-cr{level}")) == 1   # one SVG path, a subpath per part
+        assert _page(browser, f"p.credible['{level}'].getLayers()[0].getLatLngs().length") == n_parts
+    assert f"{want['regions']['50']['n_cells']} cell" in _page(browser, "p.credible['50'].getTooltip().getContent()")
+
+    browser.find_element(By.ID, "download-geojson").click()
+    wait.until(lambda d: d.execute_script("return window.pigeonPage.download !== null"))
+    dl = _page(browser, "p.download")
+    assert dl["filename"] == "pigeon-harbour_view.geojson" and dl["type"] == "application/geo+json"
+    link = browser.find_element(By.ID, "download-link")
+    assert link.get_attribute("download") == dl["filename"] and link.get_attribute("href") == dl["url"] and dl["url"].startswith("blob:")
+    text = browser.execute_async_script("const done = arguments[0]; fetch(window.pigeonPage.download.url).then((r) => r.text()).then(done);")
+    fc = json.loads(text)
+    point = fc["features"][0]
+    assert fc["type"] == "FeatureCollection" and point["properties"]["kind"] == "answer"
+    assert point["geometry"]["coordinates"] == pytest.approx([want["lon"], want["lat"]], abs=1e-5)
+    assert [f["properties"]["level"] for f in fc["features"] if f["properties"]["kind"] == "region"] == [0.5, 0.9]
+    deadline = time.time() + 20
+    while not (downloads / dl["filename"]).exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert json.loads((downloads / dl["filename"]).read_text())["features"][0]["geometry"] == point["geometry"]
+
+    browser.find_element(By.ID, "download-kml").click()
+    wait.until(lambda d: d.execute_script("return window.pigeonPage.download.filename.endsWith('.kml')"))
+    assert _page(browser, "p.download.type") == "application/vnd.google-earth.kml+xml"
+    assert "Saved pigeon-harbour_view.kml" in browser.find_element(By.ID, "status").text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from pigeon.area import AreaError, parse_area
 from pigeon.places import place_labels
@@ -16,6 +16,7 @@ from pigeon.predictor import AnswerOptions
 
 from ..deps import ServiceDep, SettingsDep, bundle_intact, no_query_params
 from ..errors import ERROR, ApiError, too_many_images, too_many_views
+from ..formats import FORMAT_DESCRIPTION, OTHER_CONTENT, REGIONS_DESCRIPTION, choose_format, respond_batch, respond_one
 from ..schemas import BatchResponse, Location
 from ..settings import Settings
 
@@ -26,7 +27,8 @@ LOCATE_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {**ERROR, "description": "body over the size limit, an image over the pixel limit, the request's images over the per-request pixel budget, or too many images"},
     415: {**ERROR, "description": "not JPEG, PNG or WebP (detected from the bytes)"},
     422: {**ERROR, "description": "missing/invalid fields, query parameters (options are form fields), no image or more views than max_batch "
-                                  "(`one_image_expected`), explain with several views, top_k over the server's max_top_k, an image too small to use, "
+                                  "(`one_image_expected`), explain with several views or with format geojson/kml, top_k over the server's max_top_k, "
+                                  "an unknown `format` (json | geojson | kml), an image too small to use, "
                                   "or `bad_area`: a `within` code that is unknown, a GeoJSON that is not a polygon, or an area that holds no cell of the bundle"},
     503: {**ERROR, "description": "over capacity, decided before the body is read; retry after the Retry-After header's seconds. "
                                   "Or `bundle_damaged`: a bundle part failed its background verification (the detail names it); not worth retrying"},
@@ -95,10 +97,24 @@ async def _answer(call: Any) -> Any:
 Evidence = Annotated[bool, Form(description="add `evidence` to each answer: the gallery photos that decided its refinement (key, id, "
                                             "lat/lon, similarity, distance_km to the answer, cell, and url/source/license/author when the "
                                             "gallery's data source gave them); an empty list when no gallery photo did")]
+Format = Annotated[Optional[Literal["json", "geojson", "kml"]], Form(alias="format", description=FORMAT_DESCRIPTION)]
+Regions = Annotated[bool, Form(description=REGIONS_DESCRIPTION)]
+OK_FORMATS = {200: {"content": OTHER_CONTENT}}
 
 
-@router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION)
+def _answer_options(fmt: str, regions: bool, explain: bool = False, *, evidence: bool = False, within: Any = None) -> AnswerOptions:
+    """What the answers carry: `evidence`, `within` (a parsed area) and the regions for `format`/`regions`
+    (GeoJSON and KML are drawn from the regions)."""
+    if explain and fmt != "json":
+        raise ApiError(422, "validation_error", f"explain=true comes back only in the JSON answer, and format {fmt} was asked; "
+                                                f"ask format=json, or explain=false")
+    return AnswerOptions(evidence=evidence, regions=regions or fmt != "json", within=within)
+
+
+@router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION,
+             responses=OK_FORMATS)
 async def locate(
+    request: Request,
     image: Annotated[list[UploadFile], File(description="the photo, or 1..max_batch views of one place: JPEG, PNG or WebP (type read from the bytes)")],
     service: ServiceDep,
     settings: SettingsDep,
@@ -109,23 +125,28 @@ async def locate(
     within: Within = None,
     within_geojson: WithinGeojson = None,
     evidence: Evidence = False,
+    fmt: Format = None,
+    regions: Regions = False,
 ) -> Any:
     _check_top_k(top_k, settings)
-    options = AnswerOptions(evidence=evidence, within=await _within(within, within_geojson))
+    fmt = choose_format(fmt, request.headers.get("accept"))
+    options = _answer_options(fmt, regions, explain, evidence=evidence, within=await _within(within, within_geojson))
     if len(image) > settings.max_batch or (len(image) > 1 and not same_place):
         raise too_many_views(len(image), settings.max_batch, same_place)
     if len(image) > 1:
         if explain:
             raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
         blobs = [(f.filename, await f.read()) for f in image]
-        return await _answer(service.locate_place(blobs, top_k, combine, options=options))
+        return await respond_one(service, fmt, await _answer(service.locate_place(blobs, top_k, combine, options=options)), image[0].filename)
     data = await image[0].read()
-    return await _answer(service.locate_one(data, image[0].filename, top_k, explain, options=options))
+    return await respond_one(service, fmt, await _answer(service.locate_one(data, image[0].filename, top_k, explain, options=options)),
+                             image[0].filename)
 
 
 @router.post("/locate/batch", response_model=BatchResponse, summary="Locate several photos (or places) in one batch",
-             description=BATCH_DESCRIPTION, response_description=BATCH_200)
+             description=BATCH_DESCRIPTION, response_description=BATCH_200, responses=OK_FORMATS)
 async def locate_batch(
+    request: Request,
     images: Annotated[list[UploadFile], File(description="up to max_batch photos (16 unless the server is configured otherwise)")],
     service: ServiceDep,
     settings: SettingsDep,
@@ -135,9 +156,12 @@ async def locate_batch(
     within: Within = None,
     within_geojson: WithinGeojson = None,
     evidence: Evidence = False,
+    fmt: Format = None,
+    regions: Regions = False,
 ) -> Any:
     _check_top_k(top_k, settings)
-    options = AnswerOptions(evidence=evidence, within=await _within(within, within_geojson))
+    fmt = choose_format(fmt, request.headers.get("accept"))
+    options = _answer_options(fmt, regions, False, evidence=evidence, within=await _within(within, within_geojson))
     if len(images) > settings.max_batch:
         raise too_many_images(len(images), settings.max_batch)
     if not images:
@@ -145,8 +169,8 @@ async def locate_batch(
     places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
     if places is None:
-        return await _answer(service.locate_many(blobs, top_k, options=options))
-    return await _answer(service.locate_places(blobs, places, top_k, combine, options=options))
+        return await respond_batch(service, fmt, await _answer(service.locate_many(blobs, top_k, options=options)))
+    return await respond_batch(service, fmt, await _answer(service.locate_places(blobs, places, top_k, combine, options=options)))
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:

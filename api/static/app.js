@@ -10,7 +10,10 @@ const ADMIN1_ZOOM = 4;         // admin-1 outlines from this zoom on (and around
 const page = {                 // the page's state, also read by the browser tests
   map: null, countries: null, admin1: null, admin1Loading: null,
   answerLayer: null, marker: null, circle50: null, circle90: null, cellLayers: [], regionLayer: null,
+  credible: {},                // the answer's 50% / 90% credible regions, by level ("50", "90")
   cellsIndex: null, answer: null, exifMarker: null, evidenceLayers: [],
+  last: null,                  // the last request that answered: {files, several}, re-sent for a download
+  download: null,              // the last download offered: {url, filename, type, size}
 };
 window.pigeonPage = page;
 
@@ -103,6 +106,7 @@ async function drawAnswer(a) {
   page.regionLayer = null;
   page.marker = page.circle50 = page.circle90 = page.exifMarker = null;  // a new answer without radii must not fit the old circles
   page.evidenceLayers = [];
+  page.credible = {};
   // the top cells' polygons, darker for likelier ones (drawn first: under the circles and marker)
   const idx = await loadCells().catch(() => null);
   if (idx) {
@@ -119,6 +123,7 @@ async function drawAnswer(a) {
       page.cellLayers.push(poly);
     }
   }
+  drawCredible(a);
   const at = [a.lat, a.lon];
   if (a.radius_km_90 > 0) page.circle90 = L.circle(at, { radius: 1000 * a.radius_km_90, className: "pigeon-r90", color: "#1f5bd1", weight: 1, dashArray: "4 4", fillOpacity: 0.05 }).addTo(layer);
   if (a.radius_km_50 > 0) page.circle50 = L.circle(at, { radius: 1000 * a.radius_km_50, className: "pigeon-r50", color: "#1f5bd1", weight: 1.5, fillOpacity: 0.12 }).addTo(layer);
@@ -232,6 +237,56 @@ function listEvidence(a) {
   }
 }
 
+function drawCredible(a) {
+  // the 50% and 90% credible regions: the fewest cells holding that probability, as land (asked with regions=true)
+  for (const level of ["90", "50"]) {
+    const r = a.regions && a.regions[level];
+    if (!r || !r.geometry) continue;
+    const strong = level === "50";
+    const layer = L.geoJSON(r.geometry, {
+      style: { className: "pigeon-cr" + level, color: "#0f8b8d", weight: strong ? 2 : 1.2, dashArray: strong ? null : "6 4",
+               fillColor: "#0f8b8d", fillOpacity: strong ? 0.14 : 0.05 },
+    }).bindTooltip(`${level}% region: ${r.n_cells} cell${r.n_cells === 1 ? "" : "s"} holding ${pct(r.probability)}, ` +
+                   `${Math.round(r.area_km2).toLocaleString("en")} km²` + (r.contains_answer ? "" : " (the answer point lies outside it)"));
+    layer.level = level;
+    layer.addTo(page.answerLayer);
+    page.credible[level] = layer;
+  }
+}
+
+function fileStem(name) {
+  return (name || "photo").replace(/\.[^.]*$/, "").replace(/[^A-Za-z0-9_-]+/g, "_").slice(0, 60) || "photo";
+}
+
+async function download(format) {
+  // re-send the last photo(s) asking for a map file, and offer the answer as a file (a Blob URL)
+  if (!page.last) return;
+  const { files, several } = page.last;
+  const fd = requestForm(files, several);
+  fd.append("format", format);
+  setStatus(`Preparing the ${format === "kml" ? "KML" : "GeoJSON"} file …`);
+  try {
+    const r = await fetch("/locate", { method: "POST", body: fd, headers: headers() });
+    if (!r.ok) {
+      const body = await r.json().catch(() => ({}));
+      setStatus(`Error ${r.status} (${body.error || "?"}): ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`, true);
+      return;
+    }
+    const blob = await r.blob();
+    if (page.download) URL.revokeObjectURL(page.download.url);
+    const filename = `pigeon-${fileStem(files[0].name)}.${format}`;
+    const url = URL.createObjectURL(blob);
+    page.download = { url, filename, type: blob.type, size: blob.size };
+    const link = $("download-link");
+    link.href = url;
+    link.download = filename;
+    link.click();
+    setStatus(`Saved ${filename} (${Math.round(blob.size / 1024)} kB).`);
+  } catch (e) {
+    setStatus("Request failed: " + e, true);
+  }
+}
+
 async function drawRegion(a) {
   const reg = a.region_at_answer;
   $("region").textContent = reg
@@ -310,14 +365,11 @@ async function locate(fileList) {
   showPreviews(files);
   const several = files.length > 1;
   setStatus(several ? `Locating one place from ${files.length} views …` : `Locating ${files[0].name} …`);
-  const fd = new FormData();
-  for (const f of files) fd.append("image", f, f.name);
-  fd.append("top_k", "5");
-  if (several) fd.append("same_place", "true");
+  const fd = requestForm(files, several);
   fd.append("explain", !several && $("explain").checked ? "true" : "false");
-  const within = $("within").value.trim();   // an area of interest: ISO codes; the answer must lie in it
-  if (within) fd.append("within", within);
-  fd.append("evidence", $("evidence").checked ? "true" : "false");
+  fd.append("regions", "true");
+  page.last = null;
+  setDownloads(false);
   try {
     const r = await fetch("/locate", { method: "POST", body: fd, headers: headers() });
     const body = await r.json();
@@ -328,12 +380,29 @@ async function locate(fileList) {
       return;
     }
     await showAnswer(body, files.length);
+    page.last = { files, several };
+    setDownloads(true);
     setStatus(`Done in ${Math.round(body.timings_ms.total_ms)} ms.`);
     document.body.dataset.state = "answered";
   } catch (e) {
     setStatus("Request failed: " + e, true);
     document.body.dataset.state = "error";
   }
+}
+
+function requestForm(files, several) {
+  const fd = new FormData();
+  for (const f of files) fd.append("image", f, f.name);
+  fd.append("top_k", "5");
+  if (several) fd.append("same_place", "true");
+  const within = $("within").value.trim();   // an area of interest: ISO codes; the answer must lie in it
+  if (within) fd.append("within", within);
+  fd.append("evidence", $("evidence").checked ? "true" : "false");
+  return fd;
+}
+
+function setDownloads(on) {
+  for (const id of ["download-geojson", "download-kml"]) $(id).disabled = !on;
 }
 
 function wire() {
@@ -346,6 +415,8 @@ function wire() {
     drop.classList.remove("over");
     if (e.dataTransfer.files.length) locate(e.dataTransfer.files);
   });
+  $("download-geojson").addEventListener("click", () => download("geojson"));
+  $("download-kml").addEventListener("click", () => download("kml"));
   const saved = window.localStorage && localStorage.getItem("pigeon-api-key");
   if (saved) $("apikey").value = saved;
   $("apikey").addEventListener("change", () => { try { localStorage.setItem("pigeon-api-key", $("apikey").value); } catch (e) {} });

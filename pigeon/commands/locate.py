@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                  refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
-                 precision: str | None = None, options: "AnswerOptions | None" = None) -> tuple[list[dict], list[dict]]:
-    """Locate every image in `inputs` (files or folders); write CSV or GeoJSON to `out` by its suffix.
+                 precision: str | None = None, options: "AnswerOptions | None" = None, fmt: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Locate every image in `inputs` (files or folders); write them to `out` (or stdout) as `fmt` (`output_format`).
 
     Returns (answers, failures): a file that cannot be read is listed in `failures` ({image, error})
     and the others are still answered, unless `strict` (the first bad file raises UserError).
@@ -26,7 +26,8 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     cluster+nn). Used only when the bundle has a gallery index; without one the answer is always the
     top cell's centre. precision: the backbone forwards' (auto/None: bf16 on CUDA, fp32 on CPU; fp32, bf16, fp16).
     options: what each answer carries beyond the default (`pigeon.predictor.AnswerOptions`).
-    A file that records an EXIF position or capture time gets `metadata` (`pigeon.exif`: reported, never used)."""
+    A file that records an EXIF position or capture time gets `metadata` (`pigeon.exif`: reported, never used).
+    fmt: json | geojson | kml | csv (None: `out`'s suffix; neither: nothing written, the caller prints lines)."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     from pigeon.core.io import check_writable
     from pigeon.core.progress import progress
@@ -35,6 +36,8 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     from pigeon.predictor import Predictor, collect_images
 
     _check_options(out, top_k, batch_size)
+    fmt = output_format(out, fmt, options)
+    options = _with_regions(options, fmt)
     if out is not None:
         check_writable(out)
     config = RefineConfig.from_options(refine, max_refinement_km)
@@ -51,21 +54,21 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
             a["image"] = name
             a.update(metadata_fields(a, [meta]))
             answers.append(a)
-    if out is not None and answers:
-        _write_answers(answers, out)
+    if fmt is not None and answers:
+        _write_answers(answers, out, fmt, pred.regions)
     return answers, failures
 
 
 def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   refine: str | None = None, max_refinement_km: float | None = None, strict: bool = False,
                   group_by: str | None = None, combine: str | None = None, precision: str | None = None,
-                  options: "AnswerOptions | None" = None) -> tuple[list[dict], list[dict]]:
+                  options: "AnswerOptions | None" = None, fmt: str | None = None) -> tuple[list[dict], list[dict]]:
     """One answer per place: every image in `inputs` is a view of one place (group_by None), or `inputs`
     is one manifest whose `group_by` column names each image's place. Views are combined by `combine`
     (mean | product | both; None: the bundle's recorded mode, else mean). Unreadable views are skipped
     and listed in `failures` (or raise, if strict); each answer carries `image` and `place` (the place's
     label), `views` and `combine`, and `metadata`/`view_metadata` when a view records an EXIF position or
-    capture time (`pigeon.exif.metadata_fields`). Writes `out` like `locate_files`."""
+    capture time (`pigeon.exif.metadata_fields`). Writes `out` (or stdout) as `fmt` like `locate_files`."""
     # imported here, not at module top: `pigeon --help` should not pay for torch and faiss
     import numpy as np
 
@@ -76,6 +79,8 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     from pigeon.predictor import Predictor
 
     _check_options(out, top_k, batch_size)
+    fmt = output_format(out, fmt, options)
+    options = _with_regions(options, fmt)
     if combine is not None:
         check_combine(combine, "--combine")
     if out is not None:
@@ -99,8 +104,8 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
     for a in answers:
         a["image"] = a["place"]
         a.update(metadata_fields(a, views.get(a["place"], []), several=True))
-    if out is not None and answers:
-        _write_answers(answers, out)
+    if fmt is not None and answers:
+        _write_answers(answers, out, fmt, pred.regions)
     return answers, failures
 
 
@@ -163,21 +168,22 @@ def _embed_views(pred, files: list[Path], batch_size: int, failures: list[dict],
     return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(kept, dtype=np.int64), metas
 
 
-def _answer_options(within: str | None, evidence: bool) -> "AnswerOptions":
-    """The answer options of `--within` and `--evidence`, read before the bundle is loaded: a bad area is one line, exit 2."""
+def _answer_options(within: str | None, evidence: bool, regions: bool = False) -> "AnswerOptions":
+    """The answer options of `--within`, `--evidence` and `--regions`, read before the bundle is loaded: a bad area is
+    one line, exit 2."""
     from pigeon.predictor import AnswerOptions
 
     if within is None:
-        return AnswerOptions(evidence=evidence)
+        return AnswerOptions(evidence=evidence, regions=regions)
     from pigeon.area import read_area
 
-    return AnswerOptions(evidence=evidence, within=read_area(within))
+    return AnswerOptions(evidence=evidence, regions=regions, within=read_area(within))
 
 
 def _check_options(out: Path | None, top_k: int, batch_size: int) -> None:
     """Refuse impossible options before the bundle is loaded."""
-    if out is not None and out.suffix.lower() not in (".csv", ".geojson", ".json"):
-        raise UserError(f"--out {out}: give a .csv or .geojson file")
+    if out is not None and out.suffix.lower() not in SUFFIX_FORMATS:
+        raise UserError(f"--out {out}: give a file ending in .csv, .json, .geojson or .kml")
     if top_k < 1:
         raise UserError(f"--top-k {top_k}: give 1 or more")
     if batch_size < 1:
@@ -200,30 +206,83 @@ def _load_batch(files: list[Path], failures: list[dict], strict: bool) -> tuple[
     return images, names
 
 
-def _write_answers(answers: list[dict], out: Path) -> None:
-    """Write the answers atomically: CSV (one row per image; exif_lat, exif_lon, exif_distance_km columns
-    only when some answer has an EXIF position) or GeoJSON (one point feature per image, the full answer)."""
+SUFFIX_FORMATS = {".csv": "csv", ".geojson": "geojson", ".json": "json", ".kml": "kml"}
+OUTPUT_FORMATS = ("json", "geojson", "kml", "csv")
+
+
+def output_format(out: Path | None, fmt: str | None, options: "AnswerOptions | None" = None) -> str | None:
+    """What to write: `fmt` (--format), else `out`'s suffix; None (neither) is the one-line-per-image table.
+    Refuses an unknown format, an `out` whose suffix says another one, and --regions where no JSON carries them."""
+    if fmt is not None:
+        fmt = fmt.strip().lower()
+        if fmt not in OUTPUT_FORMATS:
+            raise UserError(f"--format {fmt}: give one of {', '.join(OUTPUT_FORMATS)}")
+    by_suffix = SUFFIX_FORMATS.get(out.suffix.lower()) if out is not None else None
+    if fmt is not None and out is not None and by_suffix != fmt:
+        raise UserError(f"--out {out} says {by_suffix or 'no known format'} but --format is {fmt}; "
+                        f"name the file {out.with_suffix('.' + fmt).name}, or drop --format to go by the suffix")
+    fmt = fmt or by_suffix
+    if options is not None and options.regions and fmt in (None, "csv"):
+        raise UserError("--regions adds the 50%/90% regions to the JSON answers: add --format json (GeoJSON and KML always carry them)")
+    return fmt
+
+
+def _with_regions(options: "AnswerOptions | None", fmt: str | None) -> "AnswerOptions | None":
+    """GeoJSON and KML are drawn from the answers' regions: ask for them."""
+    from dataclasses import replace
+
+    from pigeon.predictor import DEFAULT_OPTIONS
+
+    return replace(options or DEFAULT_OPTIONS, regions=True) if fmt in ("geojson", "kml") else options
+
+
+def _csv_text(answers: list[dict]) -> str:
+    """One row per image: the answer point, radii, the likeliest country and admin-1, the region at the answer
+    (exif_lat, exif_lon, exif_distance_km only when some answer has an EXIF position; the evidence summary with --evidence)."""
     import pandas as pd
 
-    from pigeon.core.io import atomic_path
-
     exif = any(_exif_gps(a) for a in answers)
+
+    rows = [{"image": a["image"], "lat": a["lat"], "lon": a["lon"], "confidence": a["confidence"],
+             "radius_km_50": a["radius_km_50"], "radius_km_90": a["radius_km_90"],
+             "country": a["countries"][0]["name"] if a["countries"] else "",
+             "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
+             "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
+             "admin1": a["admin1"][0]["name"] if a["admin1"] else "",
+             "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"],
+             **({"views": a["views"]} if "views" in a else {}), **(_exif_columns(a) if exif else {}), **_evidence_columns(a)}
+            for a in answers]
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+def _json_value(x):
+    """numpy scalars and arrays as JSON values (an answer's fields are mostly Python already)."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _write_answers(answers: list[dict], out: Path | None, fmt: str, regions) -> None:
+    """The answers as `fmt` (csv: one row per image; json: the answers; geojson/kml: `pigeon.geoformats`,
+    points, regions and top cells), atomically to `out`, or to stdout when `out` is None."""
+    import sys
+
+    from pigeon.core.io import atomic_path
+    from pigeon.geoformats import feature_collection, kml_document
+
+    if fmt == "csv":
+        text = _csv_text(answers)
+    elif fmt == "json":
+        text = json.dumps(answers, default=_json_value) + "\n"
+    else:
+        fc = feature_collection(answers, regions, names=[a["image"] for a in answers])
+        text = json.dumps(fc, default=_json_value) + "\n" if fmt == "geojson" else kml_document(fc)
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     with atomic_path(out) as tmp:
-        if out.suffix.lower() == ".csv":
-            rows = [{"image": a["image"], "lat": a["lat"], "lon": a["lon"], "confidence": a["confidence"],
-                     "radius_km_50": a["radius_km_50"], "radius_km_90": a["radius_km_90"],
-                     "country": a["countries"][0]["name"] if a["countries"] else "",
-                     "iso_a2": a["countries"][0]["iso_a2"] if a["countries"] else "",
-                     "country_probability": a["countries"][0]["probability"] if a["countries"] else 0.0,
-                     "admin1": a["admin1"][0]["name"] if a["admin1"] else "",
-                     "admin1_at_answer": a["region_at_answer"]["admin1"], "country_at_answer": a["region_at_answer"]["country"],
-                     **({"views": a["views"]} if "views" in a else {}), **(_exif_columns(a) if exif else {}), **_evidence_columns(a)}
-                    for a in answers]
-            pd.DataFrame(rows).to_csv(tmp, index=False)
-        else:
-            feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [a["lon"], a["lat"]]},
-                      "properties": {k: v for k, v in a.items() if k not in ("lat", "lon")}} for a in answers]
-            tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+        tmp.write_text(text)
 
 
 def _exif_gps(a: dict) -> dict | None:
@@ -258,7 +317,9 @@ def register(app: typer.Typer) -> None:
     def locate_cmd(
         images: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
         bundle: Path = typer.Option(..., "--bundle", help="bundle folder (cells + head)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="write results.csv or results.geojson (default: one line per image)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write results.csv, .json, .geojson or .kml (the suffix picks the format unless --format is given; default: one line per image)"),
+        fmt: Optional[str] = typer.Option(None, "--format", help="json | geojson | kml | csv: to --out, or to stdout without it (geojson/kml: the answer point, its 50%/90% regions and top cells)"),
+        regions: bool = typer.Option(False, "--regions", help="add each answer's 50% and 90% credible regions (cells, probability, area_km2, polygon) to the JSON"),
         top_k: int = typer.Option(5, "--top-k", help="cells / countries / regions listed per image"),
         batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass"),
         device: str = typer.Option("cpu", help="torch device"),
@@ -277,18 +338,18 @@ def register(app: typer.Typer) -> None:
             raise UserError("--same-place and --group-by both say how photos make places; give one (--same-place: all are one place)")
         if combine is not None and not (same_place or group_by):
             raise UserError("--combine only applies to several views of one place; add --same-place or --group-by COLUMN")
-        options = _answer_options(within, evidence)
+        options = _answer_options(within, evidence, regions)
         if same_place or group_by:
             answers, failures = locate_places(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device, refine=refine,
                                               max_refinement_km=max_refinement_km, strict=strict, group_by=group_by, combine=combine,
-                                              precision=precision, options=options)
+                                              precision=precision, options=options, fmt=fmt)
         else:
             answers, failures = locate_files(list(images), bundle, out=out, top_k=top_k, batch_size=batch_size, device=device,
                                              refine=refine, max_refinement_km=max_refinement_km, strict=strict, precision=precision,
-                                             options=options)
+                                             options=options, fmt=fmt)
         for f in failures:
             typer.echo(f"pigeon: skipped {f['image']}: {f['error']}", err=True)
-        if out is None:
+        if out is None and fmt is None:
             for a in answers:
                 c = a["countries"][0] if a["countries"] else {"name": "?", "probability": 0.0}
                 here = a["region_at_answer"]
@@ -297,7 +358,7 @@ def register(app: typer.Typer) -> None:
                 exif = f"\tEXIF GPS {gps['distance_km']:.0f} km away" if gps else ""
                 typer.echo(f"{a['image']}\t{a['lat']:.4f}\t{a['lon']:.4f}\tin {here['admin1']}, {here['country']}\t{c['name']} ({c['probability']:.0%})\t"
                            f"50%: {a['radius_km_50']:.0f} km\t90%: {a['radius_km_90']:.0f} km{views}{exif}{_evidence_hint(a)}")
-        else:
+        elif out is not None:
             what = "places" if same_place or group_by else "images"
             typer.echo(f"{len(answers)} {what} located -> {out}" if answers else "nothing located; nothing written")
         if failures and not answers:

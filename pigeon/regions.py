@@ -1,0 +1,133 @@
+"""Credible regions: the fewest cells, by probability, that hold 50% / 90% of an answer's mass, as land
+polygons with their area. A circle around the answer point says how far; a region says where: two
+likely countries far apart give two patches, not one huge disk over the sea between them.
+
+- **Sets** (`credible_sets`): each answer's cells sorted by probability, cumulated, cut where the
+  mass first reaches the level. Vectorised over the batch (one sort + cumsum); the mass the set
+  actually holds is reported (it overshoots the level by at most its last cell).
+- **Polygons** (`CellRegions`): the union of the set's cells (`GeoCells.geoms`: the land of each cell,
+  the sea is in no cell); its area is measured on the exact union (`pigeon.geocells.reach.area_km2`,
+  equal-area), the polygon given out is simplified to `SIMPLIFY_DEG`, snapped to a `GRID_DEG` grid
+  (valid, coordinates rounded), with counter-clockwise outer rings and clockwise holes (RFC 7946).
+  Unions are cached per set of cells: the same set (the page's download re-asks the same photo) is
+  built once.
+- **The answer point** need not lie in a region: refinement may move it into another cell, onto a
+  gallery photo taken at sea or beyond the cells' reach, and a cell's centre (the spherical mean of
+  its photos) can fall outside a concave cell. Each region says so in `contains_answer` rather than
+  being stretched to hold the point.
+- **Antimeridian**: cells that cross it are stored as parts on either side of ±180° (`pigeon.geocells`
+  folds them back onto the map), so unions, areas and the GeoJSON written from them stay within
+  [-180, 180] and need no special case (RFC 7946 §3.1.9 asks for exactly that split).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import shapely
+
+from pigeon.core.sphere import wrap_lon
+from pigeon.geocells.geometry import polygonal
+from pigeon.geocells.reach import area_km2
+
+REGION_LEVELS: tuple[float, ...] = (0.5, 0.9)
+SIMPLIFY_DEG = 0.01    # polygons given out are simplified to ~1 km: an outline, not a survey
+GRID_DEG = 1e-4        # and snapped to this grid (~11 m), so their coordinates print rounded
+POINT_DECIMALS = 6     # the answer point: ~0.1 m
+CACHE_SETS = 64        # unions kept (each a few MB at most for a continent-wide set)
+_EPS = 1e-6            # float32 probabilities: a mass within this of the level reaches it
+
+
+def level_key(level: float) -> str:
+    """The key a level goes by in an answer's `regions`: 0.5 -> "50"."""
+    return f"{100 * level:g}"
+
+
+def credible_sets(probs: np.ndarray, levels: Sequence[float] = REGION_LEVELS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For (n, C) cell probabilities: the cells of each row by decreasing probability (n, C), how many of
+    them each level's set takes (n, L) and the mass those hold (n, L). The set is the fewest cells whose
+    summed probability reaches the level (all cells when the row holds less; ties: lower cell id first)."""
+    p = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(-p, axis=1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(p, order, 1), axis=1)
+    lv = np.asarray(levels, dtype=np.float64)
+    counts = np.minimum((cum[:, :, None] < lv[None, None, :] - _EPS).sum(axis=1) + 1, p.shape[1])
+    mass = np.take_along_axis(cum, counts - 1, 1)
+    return order, counts, mass
+
+
+def geojson_geometry(geom: Any) -> dict[str, Any] | None:
+    """A polygonal geometry as RFC 7946 GeoJSON: snapped to `GRID_DEG` (valid, rounded coordinates),
+    outer rings counter-clockwise, holes clockwise; None when nothing is left."""
+    g = polygonal(shapely.set_precision(geom, GRID_DEG))
+    if g.is_empty:
+        return None
+    g = shapely.orient_polygons(g)
+    decimals = int(round(-np.log10(GRID_DEG)))
+    g = shapely.set_coordinates(g, np.round(shapely.get_coordinates(g), decimals))
+    return json.loads(shapely.to_geojson(g))
+
+
+class CellRegions:
+    """The cells' land as regions: a set of cells' union (cached), its area, its output polygon; each
+    cell's own outline. One per Predictor; safe to share between threads."""
+
+    def __init__(self, geoms: np.ndarray, levels: Sequence[float] = REGION_LEVELS):
+        self.geoms = np.asarray(geoms, dtype=object)
+        self.levels = tuple(levels)
+        self._sets: OrderedDict[bytes, tuple[Any, float, dict[str, Any] | None]] = OrderedDict()
+        self._cells: dict[int, dict[str, Any] | None] = {}
+        self._lock = threading.Lock()
+
+    def union(self, cell_ids: np.ndarray) -> tuple[Any, float, dict[str, Any] | None]:
+        """(exact union, its area in km², its output GeoJSON geometry) of a set of cells."""
+        ids = np.sort(np.asarray(cell_ids, dtype=np.int64))
+        key = ids.tobytes()
+        with self._lock:
+            hit = self._sets.get(key)
+            if hit is not None:
+                self._sets.move_to_end(key)
+                return hit
+        exact = polygonal(shapely.union_all(self.geoms[ids]))
+        out = (exact, float(area_km2(np.array([exact], dtype=object))[0]),
+               geojson_geometry(shapely.simplify(exact, SIMPLIFY_DEG, preserve_topology=True)))
+        with self._lock:
+            self._sets[key] = out
+            while len(self._sets) > CACHE_SETS:
+                self._sets.popitem(last=False)
+        return out
+
+    def cell_geometry(self, cell_id: int) -> dict[str, Any] | None:
+        """One cell's output GeoJSON geometry (simplified and snapped as the regions are)."""
+        c = int(cell_id)
+        if c not in self._cells:
+            self._cells[c] = geojson_geometry(shapely.simplify(self.geoms[c], SIMPLIFY_DEG, preserve_topology=True))
+        return self._cells[c]
+
+    def answer_regions(self, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> list[dict[str, dict[str, Any]]]:
+        """Each answer's regions, {"50": {...}, "90": {...}}: level, probability (the mass the set holds),
+        n_cells, cell_ids (by decreasing probability), area_km2, contains_answer (the answer point lies
+        in the set's land) and geometry (GeoJSON). From the answer's own probabilities, so whatever
+        shaped them (an area of interest) shapes the regions too."""
+        order, counts, mass = credible_sets(probs, self.levels)
+        points = shapely.points(wrap_lon(np.asarray(lon, np.float64)), np.asarray(lat, np.float64))
+        out = []
+        for i in range(len(order)):  # formatting only: two unions per answer, cached by set
+            regs = {}
+            for j, level in enumerate(self.levels):
+                ids = order[i, : counts[i, j]]
+                exact, area, geometry = self.union(ids)
+                regs[level_key(level)] = {
+                    "level": level, "probability": float(mass[i, j]), "n_cells": int(counts[i, j]),
+                    "cell_ids": ids.tolist(), "area_km2": area,
+                    "contains_answer": bool(shapely.dwithin(exact, points[i], _EPS)), "geometry": geometry,
+                }
+            out.append(regs)
+        return out
+
+
+__all__ = ["REGION_LEVELS", "SIMPLIFY_DEG", "GRID_DEG", "POINT_DECIMALS", "CellRegions", "credible_sets", "geojson_geometry", "level_key"]
