@@ -328,7 +328,8 @@ class Predictor:
             for a, ev in zip(out, evidence_lists(self.gallery, p["refinement"], p["lat"], p["lon"])):
                 a["evidence"] = ev
         if options.regions:  # from the answer's own probabilities: whatever shaped them shapes the regions
-            for a, r in zip(out, self.regions.answer_regions(p["probs"], p["lat"], p["lon"])):
+            area = p["within"][0] if "within" in p else None   # an area of interest also cuts the regions' land
+            for a, r in zip(out, self.regions.answer_regions(p["probs"], p["lat"], p["lon"], area)):
                 a["regions"] = r
         return out
 

@@ -83,16 +83,19 @@ class CellRegions:
         self._cells: dict[int, dict[str, Any] | None] = {}
         self._lock = threading.Lock()
 
-    def union(self, cell_ids: np.ndarray) -> tuple[Any, float, dict[str, Any] | None]:
-        """(exact union, its area in km², its output GeoJSON geometry) of a set of cells."""
+    def union(self, cell_ids: np.ndarray, clip: Any = None, clip_key: str = "") -> tuple[Any, float, dict[str, Any] | None]:
+        """(exact union, its area in km², its output GeoJSON geometry) of a set of cells; with `clip` (an area
+        of interest's polygon, cached under `clip_key`), only their land inside it."""
         ids = np.sort(np.asarray(cell_ids, dtype=np.int64))
-        key = ids.tobytes()
+        key = ids.tobytes() + clip_key.encode()
         with self._lock:
             hit = self._sets.get(key)
             if hit is not None:
                 self._sets.move_to_end(key)
                 return hit
         exact = polygonal(shapely.union_all(self.geoms[ids]))
+        if clip is not None:
+            exact = polygonal(shapely.intersection(exact, clip))
         out = (exact, float(area_km2(np.array([exact], dtype=object))[0]),
                geojson_geometry(shapely.simplify(exact, SIMPLIFY_DEG, preserve_topology=True)))
         with self._lock:
@@ -108,11 +111,13 @@ class CellRegions:
             self._cells[c] = geojson_geometry(shapely.simplify(self.geoms[c], SIMPLIFY_DEG, preserve_topology=True))
         return self._cells[c]
 
-    def answer_regions(self, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> list[dict[str, dict[str, Any]]]:
+    def answer_regions(self, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray, area: Any = None) -> list[dict[str, dict[str, Any]]]:
         """Each answer's regions, {"50": {...}, "90": {...}}: level, probability (the mass the set holds),
         n_cells, cell_ids (by decreasing probability), area_km2, contains_answer (the answer point lies
         in the set's land) and geometry (GeoJSON). From the answer's own probabilities, so whatever
-        shaped them (an area of interest) shapes the regions too."""
+        shaped them (an area of interest) shapes the regions too; with `area` (a `pigeon.area.Area`) the
+        land is also cut to the area, so a cell that straddles its border gives only its part inside."""
+        clip, clip_key = (area.geometry, "|" + area.key) if area is not None else (None, "")
         order, counts, mass = credible_sets(probs, self.levels)
         points = shapely.points(wrap_lon(np.asarray(lon, np.float64)), np.asarray(lat, np.float64))
         out = []
@@ -120,10 +125,10 @@ class CellRegions:
             regs = {}
             for j, level in enumerate(self.levels):
                 ids = order[i, : counts[i, j]]
-                exact, area, geometry = self.union(ids)
+                exact, km2, geometry = self.union(ids, clip, clip_key)
                 regs[level_key(level)] = {
                     "level": level, "probability": float(mass[i, j]), "n_cells": int(counts[i, j]),
-                    "cell_ids": ids.tolist(), "area_km2": area,
+                    "cell_ids": ids.tolist(), "area_km2": km2,
                     "contains_answer": bool(shapely.dwithin(exact, points[i], _EPS)), "geometry": geometry,
                 }
             out.append(regs)

@@ -342,7 +342,7 @@ def test_cli_reports_metadata_for_files(tmp_path, capsys):
 
     gj = tmp_path / "r.geojson"
     assert cli(["locate", str(tmp_path), "--bundle", bundle, "--out", str(gj)]) == 0
-    props = {f["properties"]["image"].rsplit("/", 1)[1]: f["properties"] for f in json.loads(gj.read_text())["features"]}
+    props = {f["properties"]["image"].rsplit("/", 1)[1]: f["properties"] for f in json.loads(gj.read_text())["features"] if f["properties"]["kind"] == "answer"}
     m = props["a_tagged.png"]["metadata"]
     assert m["taken_at_utc"] == "2024-06-01T01:53:00Z" and m["exif_gps"]["lat"] == pytest.approx(-33.8568)
     assert "metadata" not in props["b_plain.png"]

@@ -311,3 +311,21 @@ def test_openapi_documents_within(client):
         assert "ISO 3166-2" in props["within"]["description"] and "GeoJSON" in props["within_geojson"]["description"]
     assert "bad_area" in schema["paths"]["/locate"]["post"]["responses"]["422"]["description"]
     assert "`within`" in schema["components"]["schemas"]["Location"]["description"]
+
+
+def test_regions_respect_the_area(world):
+    """With `within` and `regions`, the credible regions lie in the area (a cell cut by its border gives only
+    its part inside), their cells are cells the area kept, and the 90% region holds the 50% one."""
+    root, manifest, df, bpath, pred, test, emb = world
+    frame = pred.gallery.gallery.frame
+    mine = frame[frame["lon"] <= frame["lon"].median()]
+    box = _box(mine["lon"].min() - 0.01, mine["lat"].min() - 0.01, mine["lon"].max() + 0.01, mine["lat"].max() + 0.01)
+    poly = shapely.geometry.shape(box)
+    area = parse_area(json.dumps(box))
+    options = AnswerOptions(within=area, regions=True)
+    p = pred.predict_embeddings(emb, top_k=5, options=options)
+    for i, a in enumerate(pred.format(p, top_k=5, options=options)):
+        r50, r90 = (shapely.geometry.shape(a["regions"][k]["geometry"]) for k in ("50", "90"))
+        assert poly.buffer(1e-3).covers(r90) and r90.buffer(0.05).covers(r50)
+        assert (p["probs"][i][a["regions"]["90"]["cell_ids"]] > 0).all()   # only cells the area kept
+        assert 0 < a["regions"]["50"]["area_km2"] <= a["regions"]["90"]["area_km2"] <= area.area_km2 * 1.01
