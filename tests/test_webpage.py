@@ -36,12 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def serve_page(predictor):
+    """The app over `predictor` in a uvicorn thread on a free port: yields its URL (the page tests' server)."""
     import uvicorn
 
     port = _free_port()
-    app = create_app(tiny_predictor(), Settings(warmup=False))
+    app = create_app(predictor, Settings(warmup=False))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
@@ -52,6 +52,11 @@ def server():
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     t.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serve_page(tiny_predictor())
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,11 @@ Needs the Debian packages `chromium` and `chromium-driver`; skipped with that me
 from __future__ import annotations
 
 import math
-import threading
-import time
 
 import pytest
 import torch
 
-from pigeon.api import Settings, create_app
-from test_webpage import CHROMIUM, DRIVER, _answered, _free_port, _open, _page, browser  # noqa: F401  (browser: a fixture)
+from test_webpage import CHROMIUM, DRIVER, _answered, _open, _page, browser, serve_page  # noqa: F401  (browser: a fixture)
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.skipif(
@@ -43,20 +40,7 @@ def gallery(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(gallery):
-    import uvicorn
-
-    port = _free_port()
-    app = create_app(gallery[0], Settings(warmup=False))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+    yield from serve_page(gallery[0])
 
 
 def test_evidence_markers_with_similarity_and_links(server, browser, gallery):  # noqa: F811
