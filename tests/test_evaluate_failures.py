@@ -1,6 +1,7 @@
 """Where the model fails (issue 18, item 5): `pigeon evaluate` breaks its figures down by the truth's
-area type (urban / suburban / rural from the density of bundled GeoNames places), per true country,
-and lists the worst answers with their top cells; failures.png draws the first two."""
+area type (urban / suburban / rural by the distance to the nearest bundled GeoNames place of 100K /
+10K people), per true country, and lists the worst answers with their top cells; failures.png draws
+the first two."""
 
 from __future__ import annotations
 
@@ -11,29 +12,57 @@ import pandas as pd
 import pytest
 
 from pigeon.core.sphere import haversine_km
-from pigeon.towns import AREA_RADIUS_KM, AREA_TYPES, SUBURBAN_MIN_PLACES, URBAN_MIN_PLACES, area_types, towns_within
+from pigeon.towns import (AREA_TYPES, SUBURBAN_KM, SUBURBAN_MIN_POPULATION, URBAN_KM, URBAN_MIN_POPULATION, area_type_rule,
+                          area_types, km_to_populated)
 
-# central Paris, Manhattan, Naperville (a Chicago suburb), Plano (a Dallas suburb), the Sahara, the
-# mid-Atlantic, a Kansas wheat field, the Australian outback
+# central Paris, Manhattan, Naperville (a Chicago suburb of 150K people), Alice Springs and Mount Isa
+# (outback towns of 26K and 18K, over 1000 km from any city of 100K), the Sahara, the mid-Atlantic,
+# a Kansas wheat field, the Australian outback
 POINTS = {"paris": (48.8566, 2.3522), "manhattan": (40.758, -73.9855), "naperville": (41.7508, -88.1535),
-          "plano": (33.0198, -96.6989), "sahara": (23.0, 12.0), "atlantic": (30.0, -40.0), "kansas": (38.5, -99.5),
-          "outback": (-25.0, 134.0)}
-EXPECTED = {"paris": "urban", "manhattan": "urban", "naperville": "suburban", "plano": "suburban", "sahara": "rural",
-            "atlantic": "rural", "kansas": "rural", "outback": "rural"}
+          "alice_springs": (-23.698, 133.8807), "mount_isa": (-20.7256, 139.4927), "sahara": (23.0, 12.0),
+          "atlantic": (30.0, -40.0), "kansas": (38.5, -99.5), "outback": (-25.0, 134.0)}
+EXPECTED = {"paris": "urban", "manhattan": "urban", "naperville": "urban", "alice_springs": "suburban", "mount_isa": "suburban",
+            "sahara": "rural", "atlantic": "rural", "kansas": "rural", "outback": "rural"}
 
 
 def test_area_type_of_hand_picked_points():
     lat, lon = np.array(list(POINTS.values())).T
     assert dict(zip(POINTS, area_types(lat, lon))) == EXPECTED
-    # the count the rule reads is the plain great-circle count over the bundled places
     from pigeon.geocells import bundled
 
-    c = bundled.cities()
-    clat, clon = c["lat"].to_numpy(np.float64), c["lon"].to_numpy(np.float64)
-    brute = [int(np.sum(haversine_km(clat, clon, a, b) <= AREA_RADIUS_KM)) for a, b in zip(lat, lon)]
-    n = towns_within(lat, lon, AREA_RADIUS_KM)
-    assert n.tolist() == brute
-    assert n[0] >= URBAN_MIN_PLACES and SUBURBAN_MIN_PLACES <= n[2] < URBAN_MIN_PLACES and n[4] == n[5] == 0
+    t = bundled.towns()
+    assert t["population"].min() == SUBURBAN_MIN_POPULATION <= 10_000 and len(t) > 40_000
+    alice = t[(t["name"] == "Alice Springs") & (t["cc"] == "AU")]
+    assert len(alice) == 1 and 20_000 <= int(alice["population"].iloc[0]) <= 50_000
+    # the distances the rule reads are the plain great-circle minima over the bundled places
+    tlat, tlon = t["lat"].to_numpy(np.float64), t["lon"].to_numpy(np.float64)
+    for pop in (URBAN_MIN_POPULATION, SUBURBAN_MIN_POPULATION):
+        m = t["population"].to_numpy() >= pop
+        brute = [float(haversine_km(tlat[m], tlon[m], a, b).min()) for a, b in zip(lat, lon)]
+        assert km_to_populated(lat, lon, pop) == pytest.approx(brute, rel=1e-6, abs=1e-6)
+    km100 = km_to_populated(lat, lon, URBAN_MIN_POPULATION)
+    assert km100[0] < 1 and km100[3] > 1000   # Paris is its own point; Alice Springs is far from any city
+    assert km_to_populated(lat, lon, SUBURBAN_MIN_POPULATION)[3] < 1
+    with pytest.raises(ValueError, match="start at"):
+        km_to_populated(lat, lon, 5000)       # the bundled towns do not go below 10K people
+
+
+def test_area_type_boundaries():
+    """Due north of Alice Springs' GeoNames point (26K people) a point is suburban up to SUBURBAN_KM,
+    rural beyond; due north of Darwin's (140K, out at sea) urban up to URBAN_KM, rural beyond."""
+    from pigeon.geocells import bundled
+
+    t = bundled.towns().set_index("name")
+    a_lat, a_lon = float(t.loc["Alice Springs", "lat"]), float(t.loc["Alice Springs", "lon"])
+    deg = 1 / 111.195   # degrees of latitude per km on pigeon's sphere
+    kinds = area_types(np.array([a_lat + (SUBURBAN_KM - 0.2) * deg, a_lat + (SUBURBAN_KM + 0.2) * deg]), np.array([a_lon, a_lon]))
+    assert kinds.tolist() == ["suburban", "rural"]
+    assert int(t.loc["Darwin", "population"]) >= URBAN_MIN_POPULATION
+    d_lat, d_lon = float(t.loc["Darwin", "lat"]), float(t.loc["Darwin", "lon"])
+    kinds = area_types(np.array([d_lat + (URBAN_KM - 0.2) * deg, d_lat + (URBAN_KM + 0.2) * deg]), np.array([d_lon, d_lon]))
+    assert kinds.tolist() == ["urban", "rural"]
+    assert area_type_rule() == {"places": area_type_rule()["places"], "urban": {"min_population": 100_000, "within_km": URBAN_KM},
+                                "suburban": {"min_population": 10_000, "within_km": SUBURBAN_KM}, "rural": "neither"}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +98,7 @@ def test_evaluate_breaks_down_where_it_fails(world):
         if len(km):
             assert v["median_km"] == pytest.approx(np.median(km), rel=1e-4)
             assert v["within_25km"] == pytest.approx(np.mean(km <= 25), abs=1e-9)
-    assert saved["area_type_rule"] == {"places": saved["area_type_rule"]["places"], "radius_km": AREA_RADIUS_KM,
-                                       "urban_min_places": URBAN_MIN_PLACES, "suburban_min_places": SUBURBAN_MIN_PLACES}
+    assert saved["area_type_rule"] == area_type_rule() and saved["area_type_rule"]["urban"]["within_km"] == URBAN_KM
 
     # per true country: counts add up to the photos scored; the figures are the predictions' own
     per = saved["per_country"]

@@ -139,6 +139,7 @@ def test_one_import_root_in_a_fresh_install(tmp_path):
     assert tops == {"pigeon"}
     names = zipfile.ZipFile(whl).namelist()
     assert "pigeon/api/static/index.html" in names and "pigeon/geocells/data/admin1.parquet" in names
+    assert "pigeon/geocells/data/towns.parquet" in names   # area types read it at run time
     site = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
