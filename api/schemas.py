@@ -134,7 +134,7 @@ class CredibleRegion(_Open):
     contains_answer: bool = Field(..., description="the answer point lies on this land; false when refinement moved it into another "
                                                      "cell, out to sea, or the top cell's centre falls outside its (concave) cell")
     geometry: Optional[dict[str, Any]] = Field(None, description="GeoJSON Polygon or MultiPolygon, lon/lat (RFC 7946: outer rings "
-                                                                  "counter-clockwise, split at the antimeridian), simplified to ~1 km")
+                                                                  "counter-clockwise, split at the antimeridian), simplified as outlines to a few km")
 
 
 class ExifGps(BaseModel):
