@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from pigeon.area import AreaError
+
 from .logs import log
 from .schemas import ErrorResponse
 from .uploads import UploadError
@@ -95,6 +97,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
 
 
+async def _area_error(request: Request, exc: AreaError) -> JSONResponse:
+    """A bad area of interest (unknown code, not a polygon), or one that holds no cell for these photos:
+    wherever it is found (the form, or the answer's restriction in a worker thread), 422 `bad_area`."""
+    return await _api_error(request, ApiError(422, "bad_area", str(exc)))
+
+
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s: %s\n%s", request.method, request.url.path, exc, traceback.format_exc())
     return JSONResponse({"error": "internal_error", "detail": "unexpected server error; it has been logged"}, status_code=500)
@@ -104,6 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Answer every exception as `{error, detail}` JSON."""
     app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(AreaError, _area_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _server_error)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from pigeon.area import AreaError, parse_area
+from pigeon.area import parse_area
 from pigeon.places import place_labels
 from pigeon.predictor import AnswerOptions
 
@@ -76,24 +76,11 @@ WithinGeojson = Annotated[Optional[UploadFile], File(description="the area of in
 
 
 async def _within(within: str | None, within_geojson: UploadFile | None) -> Any:
-    """The area of the `within` / `within_geojson` fields (None when neither is given); 422 `bad_area` when bad."""
+    """The area of the `within` / `within_geojson` fields (None when neither is given)."""
     if within_geojson is not None and within and within.strip():
         raise ApiError(422, "bad_area", "give the area of interest once: the `within` field or the `within_geojson` file, not both")
     text = await within_geojson.read() if within_geojson is not None else within
-    if text is None or not text.strip():
-        return None
-    try:
-        return parse_area(text)
-    except AreaError as e:
-        raise ApiError(422, "bad_area", str(e)) from None
-
-
-async def _answer(call: Any) -> Any:
-    """The service's answer; an area that holds no cell for these photos is 422 `bad_area`, as a bad code is."""
-    try:
-        return await call
-    except AreaError as e:
-        raise ApiError(422, "bad_area", str(e)) from None
+    return None if text is None or not text.strip() else parse_area(text)   # AreaError: 422 bad_area (api.errors)
 Evidence = Annotated[bool, Form(description="add `evidence` to each answer: the gallery photos that decided its refinement (key, id, "
                                             "lat/lon, similarity, distance_km to the answer, cell, and url/source/license/author when the "
                                             "gallery's data source gave them); an empty list when no gallery photo did")]
@@ -137,9 +124,9 @@ async def locate(
         if explain:
             raise ApiError(422, "validation_error", f"explain works on one photo and {len(image)} views were sent; send one `image` part, or explain=false")
         blobs = [(f.filename, await f.read()) for f in image]
-        return await respond_one(service, fmt, await _answer(service.locate_place(blobs, top_k, combine, options=options)), image[0].filename)
+        return await respond_one(service, fmt, await service.locate_place(blobs, top_k, combine, options=options), image[0].filename)
     data = await image[0].read()
-    return await respond_one(service, fmt, await _answer(service.locate_one(data, image[0].filename, top_k, explain, options=options)),
+    return await respond_one(service, fmt, await service.locate_one(data, image[0].filename, top_k, explain, options=options),
                              image[0].filename)
 
 
@@ -169,8 +156,8 @@ async def locate_batch(
     places = _checked_places(place, len(images))
     blobs = [(f.filename, await f.read()) for f in images]
     if places is None:
-        return await respond_batch(service, fmt, await _answer(service.locate_many(blobs, top_k, options=options)))
-    return await respond_batch(service, fmt, await _answer(service.locate_places(blobs, places, top_k, combine, options=options)))
+        return await respond_batch(service, fmt, await service.locate_many(blobs, top_k, options=options))
+    return await respond_batch(service, fmt, await service.locate_places(blobs, places, top_k, combine, options=options))
 
 
 def _checked_places(place: list[str] | None, n_images: int) -> list[str] | None:
