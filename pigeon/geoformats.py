@@ -17,14 +17,21 @@ go to each Placemark's ExtendedData.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
+from .predictor import AnswerOptions
 from .regions import POINT_DECIMALS, CellRegions, level_key
 
-FORMATS: tuple[str, ...] = ("json", "geojson", "kml")   # what an answer can be asked as (the CLI adds csv)
+MAP_FORMATS: tuple[str, ...] = ("geojson", "kml")        # drawn from the answers' regions
+FORMATS: tuple[str, ...] = ("json", *MAP_FORMATS)        # what an answer can be asked as (the CLI adds csv)
 MEDIA_TYPES = {"json": "application/json", "geojson": "application/geo+json", "kml": "application/vnd.google-earth.kml+xml"}
-SUFFIXES = {"json": ".json", "geojson": ".geojson", "kml": ".kml"}
 _NOT_IN_PROPERTIES = ("lat", "lon", "regions", "explain")
+
+
+def options_for(options: AnswerOptions, fmt: str | None) -> AnswerOptions:
+    """The options answers need to be written as `fmt`: GeoJSON and KML are drawn from their regions."""
+    return replace(options, regions=True) if fmt in MAP_FORMATS else options
 
 
 def feature_collection(answers: Sequence[dict[str, Any]], regions: CellRegions, names: Sequence[str | None] | None = None,
@@ -117,4 +124,4 @@ def _refused_text(refused: Sequence[dict[str, Any]] | None) -> str | None:
     return "Not located: " + "; ".join(f"{r.get('filename') or r.get('place')}: {r['error'].get('detail')}" for r in refused)
 
 
-__all__ = ["FORMATS", "MEDIA_TYPES", "SUFFIXES", "feature_collection", "kml_document"]
+__all__ = ["FORMATS", "MAP_FORMATS", "MEDIA_TYPES", "feature_collection", "kml_document", "options_for"]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from pigeon.area import parse_area
+from pigeon.geoformats import options_for
 from pigeon.places import place_labels
 from pigeon.predictor import AnswerOptions
 
@@ -95,7 +96,7 @@ def _answer_options(fmt: str, regions: bool, explain: bool = False, *, evidence:
     if explain and fmt != "json":
         raise ApiError(422, "validation_error", f"explain=true comes back only in the JSON answer, and format {fmt} was asked; "
                                                 f"ask format=json, or explain=false")
-    return AnswerOptions(evidence=evidence, regions=regions or fmt != "json", within=within)
+    return options_for(AnswerOptions(evidence=evidence, regions=regions, within=within), fmt)
 
 
 @router.post("/locate", response_model=Location, summary="Locate one photo, or one place from several views", description=LOCATE_DESCRIPTION,

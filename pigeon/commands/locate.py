@@ -32,12 +32,13 @@ def locate_files(inputs: list[Path], bundle: Path, out: Path | None = None, top_
     from pigeon.core.io import check_writable
     from pigeon.core.progress import progress
     from pigeon.exif import metadata_fields, read_metadata
+    from pigeon.geoformats import options_for
     from pigeon.index import RefineConfig
-    from pigeon.predictor import Predictor, collect_images
+    from pigeon.predictor import DEFAULT_OPTIONS, Predictor, collect_images
 
     _check_options(out, top_k, batch_size)
     fmt = output_format(out, fmt, options)
-    options = _with_regions(options, fmt)
+    options = options_for(options or DEFAULT_OPTIONS, fmt)
     if out is not None:
         check_writable(out)
     config = RefineConfig.from_options(refine, max_refinement_km)
@@ -74,13 +75,14 @@ def locate_places(inputs: list[Path], bundle: Path, out: Path | None = None, top
 
     from pigeon.core.io import check_writable
     from pigeon.exif import metadata_fields
+    from pigeon.geoformats import options_for
     from pigeon.index import RefineConfig
     from pigeon.places import check_combine
-    from pigeon.predictor import Predictor
+    from pigeon.predictor import DEFAULT_OPTIONS, Predictor
 
     _check_options(out, top_k, batch_size)
     fmt = output_format(out, fmt, options)
-    options = _with_regions(options, fmt)
+    options = options_for(options or DEFAULT_OPTIONS, fmt)
     if combine is not None:
         check_combine(combine, "--combine")
     if out is not None:
@@ -225,15 +227,6 @@ def output_format(out: Path | None, fmt: str | None, options: "AnswerOptions | N
     if options is not None and options.regions and fmt in (None, "csv"):
         raise UserError("--regions adds the 50%/90% regions to the JSON answers: add --format json (GeoJSON and KML always carry them)")
     return fmt
-
-
-def _with_regions(options: "AnswerOptions | None", fmt: str | None) -> "AnswerOptions | None":
-    """GeoJSON and KML are drawn from the answers' regions: ask for them."""
-    from dataclasses import replace
-
-    from pigeon.predictor import DEFAULT_OPTIONS
-
-    return replace(options or DEFAULT_OPTIONS, regions=True) if fmt in ("geojson", "kml") else options
 
 
 def _csv_text(answers: list[dict]) -> str:
